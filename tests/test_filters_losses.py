@@ -1,0 +1,266 @@
+"""Filters, the resolvent, the CFM/UniDD layer losses, schedules and the EMU."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unidd_ray.spectral import (
+    EMU,
+    FILTERS,
+    KernelRidge,
+    RealSideCache,
+    SpectralFilter,
+    apply_filter,
+    available_filters,
+    batch_statistics,
+    beta_schedule,
+    cfm_layer_loss,
+    make_filter,
+    register_filter,
+    resolvent,
+    unidd_layer_loss,
+)
+
+D = torch.float64
+
+
+def _spd(c, seed=0, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(c, rank or 2 * c, generator=g, dtype=D)
+    return a @ a.T / a.shape[1]
+
+
+def test_apply_filter_matches_numpy_eigendecomposition():
+    m = _spd(7)
+    lam, u = np.linalg.eigh(m.numpy())
+    expected = u @ np.diag(np.exp(-lam)) @ u.T
+    np.testing.assert_allclose(apply_filter(m, lambda x: torch.exp(-x)).numpy(),
+                               expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [1e-4, 0.03, 1.0])
+def test_resolvent_equals_filter_and_numpy_inverse(beta):
+    m = _spd(9, seed=1, rank=4)  # singular: rank 4 of 9
+    r = resolvent(m, beta)
+    torch.testing.assert_close(r, apply_filter(m, lambda lam: 1 / (lam + beta)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(r.numpy(), np.linalg.inv(m.numpy() + beta * np.eye(9)), rtol=1e-9, atol=1e-9)
+
+
+def test_resolvent_refuses_non_positive_definite_with_beta_and_eigenvalue():
+    m = _spd(6, rank=3)  # singular
+    with pytest.raises(ValueError, match=r"beta=0.*smallest eigenvalue"):
+        resolvent(m, 0.0)
+    with pytest.raises(ValueError, match=r"beta=-0.5"):
+        resolvent(m, -0.5)
+    with pytest.raises(ValueError, match="square"):
+        resolvent(torch.ones(2, 3, dtype=D), 0.1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        resolvent(torch.full((2, 2), float("nan"), dtype=D), 0.1)
+
+
+def _features(seed, n=3, c=4, hw=3, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, hw, hw, generator=g, dtype=D)
+    return x.requires_grad_(requires_grad)
+
+
+def test_cfm_layer_loss_matches_a_direct_numpy_computation():
+    real = _spd(4, seed=2)
+    real_signal = torch.randn(4, 1, dtype=D)
+    x = _features(3)
+    stats = batch_statistics(x)
+    f_loss, s_loss = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, beta=0.1, cache=None)
+    pos = x.detach().numpy().transpose(0, 2, 3, 1).reshape(-1, 4)
+    cov_s = np.cov(pos.T, bias=True)
+    f_t = np.linalg.inv(real.numpy() + 0.1 * np.eye(4))
+    f_s = np.linalg.inv(cov_s + 0.1 * np.eye(4))
+    assert f_loss.item() == pytest.approx(np.linalg.norm(f_t - f_s), rel=1e-10)  # not squared
+    expected = np.linalg.norm(f_t @ real_signal.numpy() - f_s @ pos.mean(0)[:, None])
+    assert s_loss.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_cfm_layer_loss_gradcheck_through_the_synthetic_features():
+    real = _spd(4, seed=4)
+    real_signal = torch.randn(4, 3, dtype=D)
+    labels = torch.tensor([0, 2, 2])
+
+    def loss(x):
+        stats = batch_statistics(x, labels, signal="class", num_classes=3)
+        f, s = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, 0.05, columns=stats.columns)
+        return f + s
+
+    assert torch.autograd.gradcheck(loss, (_features(5, requires_grad=True),), eps=1e-6, atol=1e-6)
+
+
+def test_cfm_layer_loss_gradcheck_on_covariance_and_signal():
+    real, real_signal = _spd(3, seed=6), torch.randn(3, 2, dtype=D)
+    cov = _spd(3, seed=7).requires_grad_(True)
+    signal = torch.randn(3, 2, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda c, s: torch.stack(cfm_layer_loss(real, real_signal, c, s, 0.2)), (cov, signal), eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name, params", [("dm", {}), ("dc", {}), ("mtt", {"eta": 0.5, "steps": 3}),
+                                          ("krr", {"beta": 0.1})])
+def test_unidd_layer_loss_gradcheck_for_every_family(name, params):
+    filt = make_filter(name, **params)
+    real, real_signal = _spd(3, seed=8), torch.randn(3, 1, dtype=D)
+
+    def loss(x):
+        stats = batch_statistics(x)
+        f, s = unidd_layer_loss(filt, real, real_signal, stats.covariance, stats.signal)
+        return f + s
+
+    assert torch.autograd.gradcheck(loss, (_features(9, c=3, requires_grad=True),), eps=1e-6, atol=1e-6)
+
+
+def test_closed_form_matrix_functions_equal_the_eigen_route():
+    m, z = _spd(6, seed=10), torch.randn(6, 2, dtype=D)
+    for filt in [make_filter("dc"), make_filter("mtt", eta=0.3, steps=5), make_filter("krr", beta=0.07),
+                 make_filter("dm")]:
+        expected = apply_filter(m, filt.signal_response) @ z
+        torch.testing.assert_close(filt.signal_matrix(m, z), expected, rtol=1e-9, atol=1e-10)
+        if filt.has_filter_term:
+            torch.testing.assert_close(filt.filter_matrix(m), apply_filter(m, filt.filter_response), rtol=1e-9,
+                                       atol=1e-10)
+
+
+def test_real_side_is_computed_once_per_beta():
+    cache = RealSideCache()
+    real, real_signal = _spd(5, seed=11), torch.randn(5, 1, dtype=D)
+    stats = batch_statistics(_features(12, c=5))
+    first = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, 0.1, cache=cache)
+    for _ in range(3):
+        again = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, 0.1, cache=cache)
+    assert (cache.misses, cache.hits) == (1, 3)
+    assert torch.equal(torch.stack(first), torch.stack(again))
+    cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, 0.2, cache=cache)
+    assert cache.misses == 2
+    uncached = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, 0.1, cache=None)
+    torch.testing.assert_close(torch.stack(uncached), torch.stack(first), rtol=0, atol=0)
+    real.mul_(2)  # an in-place change of the real statistics must not reuse the stale filter
+    changed = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, 0.1, cache=cache)
+    assert cache.misses == 3
+    assert changed[0].item() != first[0].item()
+
+
+def test_layer_loss_rejects_mismatched_shapes():
+    real = _spd(4)
+    with pytest.raises(ValueError, match="C x C"):
+        cfm_layer_loss(real, torch.randn(4, 1, dtype=D), _spd(5), torch.randn(5, 1, dtype=D), 0.1)
+    with pytest.raises(ValueError, match="columns"):
+        cfm_layer_loss(real, torch.randn(4, 3, dtype=D), _spd(4), torch.randn(4, 2, dtype=D), 0.1)
+
+
+def test_registry_is_data_and_extensible():
+    assert {"dm", "dc", "mtt", "krr", "cfm"} <= set(available_filters())
+    with pytest.raises(ValueError, match="unknown spectral filter 'fft'.*registered filters"):
+        make_filter("fft")
+    with pytest.raises(ValueError, match="takes parameters"):
+        make_filter("krr", gamma=1.0)
+    with pytest.raises(ValueError, match="beta > 0"):
+        make_filter("krr", beta=0.0)
+    with pytest.raises(ValueError, match="steps"):
+        make_filter("mtt", eta=0.1, steps=0)
+
+    from dataclasses import dataclass
+
+    @register_filter("test_identity")
+    @dataclass(frozen=True)
+    class Identity(SpectralFilter):
+        def filter_response(self, lam):
+            return torch.ones_like(lam)
+
+        def signal_response(self, lam):
+            return torch.ones_like(lam)
+
+    try:
+        filt = make_filter("test_identity")
+        real, syn = _spd(3, seed=1), _spd(3, seed=2)
+        f, s = unidd_layer_loss(filt, real, torch.zeros(3, 1, dtype=D), syn, torch.ones(3, 1, dtype=D), cache=None)
+        assert f.item() == pytest.approx(0.0, abs=1e-12)  # f = 1 maps both covariances to I
+        assert s.item() == pytest.approx(math.sqrt(3))
+    finally:
+        FILTERS.pop("test_identity")
+
+
+def test_cfm_slots_follow_the_schedule():
+    cfm = make_filter("cfm", beta_max=0.1, schedule="cosine")
+    betas = beta_schedule("cosine", 0.1, 5)
+    assert [cfm.at_slot(b, 5).beta for b in range(5)] == betas
+    assert isinstance(cfm.at_slot(4, 5), KernelRidge)
+    with pytest.raises(ValueError, match="slot 5"):
+        cfm.at_slot(5, 5)
+
+
+@pytest.mark.parametrize("ipc", [1, 2, 10, 50])
+def test_cosine_schedule_starts_at_beta_max_decreases_and_stays_positive(ipc):
+    betas = beta_schedule("cosine", 0.1, ipc)
+    assert len(betas) == ipc
+    assert betas[0] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(betas, betas[1:]))
+    assert betas[-1] > 0
+    expected = [0.1 * (1 + math.cos(math.pi * b / ipc)) / 2 for b in range(ipc)]
+    assert betas == pytest.approx(expected)
+
+
+def test_other_schedules():
+    assert beta_schedule("linear", 0.2, 4) == pytest.approx([0.2, 0.15, 0.1, 0.05])
+    assert beta_schedule("constant", 0.3, 3) == [0.3, 0.3, 0.3]
+    geo = beta_schedule("geometric", 1.0, 3, beta_min=0.01)
+    assert geo == pytest.approx([1.0, 0.1, 0.01])
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        beta_schedule("step", 0.1, 3)
+    with pytest.raises(ValueError, match="beta_max"):
+        beta_schedule("cosine", 0.0, 3)
+    with pytest.raises(ValueError, match="ipc"):
+        beta_schedule("cosine", 0.1, 0)
+    with pytest.raises(ValueError, match="beta_min"):
+        beta_schedule("geometric", 0.1, 3, beta_min=1.0)
+
+
+def test_emu_is_the_running_equal_weight_average_with_gradient_only_through_the_current_batch():
+    emu = EMU({"l": (4, 1)})
+    batches = [batch_statistics(_features(s, c=4)) for s in range(3)]
+    cols = torch.zeros(1, dtype=torch.long)
+    for t, stats in enumerate(batches, start=1):
+        current = stats.covariance.clone().requires_grad_(True)
+        cov, signal = emu.mix("l", current, stats.signal, cols)
+        expected = sum(b.covariance for b in batches[:t]) / t
+        torch.testing.assert_close(cov, expected)
+        if t > 1:  # (1 − 1/t)·Ψ̄ + (1/t)·Ψ̂
+            previous = sum(b.covariance for b in batches[: t - 1]) / (t - 1)
+            torch.testing.assert_close(cov, (1 - 1 / t) * previous + current / t)
+        (grad,) = torch.autograd.grad(cov.sum(), current)
+        torch.testing.assert_close(grad, torch.full_like(grad, 1 / t))
+        emu.commit("l", stats.covariance, stats.signal, cols)
+        emu.synchronise()
+    assert not emu.synced["l"].cov_sum.requires_grad
+
+
+def test_emu_states_merge_as_moments_across_workers():
+    cols = torch.zeros(1, dtype=torch.long)
+    batches = [batch_statistics(_features(s, c=4)) for s in range(6)]
+    single = EMU({"l": (4, 1)})
+    for stats in batches:
+        single.commit("l", stats.covariance, stats.signal, cols)
+    single.synchronise()
+    workers = [EMU({"l": (4, 1)}) for _ in range(2)]
+    for i, stats in enumerate(batches):
+        workers[i % 2].commit("l", stats.covariance, stats.signal, cols)
+    total = sum(torch.cat([w.pending[k].flat() for k in sorted(w.layers)]) for w in workers)
+    for w in workers:
+        w.synchronise(lambda flat: total)
+    for w in workers:
+        torch.testing.assert_close(w.synced["l"].flat(), single.synced["l"].flat(), rtol=1e-14, atol=1e-14)
+
+
+def test_emu_disabled_passes_the_batch_through():
+    emu = EMU({"l": (2, 1)}, enabled=False)
+    cov, sig = torch.eye(2, dtype=D), torch.ones(2, 1, dtype=D)
+    emu.commit("l", cov, sig, torch.zeros(1, dtype=torch.long))
+    out = emu.mix("l", 3 * cov, sig, torch.zeros(1, dtype=torch.long))
+    assert torch.equal(out[0], 3 * cov)

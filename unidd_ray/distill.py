@@ -1,0 +1,308 @@
+"""Recovery of synthetic images on a frozen teacher (SPEC §1.2), in pure torch.
+
+:class:`Distiller` optimises one batch of synthetic images: Adam on the pixels,
+cosine learning-rate decay to zero, one random augmentation per iteration for
+the whole batch, clamping to the valid pixel range after every step, and the
+loss ``CE + α Σ_l (L_filter + L_signal)`` of the chosen UniDD filter (or the
+SRe2L BatchNorm loss, or CE alone).  The EMU state and an optional cross-worker
+reducer are passed in, so the Ray Train program composes this class without
+the class knowing about Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unidd_ray.models import bn_layers, layer_channels, resolve_layers, tapped
+from unidd_ray.spectral import (
+    EMU,
+    RealSideCache,
+    batch_statistics,
+    make_filter,
+    unidd_layer_loss,
+)
+from unidd_ray.spectral.moments import BatchStatistics, Moments
+
+SPECTRAL_METHODS = ("cfm", "krr", "dc", "dm", "mtt")
+METHODS = SPECTRAL_METHODS + ("sre2l", "ce")
+
+
+def method_filter(method: str, *, beta_max: float, schedule: str, beta_min: float | None, mtt_eta: float,
+                  mtt_steps: int):
+    """The registered spectral filter behind a recovery method (``None`` for sre2l / ce)."""
+    if method == "cfm":
+        return make_filter("cfm", beta_max=beta_max, schedule=schedule, beta_min=beta_min)
+    if method == "krr":
+        return make_filter("krr", beta=beta_max)
+    if method == "mtt":
+        return make_filter("mtt", eta=mtt_eta, steps=mtt_steps)
+    if method in ("dc", "dm"):
+        return make_filter(method)
+    if method in ("sre2l", "ce"):
+        return None
+    raise ValueError(f"unknown recovery method {method!r}; choose one of {list(METHODS)}")
+
+
+# ----------------------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class AugmentParams:
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+    shift_y: int
+    shift_x: int
+
+
+def default_max_roll(resolution: int) -> int:
+    """Up to 4 px at 32 px, scaled with the resolution (28 px → 3, 224 px → 28)."""
+    return max(1, round(4 * resolution / 32))
+
+
+def sample_augment(generator: torch.Generator, resolution: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                   flip: bool = True, max_roll: int = 4) -> AugmentParams:
+    """One RandomResizedCrop box, flip and roll for a whole batch, drawn from ``generator``."""
+    area = resolution * resolution
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= resolution and 0 < h <= resolution:
+            top = int(u[2] * (resolution - h + 1))
+            left = int(u[3] * (resolution - w + 1))
+            break
+    else:
+        top, left, h, w = 0, 0, resolution, resolution
+    rest = torch.rand(1, generator=generator).item()
+    shifts = torch.randint(-max_roll, max_roll + 1, (2,), generator=generator).tolist() if max_roll > 0 else [0, 0]
+    return AugmentParams(top, left, h, w, flip and rest < 0.5, shifts[0], shifts[1])
+
+
+def apply_augment(x: Tensor, p: AugmentParams) -> Tensor:
+    size = x.shape[-2:]
+    out = x[..., p.top:p.top + p.height, p.left:p.left + p.width]
+    if out.shape[-2:] != size:
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+    if p.flip:
+        out = torch.flip(out, dims=(-1,))
+    if p.shift_y or p.shift_x:
+        out = torch.roll(out, shifts=(p.shift_y, p.shift_x), dims=(-2, -1))
+    return out
+
+
+# ----------------------------------------------------------------------------- the distiller
+@dataclass
+class RecoverSettings:
+    method: str = "cfm"
+    iterations: int = 1000
+    lr: float = 0.25
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    alpha: float = 0.1
+    beta_max: float = 0.1
+    schedule: str = "cosine"
+    beta_min: float | None = None
+    mtt_eta: float = 0.1
+    mtt_steps: int = 10
+    bn_weight: float = 0.01
+    signal: str = "mean"
+    covariance: str = "total"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    max_roll: int | None = None
+    flip: bool = True
+
+
+@dataclass
+class BatchResult:
+    images: Tensor  # optimised images in normalised space (detached)
+    parts: dict[str, float]  # final loss parts
+    stats: dict[str, BatchStatistics] = field(default_factory=dict)  # last iteration's batch statistics
+
+
+class Reducer:
+    """Sums tensors over the workers of a recovery group; the identity for one process."""
+
+    def sum(self, t: Tensor) -> Tensor:  # pragma: no cover - trivial
+        return t
+
+    def sum_differentiable(self, t: Tensor) -> Tensor:
+        """Forward: sum over workers; backward: the gradient of this worker's copy (identity).
+
+        Every worker evaluates the same loss of the summed statistics, so each one
+        back-propagates only into its own contribution.
+        """
+        return t
+
+
+class Distiller:
+    """The frozen teacher, its taps, the real targets and the method: optimises synthetic batches."""
+
+    def __init__(self, teacher: nn.Module, real: dict[str, Moments] | None, settings: RecoverSettings, *,
+                 num_classes: int, resolution: int, pixel_min: Tensor, pixel_max: Tensor,
+                 layers: list[str] | None = None, device: str | torch.device = "cpu"):
+        if settings.method not in METHODS:
+            raise ValueError(f"unknown recovery method {settings.method!r}; choose one of {list(METHODS)}")
+        self.device = torch.device(device)
+        self.teacher = teacher.to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.s = settings
+        self.num_classes = num_classes
+        self.resolution = resolution
+        self.pixel_min = pixel_min.to(self.device).view(1, -1, 1, 1)
+        self.pixel_max = pixel_max.to(self.device).view(1, -1, 1, 1)
+        self.max_roll = settings.max_roll if settings.max_roll is not None else default_max_roll(resolution)
+        self.filter = method_filter(settings.method, beta_max=settings.beta_max, schedule=settings.schedule,
+                                    beta_min=settings.beta_min, mtt_eta=settings.mtt_eta,
+                                    mtt_steps=settings.mtt_steps)
+        self.cache = RealSideCache()
+        self.layers: list[str] = []
+        self.real_cov: dict[str, Tensor] = {}
+        self.real_signal: dict[str, Tensor] = {}
+        if self.filter is not None:
+            if real is None:
+                raise ValueError(f"method {settings.method!r} needs the real statistics (run `unidd-ray stats`)")
+            self.layers = resolve_layers(self.teacher, layers)
+            missing = [name for name in self.layers if name not in real]
+            if missing:
+                raise ValueError(f"the statistics have no moments for the teacher's layers {missing}; they were "
+                                 "computed with another teacher or other layers")
+            channels = layer_channels(self.teacher, self.layers)
+            for name in self.layers:
+                m = real[name]
+                if m.channels != channels[name] or m.num_classes != num_classes:
+                    raise ValueError(f"layer {name}: statistics have {m.channels} channels/{m.num_classes} classes, "
+                                     f"the teacher has {channels[name]}/{num_classes}")
+                self.real_cov[name] = m.covariance(settings.covariance).to(self.device)
+                self.real_signal[name] = m.signal(settings.signal).to(self.device)
+        self.bn_layers = bn_layers(self.teacher) if settings.method == "sre2l" else []
+        if settings.method == "sre2l" and not self.bn_layers:
+            raise ValueError("sre2l matches BatchNorm running statistics, but the teacher has no BatchNorm2d layer")
+
+    def emu_layers(self) -> dict[str, tuple[int, int]]:
+        columns = self.num_classes if self.s.signal in ("class", "soft") else 1
+        return {name: (self.real_cov[name].shape[0], columns) for name in self.layers}
+
+    def slot_filter(self, slot: int, ipc: int):
+        return None if self.filter is None else self.filter.at_slot(slot, ipc)
+
+    def clamp_(self, x: Tensor) -> None:
+        with torch.no_grad():
+            torch.maximum(torch.minimum(x, self.pixel_max, out=x), self.pixel_min, out=x)
+
+    def optimize(self, init: Tensor, labels: Tensor, *, slot: int, ipc: int, aug_seed: int, emu: EMU | None,
+                 reducer: Reducer | None = None, global_count: int | None = None,
+                 progress: Callable[[int, dict], None] | None = None) -> BatchResult:
+        """Optimise one batch starting from ``init`` (normalised images) with class ``labels``.
+
+        ``reducer`` sums statistics over workers at every iteration (``sync: step``),
+        making the workers' batches one large batch of ``global_count`` images.
+        """
+        s = self.s
+        reducer = reducer or Reducer()
+        x = init.detach().clone().to(self.device).requires_grad_(True)
+        labels = labels.to(self.device)
+        count = global_count or len(labels)
+        optimizer = torch.optim.Adam([x], lr=s.lr, betas=tuple(s.adam_betas))
+        generator = torch.Generator().manual_seed(int(aug_seed))
+        filt = self.slot_filter(slot, ipc)
+        captured: dict[str, Tensor] = {}
+        hooked = self.layers + self.bn_layers
+        parts: dict[str, float] = {}
+        last_stats: dict[str, BatchStatistics] = {}
+        with tapped(self.teacher, hooked, lambda name, feats: captured.__setitem__(name, feats)):
+            for it in range(s.iterations):
+                lr = 0.5 * s.lr * (1 + math.cos(math.pi * it / s.iterations))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                aug = sample_augment(generator, self.resolution, scale=tuple(s.crop_scale), flip=s.flip,
+                                     max_roll=self.max_roll)
+                captured.clear()
+                logits = self.teacher(apply_augment(x, aug))
+                ce = F.cross_entropy(logits, labels, reduction="sum") / count if len(labels) else logits.sum() * 0
+                loss = ce
+                parts = {"ce": float(reducer.sum(ce.detach().reshape(1)))}
+                if filt is not None:
+                    probs = torch.softmax(logits, 1) if s.signal == "soft" else None
+                    f_total, s_total, last_stats = self._spectral(captured, labels, probs, filt, emu, reducer)
+                    loss = loss + s.alpha * (f_total + s_total)
+                    parts.update(filter=float(f_total), signal=float(s_total))
+                elif self.bn_layers:
+                    bn = self._bn_loss(captured, reducer)
+                    loss = loss + s.bn_weight * bn
+                    parts["bn"] = float(bn)
+                parts["total"] = float(loss) if len(labels) else parts["ce"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                self.clamp_(x)
+                if progress is not None:
+                    progress(it, parts)
+        return BatchResult(x.detach(), parts, {k: _detach_stats(v) for k, v in last_stats.items()})
+
+    # ------------------------------------------------------------------------- losses
+    def _batch_stats(self, feats: Tensor, labels: Tensor, probs: Tensor | None, reducer: Reducer
+                     ) -> BatchStatistics:
+        s = self.s
+        stats = batch_statistics(feats, labels, signal=s.signal, probs=probs, num_classes=self.num_classes)
+        if type(reducer) is Reducer:
+            return stats
+        # sync: step — sum the moments over workers; class columns are scattered to all K first
+        k = self.num_classes if s.signal in ("class", "soft") else 1
+        sig_sum = feats.new_zeros(feats.shape[1], k).index_copy(1, stats.columns, stats.signal_sum)
+        sig_w = feats.new_zeros(k).index_copy(0, stats.columns, stats.signal_weight)
+        n = reducer.sum_differentiable(stats.n.reshape(1)).reshape(())
+        total = reducer.sum_differentiable(stats.sum)
+        sumsq = reducer.sum_differentiable(stats.sumsq)
+        sig_sum = reducer.sum_differentiable(sig_sum)
+        sig_w = reducer.sum_differentiable(sig_w)
+        present = torch.nonzero(sig_w.detach() > 0).flatten()
+        return BatchStatistics(n=n, sum=total, sumsq=sumsq, signal_sum=sig_sum[:, present],
+                               signal_weight=sig_w[present], columns=present)
+
+    def _spectral(self, captured, labels, probs, filt, emu: EMU | None, reducer: Reducer):
+        f_total = s_total = 0.0
+        stats_out = {}
+        for name in self.layers:
+            stats = self._batch_stats(captured[name], labels, probs, reducer)
+            stats_out[name] = stats
+            cov, sig = stats.covariance, stats.signal
+            if emu is not None:
+                cov, sig = emu.mix(name, cov, sig, stats.columns)
+            f_loss, s_loss = unidd_layer_loss(filt, self.real_cov[name], self.real_signal[name], cov, sig,
+                                              columns=stats.columns, cache=self.cache)
+            f_total = f_total + f_loss
+            s_total = s_total + s_loss
+        return f_total, s_total, stats_out
+
+    def _bn_loss(self, captured, reducer: Reducer):
+        modules = dict(self.teacher.named_modules())
+        total = 0.0
+        for name in self.bn_layers:
+            x = captured[name]
+            bn = modules[name]
+            n = x.new_tensor(float(x.shape[0] * x.shape[2] * x.shape[3]))
+            s1 = x.sum((0, 2, 3))
+            s2 = (x * x).sum((0, 2, 3))
+            if type(reducer) is not Reducer:
+                n = reducer.sum_differentiable(n.reshape(1)).reshape(())
+                s1, s2 = reducer.sum_differentiable(s1), reducer.sum_differentiable(s2)
+            mean = s1 / n
+            var = s2 / n - mean * mean
+            total = total + torch.linalg.vector_norm(mean - bn.running_mean) + torch.linalg.vector_norm(
+                var - bn.running_var)
+        return total
+
+
+def _detach_stats(stats: BatchStatistics) -> BatchStatistics:
+    return BatchStatistics(*(t.detach() for t in (stats.n, stats.sum, stats.sumsq, stats.signal_sum,
+                                                   stats.signal_weight)), columns=stats.columns)

@@ -1,0 +1,207 @@
+"""Relabel-and-train evaluation of a distilled set (SPEC §1.3), in pure torch.
+
+A fresh student learns from the distilled images with the teacher's soft labels:
+loss ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, RandomResizedCrop + flip +
+CutMix, AdamW and a per-step cosine schedule; or, in hard-label mode, the
+cross-entropy of the CutMix-mixed one-hot labels.
+
+The augmentation stream is keyed by *(stream seed, epoch, image id)*, never by
+the training seed or the batch: every image's crop, flip, CutMix partner and
+box for an epoch are drawn for the whole set at once.  The teacher's output on
+an augmented image is therefore a function of (image id, epoch) alone, which is
+what makes stored soft labels (:mod:`unidd_ray.stages.relabel`) reusable at any
+batch size or training seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class EvalSettings:
+    epochs: int = 300
+    batch_size: int | None = None  # None: the whole distilled set per step
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 20.0
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    cutmix: float = 1.0  # Beta(cutmix, cutmix); 0 disables CutMix
+    hard_labels: bool = False
+    aug_seed: int = 0
+
+
+@dataclass
+class EpochAugment:
+    """Augmentation parameters of every image for one epoch (rows indexed by image id)."""
+
+    crop: Tensor  # (N, 4) top, left, height, width as fractions of the side
+    flip: Tensor  # (N,) bool
+    partner: Tensor  # (N,) CutMix partner image id
+    box: Tensor  # (N, 4) CutMix box top, left, height, width as fractions; zero size = no mixing
+    lam: Tensor  # (N,) fraction of the image that keeps its own content
+
+    def rows(self, ids: Tensor) -> "EpochAugment":
+        return EpochAugment(self.crop[ids], self.flip[ids], self.partner[ids], self.box[ids], self.lam[ids])
+
+
+def epoch_augment(n: int, epoch: int, settings: EvalSettings) -> EpochAugment:
+    """Draw the epoch's parameters for all ``n`` images from a generator seeded by (aug_seed, epoch)."""
+    g = torch.Generator().manual_seed(hash_seed(settings.aug_seed, epoch))
+    lo, hi = settings.crop_scale
+    area = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=g,
+                                                                                  dtype=torch.float64)
+    ratio = torch.exp(log_ratio)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    top = (1 - h) * torch.rand(n, generator=g, dtype=torch.float64)
+    left = (1 - w) * torch.rand(n, generator=g, dtype=torch.float64)
+    flip = torch.rand(n, generator=g) < 0.5
+    partner = torch.randperm(n, generator=g)
+    if settings.cutmix > 0:
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        lam = _beta_icdf(u, settings.cutmix)  # inverse-CDF sampling keeps the draw on the seeded generator
+        cut = torch.sqrt(1 - lam)
+        cy, cx = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+        y0, y1 = (cy - cut / 2).clamp(0, 1), (cy + cut / 2).clamp(0, 1)
+        x0, x1 = (cx - cut / 2).clamp(0, 1), (cx + cut / 2).clamp(0, 1)
+        box = torch.stack([y0, x0, y1 - y0, x1 - x0], 1)
+    else:
+        box = torch.zeros(n, 4, dtype=torch.float64)
+    return EpochAugment(torch.stack([top, left, h, w], 1), flip, partner, box, torch.ones(n, dtype=torch.float64))
+
+
+def _beta_icdf(u: Tensor, a: float) -> Tensor:
+    """Quantile of the symmetric Beta(a, a) by interpolating its tabulated CDF (Beta(1, 1) is uniform)."""
+    if a == 1.0:
+        return u
+    x = torch.linspace(0, 1, 2049, dtype=torch.float64)[1:-1]
+    pdf = (x * (1 - x)) ** (a - 1)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(pdf, 0)])
+    cdf = cdf / cdf[-1]
+    grid = torch.linspace(0, 1, len(cdf), dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u).clamp(1, len(cdf) - 1)
+    c0, c1 = cdf[idx - 1], cdf[idx]
+    t = ((u - c0) / (c1 - c0).clamp(min=1e-300)).clamp(0, 1)
+    return grid[idx - 1] + t * (grid[idx] - grid[idx - 1])
+
+
+def hash_seed(*parts: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _crop_resize(images: Tensor, crop: Tensor, flip: Tensor, size: int) -> Tensor:
+    """Per-image crop (fractions), bilinear resize to ``size`` and optional flip, via one grid_sample."""
+    n = images.shape[0]
+    top, left, h, w = crop.to(images.dtype).unbind(1)
+    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
+    sx = torch.where(flip.to(images.device), -w, w).to(images.device)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = (2 * left + w - 1).to(images.device)
+    theta[:, 1, 1] = h.to(images.device)
+    theta[:, 1, 2] = (2 * top + h - 1).to(images.device)
+    grid = F.affine_grid(theta, (n, images.shape[1], size, size), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment_batch(images_all: Tensor, ids: Tensor, aug: EpochAugment) -> tuple[Tensor, Tensor, Tensor]:
+    """The augmented images of ``ids`` (a function of image id and epoch only), their CutMix partners
+    and the kept-area fractions λ."""
+    size = images_all.shape[-1]
+    rows = aug.rows(ids.cpu())
+    own = _crop_resize(images_all[ids], rows.crop, rows.flip, size)
+    partner_ids = rows.partner.to(images_all.device)
+    partner_rows = aug.rows(rows.partner)
+    other = _crop_resize(images_all[partner_ids], partner_rows.crop, partner_rows.flip, size)
+    y0 = (rows.box[:, 0] * size).round().long()
+    x0 = (rows.box[:, 1] * size).round().long()
+    y1 = ((rows.box[:, 0] + rows.box[:, 2]) * size).round().long()
+    x1 = ((rows.box[:, 1] + rows.box[:, 3]) * size).round().long()
+    grid = torch.arange(size)
+    inside_y = (grid[None, :] >= y0[:, None]) & (grid[None, :] < y1[:, None])
+    inside_x = (grid[None, :] >= x0[:, None]) & (grid[None, :] < x1[:, None])
+    mask = (inside_y[:, :, None] & inside_x[:, None, :]).to(images_all.device)[:, None]
+    mixed = torch.where(mask, other, own)
+    lam = 1 - mask.flatten(1).float().mean(1)
+    return mixed, partner_ids, lam
+
+
+class SoftLabelSource(Protocol):
+    def __call__(self, epoch: int, ids: Tensor, mixed: Tensor) -> Tensor: ...
+
+
+class TeacherLabels:
+    """Online soft labels: the teacher's logits on the augmented images."""
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher = teacher.eval()
+
+    @torch.no_grad()
+    def __call__(self, epoch: int, ids: Tensor, mixed: Tensor) -> Tensor:
+        return self.teacher(mixed)
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: EvalSettings, *, seed: int,
+                  soft_labels: SoftLabelSource | None, num_classes: int, device: str | torch.device = "cpu",
+                  on_epoch: Callable[[int, nn.Module], None] | None = None, shard: tuple[int, int] = (0, 1),
+                  wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """Train ``student`` on the distilled ``images`` (normalised) and return it (in eval mode).
+
+    With ``shard=(rank, world)`` this process takes every ``world``-th image of each batch and
+    ``wrap_model`` (e.g. DDP) averages the gradients over the processes.
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    student.to(device).train()
+    model = wrap_model(student) if wrap_model is not None else student
+    images, labels = images.to(device), labels.to(device)
+    n = len(images)
+    batch = settings.batch_size or n
+    steps_per_epoch = math.ceil(n / batch)
+    total = steps_per_epoch * settings.epochs
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    order_gen = torch.Generator().manual_seed(hash_seed(seed, 1))
+    stored = soft_labels if hasattr(soft_labels, "verify_epoch") else None  # labels read from a relabel artifact
+    if stored is not None and not settings.hard_labels:
+        stored.check_stream(settings, n)
+    t = settings.temperature
+    step = 0
+    for epoch in range(settings.epochs):
+        aug = epoch_augment(n, epoch, settings)
+        if stored is not None and not settings.hard_labels:
+            stored.verify_epoch(epoch, aug)
+        order = torch.randperm(n, generator=order_gen)
+        for start in range(0, n, batch):
+            ids = order[start:start + batch][shard[0]::shard[1]]
+            mixed, partner, lam = augment_batch(images, ids.to(device), aug)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * _cosine(step, total)
+            logits = model(mixed)
+            if settings.hard_labels or soft_labels is None:
+                own = F.cross_entropy(logits, labels[ids.to(device)], reduction="none")
+                other = F.cross_entropy(logits, labels[partner], reduction="none")
+                loss = (lam * own + (1 - lam) * other).mean()
+            else:
+                target = soft_labels(epoch, ids, mixed).to(device)
+                loss = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
+                                log_target=True) * t * t
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        if on_epoch is not None:
+            on_epoch(epoch, student)
+    return student.eval()

@@ -1,0 +1,19 @@
+"""Teacher/student architectures and the feature taps."""
+
+from unidd_ray.models.convnet import ConvNet
+from unidd_ray.models.registry import MODELS, available_models, build_model, load_weights, register_model
+from unidd_ray.models.taps import bn_layers, default_tap_layers, layer_channels, resolve_layers, tapped
+
+__all__ = [
+    "MODELS",
+    "ConvNet",
+    "available_models",
+    "bn_layers",
+    "build_model",
+    "default_tap_layers",
+    "layer_channels",
+    "load_weights",
+    "register_model",
+    "resolve_layers",
+    "tapped",
+]

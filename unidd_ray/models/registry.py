@@ -1,0 +1,142 @@
+"""Architecture registry: ``build_model(name, num_classes, in_channels, resolution, **options)``.
+
+- ``convnet``: the ConvNet of the distillation literature (width, depth, norm);
+  ConvNet-W128-D3 is the default for ≤ 32 px.
+- ``resnet18`` / ``resnet50``: torchvision's ResNets; for ≤ 32 px (``stem="auto"``)
+  the CIFAR stem (3×3 stride-1 conv1, no max-pool), else the ImageNet stem.
+- ``mobilenet_v2``, ``densenet121``: torchvision models for cross-architecture evaluation.
+
+Any number of input channels and classes.  ImageNet weights in torchvision's
+format load from a user-supplied file with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import unidd_ray  # noqa: F401  (applies the torchvision import fix)
+from unidd_ray.models.convnet import ConvNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def wrap(fn):
+        if name in MODELS:
+            raise ValueError(f"a model named {name!r} is already registered")
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int = 3, resolution: int = 32, **options) -> nn.Module:
+    """Build a registered architecture; unknown names or options raise ``ValueError`` listing the valid ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {available_models()}")
+    fn = MODELS[name]
+    valid = [p for p in inspect.signature(fn).parameters if p not in ("num_classes", "in_channels", "resolution")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"model {name!r} takes options {valid}, not {unknown}")
+    if num_classes < 1 or in_channels < 1 or resolution < 1:
+        raise ValueError(f"num_classes, in_channels and resolution must be positive; got "
+                         f"{num_classes}, {in_channels}, {resolution}")
+    return fn(num_classes=num_classes, in_channels=in_channels, resolution=resolution, **options)
+
+
+@register_model("convnet")
+def _convnet(num_classes, in_channels, resolution, width: int = 128, depth: int = 3, norm: str = "batch"):
+    return ConvNet(num_classes=num_classes, in_channels=in_channels, resolution=resolution, width=width,
+                   depth=depth, norm=norm)
+
+
+def _small_input(resolution: int, stem: str) -> bool:
+    if stem not in ("auto", "cifar", "imagenet"):
+        raise ValueError(f"stem must be 'auto', 'cifar' or 'imagenet', got {stem!r}")
+    return stem == "cifar" or (stem == "auto" and resolution <= 32)
+
+
+def _resnet(factory, num_classes, in_channels, resolution, stem):
+    model = factory(num_classes=num_classes)
+    if _small_input(resolution, stem):
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+@register_model("resnet18")
+def _resnet18(num_classes, in_channels, resolution, stem: str = "auto"):
+    from torchvision.models import resnet18
+
+    return _resnet(resnet18, num_classes, in_channels, resolution, stem)
+
+
+@register_model("resnet50")
+def _resnet50(num_classes, in_channels, resolution, stem: str = "auto"):
+    from torchvision.models import resnet50
+
+    return _resnet(resnet50, num_classes, in_channels, resolution, stem)
+
+
+@register_model("mobilenet_v2")
+def _mobilenet_v2(num_classes, in_channels, resolution, width_mult: float = 1.0):
+    from torchvision.models import mobilenet_v2
+
+    model = mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
+    first = model.features[0][0]
+    stride = 1 if resolution <= 32 else 2
+    model.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, stride, 1, bias=False)
+    return model
+
+
+@register_model("densenet121")
+def _densenet121(num_classes, in_channels, resolution):
+    from torchvision.models import densenet121
+
+    model = densenet121(num_classes=num_classes)
+    if resolution <= 32:
+        model.features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.features.pool0 = nn.Identity()
+    elif in_channels != 3:
+        model.features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
+    """Load a state_dict saved in torchvision's format (``weights_only=True``: no pickle of code).
+
+    A checkpoint holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped, and a
+    ``module.`` prefix left by DistributedDataParallel is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - report the file, whatever the reason
+        raise ValueError(f"cannot read weights from {path}: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state_dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    mismatched = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    if strict and (missing or unexpected):
+        raise ValueError(f"weights in {path} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if mismatched:
+        raise ValueError(f"weights in {path} have other shapes for {mismatched[:5]}")
+    return model

@@ -1,0 +1,334 @@
+"""Spectral filters on a symmetric feature–feature matrix, and the UniDD filter registry.
+
+A filter ``f`` acts on the eigenvalues of a symmetric matrix:
+``f(M) = U diag(f(λ)) Uᵀ``.  Every dataset-distillation objective of UniDD is a
+pair of such functions: one for the filter-matching term (g = I) and one for the
+signal-matching term (g = FLC), see SPEC §1.1:
+
+=========  =========================  ==================================
+family     g = I term                 g = FLC term
+=========  =========================  ==================================
+``dm``     absent                     1
+``dc``     λ                          1
+``mtt``    (1 − ηλ)^p                 (1 − (1 − ηλ)^p) / λ
+``krr``    1 / (λ + β)                1 / (λ + β)
+``cfm``    1 / (λ + β_b)              1 / (λ + β_b), β_b scheduled per IPC slot
+=========  =========================  ==================================
+
+Each family also gives closed-form matrix versions (no eigendecomposition) so
+that the losses stay cheap and stably differentiable.  A new family is one
+class decorated with :func:`register_filter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from unidd_ray.spectral.schedules import SCHEDULES, beta_schedule
+
+
+def _check_square(matrix: Tensor, what: str = "matrix") -> None:
+    if not isinstance(matrix, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(matrix).__name__}")
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{what} must be a square 2-D matrix, got shape {tuple(matrix.shape)}")
+    if not torch.isfinite(matrix).all():
+        raise ValueError(f"{what} contains NaN or Inf values")
+
+
+def symmetrize(matrix: Tensor) -> Tensor:
+    return (matrix + matrix.transpose(-1, -2)) / 2
+
+
+def apply_filter(matrix: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``f(M) = U diag(fn(λ)) Uᵀ`` through a symmetric eigendecomposition of ``M``."""
+    _check_square(matrix)
+    eigvals, eigvecs = torch.linalg.eigh(symmetrize(matrix))
+    response = torch.as_tensor(fn(eigvals), dtype=eigvals.dtype, device=eigvals.device)
+    if response.shape != eigvals.shape:
+        response = response.expand_as(eigvals)
+    return (eigvecs * response) @ eigvecs.transpose(-1, -2)
+
+
+def cholesky_factor(matrix: Tensor, beta: float) -> Tensor:
+    """Lower Cholesky factor of ``M + βI``; ``ValueError`` naming β and λ_min when not SPD."""
+    _check_square(matrix)
+    beta = float(beta)
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta}")
+    shifted = symmetrize(matrix) + beta * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0:
+        lam_min = float(torch.linalg.eigvalsh(symmetrize(matrix.detach())).min())
+        raise ValueError(
+            f"(M + beta*I) is not positive definite for beta={beta:g}: the smallest eigenvalue of M is "
+            f"{lam_min:.3e}, so beta must be greater than {max(-lam_min, 0.0):.3e} (use beta > 0 for a "
+            "covariance matrix, which is only positive semi-definite)"
+        )
+    return factor
+
+
+class _SPDInverse(torch.autograd.Function):
+    """Float64 inverse of a symmetric positive definite matrix from its Cholesky factor.
+
+    The backward pass uses the saved inverse F directly: for L(F) with F = A⁻¹,
+    ∂L/∂A = −F (∂L/∂F) F (F symmetric) — two matrix products instead of
+    differentiating through the factorisation.  The value is always computed in
+    float64; the gradient is returned, and its products computed, in the dtype
+    of ``shifted`` (float32 features get float32 gradient products).
+    """
+
+    @staticmethod
+    def forward(ctx, shifted: Tensor, factor64: Tensor) -> Tensor:
+        inverse = torch.cholesky_inverse(factor64)
+        ctx.save_for_backward(inverse)
+        ctx.grad_dtype = shifted.dtype
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        inverse = inverse.to(ctx.grad_dtype)
+        return -(inverse @ grad.to(ctx.grad_dtype) @ inverse), None
+
+
+def resolvent64(matrix: Tensor, beta: float) -> Tensor:
+    """``(M + βI)⁻¹`` in float64 through a Cholesky factorisation, differentiable in ``matrix``.
+
+    The gradient is taken with respect to the symmetric part of ``matrix`` and
+    comes back in ``matrix``'s dtype.
+    """
+    factor = cholesky_factor(matrix.detach().to(torch.float64), beta)
+    return _SPDInverse.apply(symmetrize(matrix), factor)
+
+
+def resolvent(matrix: Tensor, beta: float) -> Tensor:
+    """``(M + βI)⁻¹`` through a Cholesky factorisation (never a general inverse), in ``matrix``'s dtype."""
+    return resolvent64(matrix, beta).to(matrix.dtype)
+
+
+# --------------------------------------------------------------------------- registry
+FILTERS: dict[str, type["SpectralFilter"]] = {}
+
+
+def register_filter(name: str):
+    """Class decorator adding a :class:`SpectralFilter` subclass to the registry under ``name``."""
+
+    def wrap(cls: type[SpectralFilter]) -> type[SpectralFilter]:
+        if name in FILTERS:
+            raise ValueError(f"a spectral filter named {name!r} is already registered")
+        cls.name = name
+        FILTERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_filters() -> list[str]:
+    return sorted(FILTERS)
+
+
+def make_filter(name: str, **params) -> "SpectralFilter":
+    """Build a registered filter, e.g. ``make_filter("mtt", eta=0.1, steps=5)``."""
+    if name not in FILTERS:
+        raise ValueError(f"unknown spectral filter {name!r}; registered filters: {available_filters()}")
+    cls = FILTERS[name]
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"filter {name!r} takes parameters {valid}, not {unknown}")
+    return cls(**params)
+
+
+@dataclass(frozen=True)
+class SpectralFilter:
+    """A UniDD filter: eigenvalue responses for the g = I and g = FLC terms.
+
+    ``filter_response``/``signal_response`` give the scalar functions (used for
+    analysis and as a reference); ``filter_matrix``/``signal_matrix`` give
+    ``f(M)`` and ``f(M) Z`` directly, by default through :func:`apply_filter`.
+    """
+
+    name: ClassVar[str] = "abstract"
+    has_filter_term: ClassVar[bool] = True
+
+    def filter_response(self, eigvals: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def signal_response(self, eigvals: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def filter_matrix(self, matrix: Tensor) -> Tensor:
+        return apply_filter(matrix, self.filter_response)
+
+    def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
+        return apply_filter(matrix, self.signal_response) @ signal
+
+    def filter_and_signal(self, matrix: Tensor, signal: Tensor) -> tuple[Tensor | None, Tensor]:
+        """``(f(M), h(M) Z)`` for the filter-matching and signal-matching terms."""
+        filtered = self.filter_matrix(matrix) if self.has_filter_term else None
+        return filtered, self.signal_matrix(matrix, signal)
+
+    def at_slot(self, slot: int, ipc: int) -> "SpectralFilter":
+        """The concrete filter for IPC slot ``slot`` of ``ipc`` (only curricula change per slot)."""
+        return self
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}({args})"
+
+
+@register_filter("dm")
+@dataclass(frozen=True)
+class DistributionMatching(SpectralFilter):
+    """DM: class-mean (signal) matching only, f = 1 on the signal term."""
+
+    has_filter_term: ClassVar[bool] = False
+
+    def filter_response(self, eigvals: Tensor) -> Tensor:
+        raise ValueError("the dm filter has no filter-matching (g = I) term")
+
+    def signal_response(self, eigvals: Tensor) -> Tensor:
+        return torch.ones_like(eigvals)
+
+    def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
+        return signal
+
+
+@register_filter("dc")
+@dataclass(frozen=True)
+class GradientMatching(SpectralFilter):
+    """DC / CovM: low-pass f = λ on the filter term, f = 1 on the signal term."""
+
+    def filter_response(self, eigvals: Tensor) -> Tensor:
+        return eigvals
+
+    def signal_response(self, eigvals: Tensor) -> Tensor:
+        return torch.ones_like(eigvals)
+
+    def filter_matrix(self, matrix: Tensor) -> Tensor:
+        return symmetrize(matrix)
+
+    def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
+        return signal
+
+
+@register_filter("mtt")
+@dataclass(frozen=True)
+class TrajectoryMatching(SpectralFilter):
+    """MTT: ``p`` full-batch gradient steps of size ``eta`` on a linear head.
+
+    f = (1 − ηλ)^p on the filter term and (1 − (1 − ηλ)^p)/λ = η Σ_{i<p} (1 − ηλ)^i
+    on the signal term; the polynomial form is exact at λ = 0 and needs no division.
+    """
+
+    eta: float = 0.1
+    steps: int = 10
+
+    def __post_init__(self):
+        if not (self.eta > 0 and math.isfinite(self.eta)):
+            raise ValueError(f"mtt needs a positive learning rate eta, got {self.eta}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"mtt needs a positive integer number of steps, got {self.steps}")
+
+    def filter_response(self, eigvals: Tensor) -> Tensor:
+        return (1 - self.eta * eigvals) ** self.steps
+
+    def signal_response(self, eigvals: Tensor) -> Tensor:
+        step = 1 - self.eta * eigvals
+        acc = torch.ones_like(eigvals)
+        for _ in range(self.steps - 1):
+            acc = 1 + step * acc
+        return self.eta * acc
+
+    def _step_matrix(self, matrix: Tensor) -> Tensor:
+        eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        return eye - self.eta * symmetrize(matrix)
+
+    def filter_matrix(self, matrix: Tensor) -> Tensor:
+        return torch.linalg.matrix_power(self._step_matrix(matrix), int(self.steps))
+
+    def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
+        step = self._step_matrix(matrix)
+        acc = signal
+        for _ in range(int(self.steps) - 1):  # Horner: Z + S(Z + S(Z + ...))
+            acc = signal + step @ acc
+        return self.eta * acc
+
+
+@register_filter("krr")
+@dataclass(frozen=True)
+class KernelRidge(SpectralFilter):
+    """KRR / FrePo with a linear kernel: the high-pass resolvent 1/(λ + β) on both terms."""
+
+    beta: float = 0.1
+
+    def __post_init__(self):
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"krr needs beta > 0 (the covariance may be singular), got {self.beta}")
+
+    def filter_response(self, eigvals: Tensor) -> Tensor:
+        return 1.0 / (eigvals + self.beta)
+
+    def signal_response(self, eigvals: Tensor) -> Tensor:
+        return 1.0 / (eigvals + self.beta)
+
+    # Values in float64 whatever the input dtype: (Ψ + βI) is ill-conditioned for small β.
+    def filter_matrix(self, matrix: Tensor) -> Tensor:
+        return resolvent64(matrix, self.beta)
+
+    def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
+        return resolvent64(matrix, self.beta) @ signal.to(torch.float64)
+
+    def filter_and_signal(self, matrix: Tensor, signal: Tensor) -> tuple[Tensor, Tensor]:
+        inverse = resolvent64(matrix, self.beta)
+        return inverse, inverse @ signal.to(torch.float64)
+
+
+@register_filter("cfm")
+@dataclass(frozen=True)
+class CurriculumFrequencyMatching(SpectralFilter):
+    """CFM: the KRR resolvent with β scheduled from β_max (low-pass) down over the IPC slots."""
+
+    beta_max: float = 0.1
+    schedule: str = "cosine"
+    beta_min: float | None = None
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown beta schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        beta_schedule(self.schedule, self.beta_max, 1, beta_min=self.beta_min)  # validates the numbers
+
+    def betas(self, ipc: int) -> list[float]:
+        return beta_schedule(self.schedule, self.beta_max, ipc, beta_min=self.beta_min)
+
+    def at_slot(self, slot: int, ipc: int) -> KernelRidge:
+        betas = self.betas(ipc)
+        if not 0 <= slot < ipc:
+            raise ValueError(f"slot {slot} is outside 0..{ipc - 1}")
+        return KernelRidge(beta=betas[slot])
+
+    # Without a slot, CFM behaves as its first (lowest-frequency) slot.
+    def filter_response(self, eigvals: Tensor) -> Tensor:
+        return self.at_slot(0, 1).filter_response(eigvals)
+
+    def signal_response(self, eigvals: Tensor) -> Tensor:
+        return self.at_slot(0, 1).signal_response(eigvals)
+
+    def filter_matrix(self, matrix: Tensor) -> Tensor:
+        return self.at_slot(0, 1).filter_matrix(matrix)
+
+    def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
+        return self.at_slot(0, 1).signal_matrix(matrix, signal)
+
+    def filter_and_signal(self, matrix: Tensor, signal: Tensor) -> tuple[Tensor, Tensor]:
+        return self.at_slot(0, 1).filter_and_signal(matrix, signal)

@@ -1,0 +1,309 @@
+"""Mergeable float64 moments of one feature layer, and per-batch statistics.
+
+Every spatial position of a feature map ``(N, C, H, W)`` is one sample
+``x ∈ R^C``.  :class:`Moments` keeps sums (count, Σx, Σxxᵀ and per-class sums)
+in float64; combining two shards is addition, so the result does not depend on
+how the data was split, batched or ordered.  Covariances, means and class means
+are derived from the sums on demand.
+
+:func:`batch_statistics` is the differentiable counterpart used on synthetic
+images: the covariance and the signal of the current batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+COVARIANCE_MODES = ("total", "within_class")
+SIGNAL_KINDS = ("mean", "class", "soft")
+
+_F64 = torch.float64
+
+
+def _check_features(features: Tensor, channels: int | None, what: str = "features") -> Tensor:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() == 2:
+        features = features[:, :, None, None]
+    if features.dim() != 4:
+        raise ValueError(f"{what} must have shape (N, C, H, W) or (N, C); got {tuple(features.shape)}")
+    if channels is not None and features.shape[1] != channels:
+        raise ValueError(
+            f"{what} have {features.shape[1]} channels but these moments were built for {channels}; "
+            "pass the feature map of the layer the moments belong to"
+        )
+    if not torch.isfinite(features).all():
+        raise ValueError(f"{what} contain NaN or Inf values; check the model input and its normalisation")
+    return features
+
+
+def _check_labels(labels: Tensor, n: int, num_classes: int) -> Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},) to match the features; got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+        raise ValueError(f"label {bad} is out of range for {num_classes} classes (valid: 0..{num_classes - 1})")
+    return labels.long()
+
+
+def _flatten_channels_first(features: Tensor) -> Tensor:
+    """Return a float64 ``(C, N·H·W)`` copy of an ``(N, C, H, W)`` map in one pass."""
+    n, c, h, w = features.shape
+    out = torch.empty((c, n, h * w), dtype=_F64, device=features.device)
+    out.copy_(features.detach().reshape(n, c, h * w).transpose(0, 1))
+    return out.view(c, n * h * w)
+
+
+class Moments:
+    """Float64 sufficient statistics of one layer's features, mergeable by addition.
+
+    Sums kept (SPEC §1.4): the position count ``n``, ``Σx``, ``Σxxᵀ``; per class
+    ``k`` the position count and position sum; per class the image count and the
+    sum of spatially pooled features (the ``class`` signal); and the
+    teacher-softmax-weighted pooled sums (the ``soft`` signal).
+    """
+
+    _FIELDS = ("n", "sum", "sumsq", "class_n", "class_sum", "image_n", "pooled_sum", "soft_weight", "soft_sum")
+
+    def __init__(self, channels: int, num_classes: int, *, device: torch.device | str | None = None):
+        if int(channels) != channels or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.channels = int(channels)
+        self.num_classes = int(num_classes)
+        c, k = self.channels, self.num_classes
+        z = dict(dtype=_F64, device=device)
+        self.n = torch.zeros((), **z)
+        self.sum = torch.zeros(c, **z)
+        self.sumsq = torch.zeros(c, c, **z)
+        self.class_n = torch.zeros(k, **z)
+        self.class_sum = torch.zeros(k, c, **z)
+        self.image_n = torch.zeros(k, **z)
+        self.pooled_sum = torch.zeros(k, c, **z)
+        self.soft_weight = torch.zeros(k, **z)
+        self.soft_sum = torch.zeros(k, c, **z)
+
+    # ------------------------------------------------------------------ building
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor, probs: Tensor | None = None) -> "Moments":
+        """Add a batch: ``features`` (N, C, H, W) or (N, C), integer ``labels`` (N,),
+        optional teacher class probabilities ``probs`` (N, K) for the ``soft`` signal."""
+        features = _check_features(features, self.channels)
+        n, _, h, w = features.shape
+        labels = _check_labels(labels, n, self.num_classes).to(self.n.device)
+        if probs is not None:
+            probs = torch.as_tensor(probs)
+            if probs.shape != (n, self.num_classes):
+                raise ValueError(f"probs must have shape ({n}, {self.num_classes}); got {tuple(probs.shape)}")
+            probs = probs.detach().to(device=self.n.device, dtype=_F64)
+            if not torch.isfinite(probs).all() or (probs < 0).any():
+                raise ValueError("probs must be finite and non-negative (teacher softmax outputs)")
+        positions = h * w
+        x = _flatten_channels_first(features.to(self.n.device))  # (C, N·P) float64
+        self.n += n * positions
+        self.sum += x.sum(1)
+        self.sumsq.addmm_(x, x.T)
+        per_image = x.view(self.channels, n, positions).sum(2).T  # (N, C) position sums
+        self.class_n.index_add_(0, labels, torch.full((n,), float(positions), dtype=_F64, device=x.device))
+        self.class_sum.index_add_(0, labels, per_image)
+        pooled = per_image / positions
+        self.image_n.index_add_(0, labels, torch.ones(n, dtype=_F64, device=x.device))
+        self.pooled_sum.index_add_(0, labels, pooled)
+        if probs is not None:
+            self.soft_weight += probs.sum(0)
+            self.soft_sum.addmm_(probs.T, pooled)
+        return self
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Return the moments of the union of both shards (addition of the sums)."""
+        if not isinstance(other, Moments):
+            return NotImplemented
+        if (other.channels, other.num_classes) != (self.channels, self.num_classes):
+            raise ValueError(
+                f"cannot merge moments of {other.channels} channels/{other.num_classes} classes into "
+                f"{self.channels} channels/{self.num_classes} classes: they come from different layers or datasets"
+            )
+        out = Moments(self.channels, self.num_classes, device=self.n.device)
+        for f in self._FIELDS:
+            setattr(out, f, getattr(self, f) + getattr(other, f).to(self.n.device))
+        return out
+
+    __add__ = merge
+
+    def copy(self) -> "Moments":
+        out = Moments(self.channels, self.num_classes, device=self.n.device)
+        for f in self._FIELDS:
+            setattr(out, f, getattr(self, f).clone())
+        return out
+
+    # -------------------------------------------------------------- serialising
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f: getattr(self, f).clone() for f in self._FIELDS}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> "Moments":
+        missing = [f for f in cls._FIELDS if f not in state]
+        if missing:
+            raise ValueError(f"moments state is missing fields {missing}")
+        sumsq = torch.as_tensor(state["sumsq"])
+        class_sum = torch.as_tensor(state["class_sum"])
+        out = cls(sumsq.shape[0], class_sum.shape[0])
+        for f in cls._FIELDS:
+            value = torch.as_tensor(state[f], dtype=_F64)
+            expected = getattr(out, f).shape
+            if value.shape != expected:
+                raise ValueError(f"moments field {f!r} has shape {tuple(value.shape)}, expected {tuple(expected)}")
+            setattr(out, f, value.clone())
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Moments):
+            return NotImplemented
+        return (other.channels, other.num_classes) == (self.channels, self.num_classes) and all(
+            torch.equal(getattr(self, f), getattr(other, f)) for f in self._FIELDS
+        )
+
+    def __repr__(self) -> str:
+        return f"Moments(channels={self.channels}, num_classes={self.num_classes}, count={self.count})"
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def count(self) -> int:
+        """Number of samples (spatial positions) accumulated."""
+        return int(self.n.item())
+
+    @property
+    def images(self) -> int:
+        return int(self.image_n.sum().item())
+
+    def _require_samples(self) -> None:
+        if self.count == 0:
+            raise ValueError("these moments hold no samples yet; call update() with features first")
+
+    @property
+    def mean(self) -> Tensor:
+        self._require_samples()
+        return self.sum / self.n
+
+    def covariance(self, mode: str = "total") -> Tensor:
+        """Population covariance of the positions: ``total`` (Σxxᵀ/n − μμᵀ) or
+        ``within_class`` ((Σxxᵀ − Σ_k n_k μ_k μ_kᵀ)/n)."""
+        self._require_samples()
+        if mode == "total":
+            mu = self.mean
+            cov = self.sumsq / self.n - torch.outer(mu, mu)
+        elif mode == "within_class":
+            seen = self.class_n > 0
+            s = self.class_sum[seen]
+            between = (s.T / self.class_n[seen]) @ s
+            cov = (self.sumsq - between) / self.n
+        else:
+            raise ValueError(f"unknown covariance mode {mode!r}; choose one of {COVARIANCE_MODES}")
+        return (cov + cov.T) / 2
+
+    @property
+    def class_counts(self) -> Tensor:
+        """Images per class."""
+        return self.image_n.clone()
+
+    @property
+    def class_means(self) -> Tensor:
+        """Per-class mean of the spatially pooled features, shape (K, C); NaN rows for empty classes."""
+        self._require_samples()
+        return self.pooled_sum / self.image_n[:, None]
+
+    @property
+    def soft_means(self) -> Tensor:
+        """Teacher-softmax-weighted class means of the pooled features, shape (K, C)."""
+        self._require_samples()
+        if not (self.soft_weight > 0).any():
+            raise ValueError("no teacher probabilities were accumulated; pass probs= to update() for the soft signal")
+        return self.soft_sum / self.soft_weight[:, None]
+
+    def signal(self, kind: str = "mean") -> Tensor:
+        """The FLC stand-in Φ as a (C, columns) matrix: ``mean`` → μ (C, 1),
+        ``class`` → class means (C, K), ``soft`` → soft class means (C, K)."""
+        if kind == "mean":
+            return self.mean[:, None]
+        if kind == "class":
+            return self.class_means.T
+        if kind == "soft":
+            return self.soft_means.T
+        raise ValueError(f"unknown signal {kind!r}; choose one of {SIGNAL_KINDS}")
+
+
+@dataclass
+class BatchStatistics:
+    """Differentiable statistics of one synthetic batch at one layer.
+
+    ``n``, ``sum`` and ``sumsq`` are the batch's moments (so batches of several
+    workers can be summed into one large batch); ``signal`` holds one column per
+    entry of ``columns`` (the class ids for ``class``/``soft``, ``[0]`` for ``mean``).
+    """
+
+    n: Tensor
+    sum: Tensor
+    sumsq: Tensor
+    signal_sum: Tensor  # (C, columns) weighted sums of pooled features
+    signal_weight: Tensor  # (columns,) weights
+    columns: Tensor
+
+    @property
+    def covariance(self) -> Tensor:
+        mu = self.sum / self.n
+        cov = self.sumsq / self.n - torch.outer(mu, mu)
+        return (cov + cov.T) / 2
+
+    @property
+    def signal(self) -> Tensor:
+        return self.signal_sum / self.signal_weight
+
+
+def batch_statistics(
+    features: Tensor,
+    labels: Tensor | None = None,
+    *,
+    signal: str = "mean",
+    probs: Tensor | None = None,
+    num_classes: int | None = None,
+) -> BatchStatistics:
+    """Moments and signal of one batch, differentiable in ``features``.
+
+    The Gram matrix uses a batched matmul on the ``(N, C, H·W)`` view of the
+    map, which needs no channels-last copy.
+    """
+    features = _check_features(features, None)
+    n_img, c, h, w = features.shape
+    x = features.reshape(n_img, c, h * w)
+    n = torch.tensor(float(n_img * h * w), dtype=features.dtype, device=features.device)
+    pooled = x.mean(2)  # (N, C)
+    total = pooled.sum(0) * (h * w)
+    sumsq = torch.bmm(x, x.transpose(1, 2)).sum(0)
+    if signal == "mean":
+        columns = torch.zeros(1, dtype=torch.long, device=features.device)
+        signal_sum = pooled.sum(0)[:, None]
+        weight = torch.full((1,), float(n_img), dtype=features.dtype, device=features.device)
+    elif signal in ("class", "soft"):
+        if labels is None:
+            raise ValueError(f"the {signal!r} signal needs the labels of the synthetic batch")
+        k = num_classes if num_classes is not None else int(labels.max()) + 1
+        labels = _check_labels(labels, n_img, k).to(features.device)
+        columns = torch.unique(labels)
+        if signal == "class":
+            onehot = (labels[:, None] == columns[None, :]).to(features.dtype)  # (N, K')
+        else:
+            if probs is None or probs.shape != (n_img, k):
+                raise ValueError(f"the 'soft' signal needs teacher probabilities of shape ({n_img}, {k})")
+            onehot = probs[:, columns]
+        signal_sum = pooled.T @ onehot
+        weight = onehot.sum(0)
+    else:
+        raise ValueError(f"unknown signal {signal!r}; choose one of {SIGNAL_KINDS}")
+    return BatchStatistics(n=n, sum=total, sumsq=sumsq, signal_sum=signal_sum, signal_weight=weight, columns=columns)

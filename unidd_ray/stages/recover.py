@@ -1,0 +1,407 @@
+"""Recovery stage: class-partitioned synthesis of the distilled set on Ray Train.
+
+Worker ``w`` of ``W`` owns a balanced, disjoint, contiguous range of classes,
+cut into chunks of ``classes_per_batch``.  Work proceeds in *rounds*: round
+``r`` is slot ``b = r // R`` and chunk ``j = r % R`` (``R`` = the largest number
+of chunks of any worker); in a round every worker optimises its ``j``-th chunk
+for slot ``b`` from the same EMU state.  After the round the workers' new EMU
+sums are all-reduced (``sync: round``), so the state equals what one process
+holds after the union of their batches.  With ``sync: step`` the batch moments
+themselves are all-reduced at every iteration, so the W batches of a round are
+one large batch.
+
+After every round, each worker's images are written (PNG, atomically) to the
+staging directory ``<out>.partial`` together with one JSON record per batch;
+rank 0 checkpoints the EMU state and the number of finished rounds through
+``ray.train.report``.  A restarted worker (``FailureConfig``) or a resumed
+command (``resume=True``) continues from the last finished round; every batch is
+a deterministic function of its inputs and the EMU state, so the final output
+is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unidd_ray.config import RecoverConfig, to_dict
+
+RUN_NAME = "recover"
+IMAGES = "images"
+RECORDS = ".batches"
+FAULT_MARKER = ".fault-injected"
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclass
+class RecoverPlan:
+    num_classes: int
+    ipc: int
+    workers: int
+    partitions: list[list[int]]  # classes of each worker
+    chunks: list[list[list[int]]]  # chunks[w][j] = classes of worker w's j-th batch
+    rounds_per_slot: int
+    init_index: list[list[int]]  # init_index[class][slot] = index of the real train image
+    seed: int
+
+    @property
+    def rounds(self) -> int:
+        return self.ipc * self.rounds_per_slot
+
+    def batch_id(self, slot: int, worker: int, chunk: int) -> int:
+        """A global id, unique per (slot, worker, chunk), increasing with the round."""
+        return (slot * self.rounds_per_slot + chunk) * self.workers + worker
+
+    def batches(self) -> int:
+        return self.ipc * sum(len(c) for c in self.chunks)
+
+    def batches_done(self, round_index: int) -> int:
+        """Number of batches finished once rounds 0 … ``round_index`` are done."""
+        slots, j = divmod(round_index, self.rounds_per_slot)
+        per_slot = sum(len(c) for c in self.chunks)
+        return slots * per_slot + sum(min(j + 1, len(c)) for c in self.chunks)
+
+
+def make_plan(labels: np.ndarray, num_classes: int, cfg: RecoverConfig) -> RecoverPlan:
+    """Class partition, chunks and the seeded choice of real initial images (checked before any work)."""
+    if cfg.ipc < 1:
+        raise ValueError(f"recover.ipc must be at least 1, got {cfg.ipc}")
+    if cfg.workers < 1 or cfg.workers > num_classes:
+        raise ValueError(f"recover.workers must be between 1 and the number of classes ({num_classes}), "
+                         f"got {cfg.workers}")
+    counts = np.bincount(labels, minlength=num_classes)
+    short = [k for k in range(num_classes) if counts[k] < cfg.ipc]
+    if short:
+        k = short[0]
+        raise ValueError(f"IPC {cfg.ipc} is larger than the {counts[k]} training images of class {k}; "
+                         f"lower recover.ipc to at most {int(counts.min())}")
+    partitions = [p.tolist() for p in np.array_split(np.arange(num_classes), cfg.workers)]
+    per_batch = cfg.classes_per_batch
+    if per_batch is not None and per_batch < 1:
+        raise ValueError("recover.classes_per_batch must be positive (or null for all classes of a worker)")
+    chunks = []
+    for part in partitions:
+        size = per_batch or len(part)
+        chunks.append([part[i:i + size] for i in range(0, len(part), size)])
+    rounds_per_slot = max(len(c) for c in chunks)
+    init_index = []
+    for k in range(num_classes):
+        members = np.flatnonzero(labels == k)
+        rng = np.random.default_rng([cfg.seed, k])
+        init_index.append(members[rng.permutation(len(members))[:cfg.ipc]].tolist())
+    return RecoverPlan(num_classes, cfg.ipc, cfg.workers, partitions, chunks, rounds_per_slot, init_index, cfg.seed)
+
+
+# ----------------------------------------------------------------------------- images
+def to_png_bytes(image: torch.Tensor, mean, std) -> bytes:
+    """Lossless 8-bit PNG of one normalised (C, H, W) image."""
+    from PIL import Image
+
+    mean = torch.tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    pixels = ((image.cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    array = pixels.permute(1, 2, 0).numpy()
+    mode = "L" if array.shape[2] == 1 else "RGB"
+    buffer = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if mode == "L" else array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_path(cls: int, slot: int) -> str:
+    return f"{IMAGES}/{cls:04d}/{slot:04d}.png"
+
+
+def load_real_images(data_dir: str, indices: list[int], *, num_workers: int = 1) -> torch.Tensor:
+    """Normalised eval-pipeline images of the given train indices, in the given order."""
+    from unidd_ray.data.loading import make_loader
+
+    loader = make_loader(data_dir, "train", batch_size=max(1, len(indices)), num_workers=num_workers,
+                         indices=sorted(set(indices)), train=False, order="sequential")
+    rows = {}
+    for images, _, index in loader:
+        for i, img in zip(index.tolist(), images):
+            rows[i] = img
+    return torch.stack([rows[i] for i in indices])
+
+
+# ----------------------------------------------------------------------------- the worker
+class TorchDistReducer:
+    """Sums over the Ray Train worker group with torch.distributed (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        self.dist.all_reduce(t)
+        return t
+
+    def sum_differentiable(self, t: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(t)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """All-reduce in the forward pass; identity in the backward pass (each worker evaluates the same
+    loss of the summed statistics and back-propagates into its own contribution only)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        import torch.distributed as dist
+
+        out = t.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _build_distiller(config: dict, device):
+    from unidd_ray.config import from_dict
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.distill import Distiller, RecoverSettings
+    from unidd_ray.stats_io import load_stats
+    from unidd_ray.teacher import load_teacher
+
+    cfg = from_dict(RecoverConfig, config["recover"])
+    info = read_dataset_info(config["data_dir"])
+    teacher, tinfo = load_teacher(config["teacher_dir"], device=device)
+    real = None
+    if config.get("stats_dir"):
+        real = load_stats(config["stats_dir"], teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)
+    settings = RecoverSettings(**{k: getattr(cfg, k) for k in RecoverSettings.__dataclass_fields__})
+    mean = torch.tensor(info.mean, dtype=torch.float32)
+    std = torch.tensor(info.std, dtype=torch.float32)
+    distiller = Distiller(teacher, real, settings, num_classes=info.num_classes, resolution=tinfo.resolution,
+                          pixel_min=(0 - mean) / std, pixel_max=(1 - mean) / std, device=device)
+    return cfg, info, distiller
+
+
+def _recover_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    import unidd_ray  # noqa: F401
+    from unidd_ray.artifacts import atomic_write_bytes, atomic_write_json, sha256_bytes
+    from unidd_ray.spectral import EMU
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    cfg, info, distiller = _build_distiller(config, device)
+    plan = RecoverPlan(**config["plan"])
+    staging = Path(config["staging"])
+    emu = EMU(distiller.emu_layers(), enabled=cfg.emu, device=device) if distiller.layers else None
+    reducer = TorchDistReducer() if world > 1 else None
+    start_round = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            progress = json.loads((Path(d) / "progress.json").read_text())
+            start_round = int(progress["rounds_done"])
+            if emu is not None:
+                emu.load_state_dict(torch.load(Path(d) / "emu.pt", map_location=device, weights_only=True))
+    my_chunks = plan.chunks[rank]
+    for r in range(start_round, plan.rounds):
+        slot, j = divmod(r, plan.rounds_per_slot)
+        chunk = my_chunks[j] if j < len(my_chunks) else None
+        aug_seed = int(np.random.SeedSequence([plan.seed, slot, j]).generate_state(1)[0])
+        started = time.perf_counter()
+        result = None
+        if chunk is not None or (cfg.sync == "step" and reducer is not None):
+            classes = chunk or []
+            init = (load_real_images(config["data_dir"], [plan.init_index[k][slot] for k in classes],
+                                     num_workers=config["num_workers"]) if classes
+                    else torch.zeros(0, info.channels, distiller.resolution, distiller.resolution))
+            labels = torch.tensor(classes, dtype=torch.long)
+            global_count = None
+            if cfg.sync == "step" and reducer is not None:
+                global_count = int(reducer.sum(torch.tensor([float(len(classes))]))[0])
+            result = distiller.optimize(init.to(device), labels, slot=slot, ipc=plan.ipc, aug_seed=aug_seed,
+                                        emu=emu, reducer=reducer if cfg.sync == "step" else None,
+                                        global_count=global_count)
+        if chunk:
+            batch = plan.batch_id(slot, rank, j)
+            beta = distiller.slot_filter(slot, plan.ipc)
+            rows = []
+            for cls, image in zip(chunk, result.images):
+                data = to_png_bytes(image, info.mean, info.std)
+                rel = image_path(cls, slot)
+                atomic_write_bytes(staging / rel, data)
+                rows.append({"class": cls, "class_name": info.class_names[cls], "slot": slot, "path": rel,
+                             "sha256": sha256_bytes(data), "source_index": plan.init_index[cls][slot],
+                             "beta": getattr(beta, "beta", None), "method": cfg.method, "seed": cfg.seed,
+                             "batch": batch, "worker": rank, **{f"loss_{k}": v for k, v in result.parts.items()}})
+            atomic_write_json(staging / RECORDS / f"{batch:08d}.json",
+                              {"batch": batch, "slot": slot, "worker": rank, "chunk": j, "rows": rows,
+                               "parts": result.parts, "seconds": time.perf_counter() - started})
+        if emu is not None:
+            if result is not None and (chunk or cfg.sync == "step"):
+                for name, stats in result.stats.items():
+                    emu.commit(name, stats.covariance, stats.signal, stats.columns)
+            # sync: round sums every worker's new batches; sync: step already shares one large batch
+            emu.synchronise(reducer.sum if (reducer is not None and cfg.sync == "round") else None)
+        finished = plan.batches_done(r)
+        if (cfg.fail_at_batch is not None and rank == world - 1 and finished >= cfg.fail_at_batch
+                and not (staging / FAULT_MARKER).exists()):
+            atomic_write_json(staging / FAULT_MARKER, {"round": r, "finished_batches": finished})
+            raise RuntimeError(f"injected failure after {finished} finished batches (recover.fail_at_batch)")
+        metrics = {"round": r, "slot": slot, "finished_batches": finished,
+                   **({f"loss_{k}": v for k, v in result.parts.items()} if result is not None else {})}
+        if rank == 0:
+            parts = "  ".join(f"{k} {v:.4g}" for k, v in (result.parts.items() if result else []))
+            print(f"[recover] round {r + 1}/{plan.rounds} (slot {slot + 1}/{plan.ipc}, chunk {j + 1}) "
+                  f"{time.perf_counter() - started:.1f}s  {parts}", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                (Path(d) / "progress.json").write_text(json.dumps({"rounds_done": r + 1}))
+                if emu is not None:
+                    torch.save(emu.state_dict(), Path(d) / "emu.pt")
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+    if rank == 0 and emu is not None:
+        torch.save(emu.state_dict(), staging / "emu_state.pt")
+
+
+# ----------------------------------------------------------------------------- the driver
+def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
+    """Every check that can fail, before any work starts; returns (info, labels, plan)."""
+    from unidd_ray.data.loading import read_labels
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.distill import METHODS, SPECTRAL_METHODS, method_filter
+    from unidd_ray.models import resolve_layers
+    from unidd_ray.spectral import cholesky_factor
+    from unidd_ray.stats_io import load_stats
+    from unidd_ray.teacher import load_teacher
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown recovery method {cfg.method!r}; choose one of {list(METHODS)}")
+    if cfg.sync not in ("round", "step"):
+        raise ValueError(f"recover.sync must be 'round' or 'step', got {cfg.sync!r}")
+    info = read_dataset_info(data_dir)
+    teacher, tinfo = load_teacher(teacher_dir)
+    if tinfo.dataset_fingerprint != info.fingerprint:
+        raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than {data_dir}")
+    labels = read_labels(str(data_dir), "train")
+    plan = make_plan(labels, info.num_classes, cfg)
+    filt = method_filter(cfg.method, beta_max=cfg.beta_max, schedule=cfg.schedule, beta_min=cfg.beta_min,
+                         mtt_eta=cfg.mtt_eta, mtt_steps=cfg.mtt_steps)
+    if cfg.method in SPECTRAL_METHODS:
+        if stats_dir is None:
+            raise ValueError(f"method {cfg.method!r} needs --stats (the output of `unidd-ray stats`)")
+        real = load_stats(stats_dir, teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)
+        layers = resolve_layers(teacher, None)
+        missing = [name for name in layers if name not in real]
+        if missing:
+            raise ValueError(f"the teacher's layers {missing} have no statistics in {stats_dir}")
+        if cfg.method in ("cfm", "krr"):
+            betas = sorted({filt.at_slot(b, cfg.ipc).beta for b in range(cfg.ipc)})
+            for name in layers:
+                cholesky_factor(real[name].covariance(cfg.covariance), betas[0])  # raises naming beta and λ_min
+    return info, labels, plan
+
+
+def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *, storage_path, resume=False,
+                num_workers: int = 1, recipe_yaml: str | None = None, progress: bool = True) -> Path:
+    """Recover the distilled set into ``out_dir`` (written as a whole only when complete)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from unidd_ray.artifacts import atomic_write_json
+
+    out_dir = Path(out_dir).resolve()
+    info, _, plan = validate_inputs(data_dir, teacher_dir, stats_dir, cfg)
+    staging = out_dir.parent / f"{out_dir.name}.partial"
+    storage_path = Path(storage_path).resolve()
+    run_dir = storage_path / RUN_NAME
+    plan_json = asdict(plan)
+    if resume and staging.exists():
+        previous = json.loads((staging / "plan.json").read_text())
+        if previous != plan_json:
+            raise ValueError(f"cannot resume: {staging} was started with another plan (IPC, workers, classes per "
+                             "batch or seed differ); run without --resume to start over")
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        staging.mkdir(parents=True)
+        atomic_write_json(staging / "plan.json", plan_json)
+    started = time.perf_counter()
+    trainer = TorchTrainer(
+        _recover_loop,
+        train_loop_config={"recover": to_dict(cfg), "data_dir": str(Path(data_dir).resolve()),
+                           "teacher_dir": str(Path(teacher_dir).resolve()),
+                           "stats_dir": str(Path(stats_dir).resolve()) if stats_dir else None,
+                           "staging": str(staging), "plan": plan_json, "num_workers": num_workers,
+                           "threads": max(1, math.floor(cfg.cpus_per_worker))},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    trainer.fit()
+    return finalize(staging, out_dir, plan, info, cfg, seconds=time.perf_counter() - started,
+                    recipe_yaml=recipe_yaml)
+
+
+def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: RecoverConfig, *, seconds: float,
+             recipe_yaml: str | None = None) -> Path:
+    """Check that every (class, slot) image exists exactly once, write the manifest and move into place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unidd_ray.artifacts import atomic_write_json, atomic_write_text, sha256_file, write_manifest
+
+    rows = []
+    for path in sorted((staging / RECORDS).glob("*.json")):
+        rows.extend(json.loads(path.read_text())["rows"])
+    keys = [(r["class"], r["slot"]) for r in rows]
+    expected = {(k, b) for k in range(plan.num_classes) for b in range(plan.ipc)}
+    if len(keys) != len(set(keys)) or set(keys) != expected:
+        missing = sorted(expected - set(keys))[:5]
+        raise RuntimeError(f"recovery is incomplete or inconsistent: missing {missing}, "
+                           f"{len(keys) - len(set(keys))} duplicates")
+    for r in rows:
+        if sha256_file(staging / r["path"]) != r["sha256"]:
+            raise RuntimeError(f"{staging / r['path']} does not match its recorded checksum")
+    rows.sort(key=lambda r: (r["class"], r["slot"]))
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, staging / "manifest.parquet")
+    per_slot = {}
+    for r in rows:
+        per_slot.setdefault(r["slot"], []).append(r)
+    loss_keys = sorted(k for k in rows[0] if k.startswith("loss_"))
+    summary = {
+        "method": cfg.method, "ipc": plan.ipc, "num_classes": plan.num_classes, "images": len(rows),
+        "workers": plan.workers, "batches": plan.batches(), "rounds": plan.rounds, "seconds": seconds,
+        "dataset": info.name, "dataset_fingerprint": info.fingerprint,
+        "per_slot": {int(b): {"beta": v[0]["beta"], **{k: float(np.mean([x[k] for x in v])) for k in loss_keys}}
+                     for b, v in sorted(per_slot.items())},
+        "config": to_dict(cfg),
+    }
+    atomic_write_json(staging / "summary.json", summary)
+    if recipe_yaml is not None:
+        atomic_write_text(staging / "config.yaml", recipe_yaml)
+    shutil.rmtree(staging / RECORDS)
+    (staging / FAULT_MARKER).unlink(missing_ok=True)
+    write_manifest(staging, "distilled", method=cfg.method, ipc=plan.ipc,
+                   dataset_fingerprint=info.fingerprint)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir

@@ -1,0 +1,160 @@
+"""Squeeze stage: train the teacher on the real data with Ray Train (DDP over gloo/NCCL).
+
+SGD with Nesterov momentum and a per-step cosine schedule (optional linear
+warm-up), RandomResizedCrop + flip through the FFCV train pipeline, a checkpoint
+every epoch through ``ray.train.report``, automatic restarts after a worker
+failure (``FailureConfig``) and ``resume=True`` to continue a killed command
+(Ray Train restores the latest checkpoint of a run with the same name and
+storage path).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig, to_dict
+
+RUN_NAME = "squeeze"
+
+
+def _cosine_factor(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _train_loop(config: dict) -> None:
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    import unidd_ray  # noqa: F401
+    from unidd_ray.config import from_dict
+    from unidd_ray.data.loading import make_loader, read_labels
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.models import build_model, load_weights
+    from unidd_ray.stages.common import evaluate_top1
+
+    cfg = from_dict(SqueezeConfig, config["squeeze"])
+    model_cfg = from_dict(ModelConfig, config["model"])
+    data_cfg = from_dict(DataConfig, config["data"])
+    data_dir = config["data_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    info = read_dataset_info(data_dir)
+    resolution = data_cfg.resolution or info.resolution
+    model = build_model(model_cfg.arch, num_classes=info.num_classes, in_channels=info.channels,
+                        resolution=resolution, **model_cfg.options)
+    if model_cfg.weights:
+        load_weights(model, model_cfg.weights)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    n_train = len(read_labels(data_dir, "train"))
+    per_worker = n_train // world
+    steps_per_epoch = max(1, per_worker // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    n_val = len(read_labels(data_dir, "val"))
+    for epoch in range(start_epoch, cfg.epochs):
+        order = np.random.default_rng(cfg.seed + epoch).permutation(n_train)
+        shard = np.sort(order[rank * per_worker:(rank + 1) * per_worker])
+        loader = make_loader(data_dir, "train", batch_size=cfg.batch_size, num_workers=data_cfg.num_workers,
+                             indices=shard, train=True, order="random", seed=cfg.seed + 1000 * epoch + rank,
+                             device=str(device), resolution=resolution, crop_scale=tuple(cfg.crop_scale),
+                             drop_last=True)
+        ddp_model.train()
+        loss_sum, seen = 0.0, 0
+        for step, (images, labels, _) in enumerate(loader):
+            global_step = epoch * steps_per_epoch + step
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _cosine_factor(global_step, total_steps, cfg.warmup_epochs * steps_per_epoch)
+            loss = criterion(ddp_model(images.to(device)), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss) * len(labels)
+            seen += len(labels)
+        val_indices = np.arange(rank, n_val, world)
+        correct, total = evaluate_top1(model, data_dir, batch_size=1024, num_workers=data_cfg.num_workers,
+                                       device=device, indices=val_indices, resolution=resolution)
+        counts = torch.tensor([correct, total, loss_sum, seen], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+        metrics = {"epoch": epoch, "train_loss": float(counts[2] / max(counts[3], 1)),
+                   "val_top1": float(100 * counts[0] / max(counts[1], 1))}
+        print(f"[squeeze] epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f}  "
+              f"val top-1 {metrics['val_top1']:.2f}%", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                           Path(d) / "state.pt")
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig,
+            data_cfg: DataConfig, storage_path: str | Path, resume: bool = False,
+            recipe_yaml: str | None = None) -> Path:
+    """Train the teacher and write ``teacher.pt`` + ``teacher.json`` (+ ``config.yaml``) to ``out_dir``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from unidd_ray.artifacts import atomic_write_text
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.teacher import TeacherInfo, save_teacher
+
+    info = read_dataset_info(data_dir)
+    storage_path = Path(storage_path).resolve()
+    run_dir = storage_path / RUN_NAME
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run: never pick up the checkpoints of an earlier one
+    resolution = data_cfg.resolution or info.resolution
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"squeeze": to_dict(squeeze_cfg), "model": to_dict(model_cfg), "data": to_dict(data_cfg),
+                           "data_dir": str(Path(data_dir).resolve())},
+        torch_config=TorchConfig(backend="nccl" if squeeze_cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=squeeze_cfg.workers, use_gpu=squeeze_cfg.use_gpu,
+                                     resources_per_worker={"CPU": squeeze_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path),
+                             failure_config=FailureConfig(max_failures=squeeze_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("teacher training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    teacher_info = TeacherInfo(
+        arch=model_cfg.arch, options=dict(model_cfg.options), num_classes=info.num_classes,
+        in_channels=info.channels, resolution=resolution, dataset=info.name, dataset_fingerprint=info.fingerprint,
+        mean=list(info.mean), std=list(info.std), val_top1=float(result.metrics["val_top1"]),
+        extra={"epochs": squeeze_cfg.epochs, "train_loss": float(result.metrics["train_loss"])},
+    )
+    model = teacher_info.build()
+    model.load_state_dict(state["model"])
+    out_dir = Path(out_dir)
+    save_teacher(model, teacher_info, out_dir)
+    if recipe_yaml is not None:
+        atomic_write_text(out_dir / "config.yaml", recipe_yaml)
+    return out_dir
