@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unidd_ray.data.augment import crop_resize, sample_crops
+
 
 @dataclass
 class EvalSettings:
@@ -45,24 +47,15 @@ class EpochAugment:
     flip: Tensor  # (N,) bool
     partner: Tensor  # (N,) CutMix partner image id
     box: Tensor  # (N, 4) CutMix box top, left, height, width as fractions; zero size = no mixing
-    lam: Tensor  # (N,) fraction of the image that keeps its own content
 
     def rows(self, ids: Tensor) -> "EpochAugment":
-        return EpochAugment(self.crop[ids], self.flip[ids], self.partner[ids], self.box[ids], self.lam[ids])
+        return EpochAugment(self.crop[ids], self.flip[ids], self.partner[ids], self.box[ids])
 
 
 def epoch_augment(n: int, epoch: int, settings: EvalSettings) -> EpochAugment:
     """Draw the epoch's parameters for all ``n`` images from a generator seeded by (aug_seed, epoch)."""
     g = torch.Generator().manual_seed(hash_seed(settings.aug_seed, epoch))
-    lo, hi = settings.crop_scale
-    area = lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
-    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=g,
-                                                                                  dtype=torch.float64)
-    ratio = torch.exp(log_ratio)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    top = (1 - h) * torch.rand(n, generator=g, dtype=torch.float64)
-    left = (1 - w) * torch.rand(n, generator=g, dtype=torch.float64)
+    crop = sample_crops(n, settings.crop_scale, generator=g)
     flip = torch.rand(n, generator=g) < 0.5
     partner = torch.randperm(n, generator=g)
     if settings.cutmix > 0:
@@ -75,7 +68,7 @@ def epoch_augment(n: int, epoch: int, settings: EvalSettings) -> EpochAugment:
         box = torch.stack([y0, x0, y1 - y0, x1 - x0], 1)
     else:
         box = torch.zeros(n, 4, dtype=torch.float64)
-    return EpochAugment(torch.stack([top, left, h, w], 1), flip, partner, box, torch.ones(n, dtype=torch.float64))
+    return EpochAugment(crop, flip, partner, box)
 
 
 def _beta_icdf(u: Tensor, a: float) -> Tensor:
@@ -99,29 +92,15 @@ def hash_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _crop_resize(images: Tensor, crop: Tensor, flip: Tensor, size: int) -> Tensor:
-    """Per-image crop (fractions), bilinear resize to ``size`` and optional flip, via one grid_sample."""
-    n = images.shape[0]
-    top, left, h, w = crop.to(images.dtype).unbind(1)
-    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
-    sx = torch.where(flip.to(images.device), -w, w).to(images.device)
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = (2 * left + w - 1).to(images.device)
-    theta[:, 1, 1] = h.to(images.device)
-    theta[:, 1, 2] = (2 * top + h - 1).to(images.device)
-    grid = F.affine_grid(theta, (n, images.shape[1], size, size), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def augment_batch(images_all: Tensor, ids: Tensor, aug: EpochAugment) -> tuple[Tensor, Tensor, Tensor]:
     """The augmented images of ``ids`` (a function of image id and epoch only), their CutMix partners
     and the kept-area fractions λ."""
     size = images_all.shape[-1]
     rows = aug.rows(ids.cpu())
-    own = _crop_resize(images_all[ids], rows.crop, rows.flip, size)
+    own = crop_resize(images_all[ids], rows.crop, rows.flip, size)
     partner_ids = rows.partner.to(images_all.device)
     partner_rows = aug.rows(rows.partner)
-    other = _crop_resize(images_all[partner_ids], partner_rows.crop, partner_rows.flip, size)
+    other = crop_resize(images_all[partner_ids], partner_rows.crop, partner_rows.flip, size)
     y0 = (rows.box[:, 0] * size).round().long()
     x0 = (rows.box[:, 1] * size).round().long()
     y1 = ((rows.box[:, 0] + rows.box[:, 2]) * size).round().long()

@@ -1,0 +1,1 @@
+"""Dataset sources, FFCV writing and loading, and batched augmentations."""

@@ -1,0 +1,114 @@
+"""CIFAR-10 and CIFAR-100 from the official "python version" pickle batches.
+
+CIFAR-10 (``cifar-10-batches-py/``): ``data_batch_1`` .. ``data_batch_5`` (train), ``test_batch``
+(val), ``batches.meta`` (``label_names``).  CIFAR-100 (``cifar-100-python/``): ``train``, ``test``,
+``meta`` (``fine_label_names``); the 100 fine labels are used.  Each batch is a dict with ``data``,
+a ``(N, 3072)`` uint8 array holding the red, green and blue 32 x 32 planes of each image, and the
+labels as a list of ints.  ``root`` is the directory holding these files or its parent.  The
+pickles are read with :func:`~unidd_ray.data.safe_pickle.load_restricted_pickle`, so a file
+supplied by someone else cannot run code.  Fingerprint: the bytes of every file read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from unidd_ray.data.hashing import Fingerprint
+from unidd_ray.data.safe_pickle import load_restricted_pickle
+from unidd_ray.data.source_types import SourceDataset, Split, check_label_range, validate_source
+
+_LAYOUTS = {
+    "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
+                "val": ["test_batch"], "meta": "batches.meta", "names": "label_names", "labels": "labels",
+                "classes": 10},
+    "cifar100": {"folder": "cifar-100-python", "train": ["train"], "val": ["test"], "meta": "meta",
+                 "names": "fine_label_names", "labels": "fine_labels", "classes": 100},
+}
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _load_dict(path: Path) -> dict:
+    """A batch/meta pickle as a dict with ``str`` keys (Python 2 pickles have ``bytes`` keys)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the CIFAR python version must be complete (extract the "
+                                "whole archive)")
+    data = load_restricted_pickle(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a CIFAR batch: it holds a {type(data).__name__}, not a dict")
+    return {_text(key): value for key, value in data.items()}
+
+
+def _field(batch: dict, key: str, path: Path):
+    if key not in batch:
+        raise ValueError(f"{path} is not a CIFAR batch of this dataset: key {key!r} is missing "
+                         f"(found {sorted(batch)})")
+    return batch[key]
+
+
+def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _load_dict(path)
+    data = _field(batch, "data", path)
+    labels = _field(batch, label_key, path)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got "
+                         f"{getattr(data, 'dtype', type(data).__name__)} {shape}; the file is corrupt")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {label_key!r} is not a list of integers ({exc})") from exc
+    if labels.shape != (len(data),):
+        raise ValueError(f"{path}: {len(data)} images but {labels.shape} labels under {label_key!r}")
+    check_label_range(labels, num_classes, str(path))
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+def _resolve_root(root: str | None, name: str, folder: str, probe: str) -> Path:
+    if root is None:
+        raise FileNotFoundError(f"{name}: no data directory given; pass --root DIR pointing at {folder}/ (from "
+                                f"the official python-version archive) or at its parent")
+    base = Path(root)
+    for candidate in (base, base / folder):
+        if (candidate / probe).is_file():
+            return candidate
+    raise FileNotFoundError(f"{name}: neither {base} nor {base / folder} holds {probe}; pass --root pointing at "
+                            f"{folder}/ or at its parent")
+
+
+def _load(name: str, root: str | None) -> SourceDataset:
+    layout = _LAYOUTS[name]
+    directory = _resolve_root(root, name, layout["folder"], layout["meta"])
+    fingerprint = Fingerprint(name)
+    meta_path = directory / layout["meta"]
+    names = [_text(n) for n in _field(_load_dict(meta_path), layout["names"], meta_path)]
+    if len(names) != layout["classes"]:
+        raise ValueError(f"{meta_path}: expected {layout['classes']} names under {layout['names']!r}, got {len(names)}")
+    fingerprint.add_file(layout["meta"], meta_path)
+    splits = {}
+    for split in ("train", "val"):
+        parts = []
+        for file_name in layout[split]:
+            path = directory / file_name
+            parts.append(_read_batch(path, layout["labels"], layout["classes"]))
+            fingerprint.add_file(file_name, path)
+        splits[split] = Split(labels=np.concatenate([p[1] for p in parts]),
+                              images=np.concatenate([p[0] for p in parts]))
+    return validate_source(SourceDataset(name=name, class_names=names, channels=3, resolution=32,
+                                         train=splits["train"], val=splits["val"],
+                                         fingerprint=fingerprint.hexdigest(), origin=str(directory)))
+
+
+def load_cifar10(root: str | None = None) -> SourceDataset:
+    """CIFAR-10: 50,000 train / 10,000 val images, 32 x 32 RGB, 10 classes."""
+    return _load("cifar10", root)
+
+
+def load_cifar100(root: str | None = None) -> SourceDataset:
+    """CIFAR-100: 50,000 train / 10,000 val images, 32 x 32 RGB, 100 fine classes."""
+    return _load("cifar100", root)
