@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unidd_ray.data.source_types import SourceError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"})
 
 
@@ -54,14 +56,15 @@ def decode_rgb(path: str | Path, *, max_side: int | None = None, square: int | N
         left = (rgb.width - square) // 2
         top = (rgb.height - square) // 2
         rgb = rgb.crop((left, top, left + square, top + square))
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)
 
 
 def decode_fixed_size(paths: list[Path], side: int, *, threads: int | None = None) -> np.ndarray:
     """Decode files that must all be ``side x side`` into one ``(N, side, side, 3)`` uint8 array.
 
-    Runs on a thread pool (PIL releases the GIL while decoding).  Raises ``ValueError`` naming the
-    first file that is corrupt, truncated or of another size.
+    Runs on a thread pool (PIL releases the GIL while decoding).  Raises
+    :class:`~unidd_ray.data.source_types.SourceError` naming the first file that is corrupt,
+    truncated or of another size.
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -73,10 +76,10 @@ def decode_fixed_size(paths: list[Path], side: int, *, threads: int | None = Non
         try:
             array = decode_rgb(path)
         except (OSError, ValueError, SyntaxError) as exc:
-            raise ValueError(f"{path} is truncated or corrupt ({exc}); replace or delete the file") from exc
+            raise SourceError(f"{path} is truncated or corrupt ({exc}); replace or delete the file") from exc
         if array.shape != (side, side, 3):
-            raise ValueError(f"{path} is {array.shape[1]} x {array.shape[0]} px but this dataset's images are "
-                             f"{side} x {side}; the file does not belong here")
+            raise SourceError(f"{path} is {array.shape[1]} x {array.shape[0]} px but this dataset's images are "
+                              f"{side} x {side}; the file does not belong here")
         out[i] = array
 
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:

@@ -1,206 +1,180 @@
-"""Writing a source as FFCV ``.beton`` files: ``train.beton``, ``val.beton``, ``dataset.json``.
+"""``prepare_dataset``: write a :class:`~unidd_ray.data.source_types.SourceDataset` as FFCV files.
 
-Each beton has three fields: ``image``, ``label`` (int) and ``index`` (the row's
-index within its split, so a loader over any ``indices`` can tell which sample
-each row is).
+Output directory::
 
-Storage:
+    train.beton   val.beton   labels.npz   dataset.json
 
-- ``raw`` — images of at most 64 px (and every array-backed source) are stored
-  as uint8 ``NDArrayField`` of shape (H, W, C): lossless, any channel count.
-- ``jpeg`` — larger image files go through FFCV's ``RGBImageField``: resized so
-  the longer side is at most ``max_resolution`` and JPEG-encoded at
-  ``jpeg_quality``.  For ImageNet-1K, FFCV's published configurations store
-  images at a maximum side of 256 px (512 px for their high-resolution runs),
-  encode in "proportion" mode (each image is JPEG-compressed with probability
-  0.5, otherwise kept raw) and use JPEG quality 90; ``write_mode="proportion"``
-  with ``compress_probability=0.5`` reproduces that trade of disk for decode
-  speed, the default ``"jpg"`` compresses every image.
+The fields of both ``.beton`` files and the storage choice are described in
+:mod:`unidd_ray.data.beton`; the keys of ``dataset.json`` in :mod:`unidd_ray.data.dataset_info`.
+``labels.npz`` holds the ``train`` and ``val`` label arrays (int64) for consumers that need labels
+without decoding images.
 
-Everything is written into a temporary sibling directory and moved into place
-only when complete, so a crash never leaves a partial ``.beton`` behind.
-``dataset.json`` records the per-split and per-class counts, the per-channel
-mean/std (in [0, 1] units, from the train split; for JPEG storage from a seeded
-sample of up to 5000 train images), the source fingerprint, and the sha256 of
-every file written.
+Storage defaults.  Images up to 64 px (and any single-channel data) are stored as exact uint8
+arrays.  Larger RGB images are stored as JPEG (quality 90) with the longer side capped at
+``max_resolution`` (256), which is enough for the usual 224 px crops.  For reference, FFCV's own
+ImageNet recipes write with ``write_mode="proportion"`` and JPEG quality 90: their ResNet-50
+results used a 500 px cap with half of the images JPEG-compressed and half kept as raw pixels,
+their ResNet-18 results a 400 px cap with one image in ten compressed.  Raw pixels cost disk and
+memory but no decoding; pass ``write_mode="proportion"``, ``compress_probability`` and a larger
+``max_resolution`` to follow those recipes when storage and RAM allow.
+
+Atomicity.  Everything is written into a temporary sibling directory ``.<name>.tmp-*`` of
+``out_dir``.  Only when every file is complete are they moved into ``out_dir`` -- ``dataset.json``
+last, after removing any previous one, so a directory with a ``dataset.json`` is always complete.
+On any error the temporary directory is deleted and ``out_dir`` is left as it was before.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import contextlib
+import functools
 import json
 import os
-from dataclasses import dataclass, field
+import secrets
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from unidd_ray.artifacts import ArtifactError, atomic_directory, sha256_file
-from unidd_ray.data.sources import SourceDataset, SourceError, decode_image
+from unidd_ray.data.beton import (ArraySamples, ErrorLog, FileSamples, StoragePlan, mean_std, page_size_for,
+                                  pixel_moments, plan_storage)
+from unidd_ray.data.dataset_info import (BETON_FILES, FORMAT_VERSION, INFO_FILE, LABELS_FILE, DatasetInfo,
+                                         read_dataset_info, verify_dataset)
+from unidd_ray.data.hashing import file_sha256
+from unidd_ray.data.source_types import SPLITS, SourceDataset, validate_source
 
-FORMAT_VERSION = 1
-INFO_FILE = "dataset.json"
-LABELS_FILE = "labels.npz"
-SPLITS = ("train", "val")
-RAW_MAX_SIDE = 64
+OWN_FILES = frozenset({*BETON_FILES.values(), LABELS_FILE, INFO_FILE})
 
-
-@dataclass
-class DatasetInfo:
-    name: str
-    num_classes: int
-    class_names: list[str]
-    splits: dict  # {split: {"count": int, "per_class": [int]}}
-    resolution: int  # side length of the images the loaders produce by default
-    channels: int
-    mean: list[float]
-    std: list[float]
-    storage: str  # raw | jpeg
-    fingerprint: str  # identifies the prepared data: source fingerprint + storage settings
-    source_fingerprint: str
-    files: dict = field(default_factory=dict)  # name -> sha256
-    storage_options: dict = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+__all__ = ["DatasetInfo", "prepare_dataset", "read_dataset_info", "verify_dataset"]
 
 
-class _ArrayRows:
-    """Indexed dataset of array-backed images for FFCV's writer."""
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence the tqdm bar of FFCV's writer when ``enabled`` is false.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
+    tqdm reads its environment overrides once at import, so the writer module's ``tqdm`` name is
+    swapped for a disabled variant for the duration of the block.
+    """
+    import ffcv.writer
 
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i]), int(i)
-
-
-class _FileRows:
-    """Indexed dataset of image files (decoded with PIL in the writer's processes)."""
-
-    def __init__(self, paths: list[str], labels: np.ndarray):
-        self.paths, self.labels = paths, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return decode_image(self.paths[i]), int(self.labels[i]), int(i)
+    if enabled:
+        yield
+        return
+    original = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = original
 
 
-def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    return x.mean(0).tolist(), x.std(0).tolist()
+def _write_beton(path: Path, rows, field, workers: int) -> None:
+    """Write ``rows`` (indexable ``(image, label, index)`` tuples) to ``path`` with FFCV's writer.
 
-
-def _sampled_stats(paths: list[str], seed: int = 0, limit: int = 5000) -> tuple[list[float], list[float]]:
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(paths), size=min(limit, len(paths)), replace=False)
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
-    for i in chosen:
-        x = decode_image(paths[i], size=64).reshape(-1, 3).astype(np.float64) / 255.0
-        total += x.sum(0)
-        total_sq += (x * x).sum(0)
-        count += len(x)
-    mean = total / count
-    return mean.tolist(), np.sqrt(np.maximum(total_sq / count - mean * mean, 0)).tolist()
-
-
-def _write_beton(path: Path, rows, image_field, num_workers: int) -> None:
+    ``field`` is the FFCV field of the images; ``label`` and ``index`` are integer fields.
+    """
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
-    writer = DatasetWriter(str(path), {"image": image_field, "label": IntField(), "index": IntField()},
-                           num_workers=num_workers)
+    fields = {"image": field, "label": IntField(), "index": IntField()}
+    writer = DatasetWriter(str(path), fields, page_size=page_size_for(field),
+                           num_workers=max(1, min(workers, len(rows))))
     writer.from_indexed_dataset(rows)
 
 
-def prepare_dataset(source: SourceDataset, out_dir: str | os.PathLike, *, max_resolution: int = 256,
-                    jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
-                    num_workers: int | None = None) -> DatasetInfo:
-    """Write ``source`` into ``out_dir`` (train/val betons, labels.npz, dataset.json), atomically."""
-    from ffcv.fields import NDArrayField, RGBImageField
+def _write_split(source: SourceDataset, split: str, plan: StoragePlan, path: Path, *, num_workers: int,
+                 progress: bool) -> np.ndarray | None:
+    """Write one split to ``path``.
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / INFO_FILE).is_file():
-        raise ValueError(f"{out_dir} exists and is not a prepared dataset; choose an empty or new directory")
-    if write_mode not in ("jpg", "proportion", "raw"):
-        raise ValueError(f"write_mode must be 'jpg', 'proportion' or 'raw', got {write_mode!r}")
-    workers = num_workers or os.cpu_count() or 1
-    file_backed = source.train.images is None
-    raw_files = file_backed and max_resolution <= RAW_MAX_SIDE
-    if file_backed and raw_files:  # small image files: decode once into arrays, stored losslessly
-        for split in SPLITS:
-            s = getattr(source, split)
-            s.images = np.stack([decode_image(p, size=max_resolution) for p in s.paths])
-        source = dataclasses.replace(source, resolution=max_resolution)
-        file_backed = False
-    if not file_backed:
-        shapes = {getattr(source, s).images.shape[1:] for s in SPLITS}
-        if len(shapes) != 1:
-            raise SourceError(f"{source.name}: train and val images have different shapes {sorted(shapes)}")
-        (h, w, c), = shapes
-        if h != w:
-            raise SourceError(f"{source.name}: images must be square, got {h}x{w}")
-        image_field = NDArrayField(dtype=np.dtype("uint8"), shape=(h, w, c))
-        storage, resolution, channels = "raw", h, c
-        mean, std = _channel_stats(source.train.images)
-        options = {}
-    else:
-        image_field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
-                                    compress_probability=compress_probability)
-        storage, channels = "jpeg", 3
-        resolution = int(round(max_resolution * 224 / 256))
-        mean, std = _sampled_stats(source.train.paths)
-        options = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
-                   "compress_probability": compress_probability}
-    settings = json.dumps({"storage": storage, **options}, sort_keys=True)
-    fingerprint = hashlib.sha256(f"{source.fingerprint}\n{settings}".encode()).hexdigest()
-    with atomic_directory(out_dir) as tmp:
-        for split in SPLITS:
-            s = getattr(source, split)
-            rows = _ArrayRows(s.images, s.labels) if storage == "raw" else _FileRows(s.paths, s.labels)
-            _write_beton(tmp / f"{split}.beton", rows, image_field, workers)
-        np.savez(tmp / LABELS_FILE, train=source.train.labels.astype(np.int64), val=source.val.labels.astype(np.int64))
-        files = {name: sha256_file(tmp / name) for name in ("train.beton", "val.beton", LABELS_FILE)}
+    Returns the pixel moments (see :func:`~unidd_ray.data.beton.pixel_moments`) of the images the
+    writer decoded from files, or ``None`` for an array-backed source (whose arrays are at hand).
+    """
+    data = source.split(split)
+    errors = ErrorLog(path.with_suffix(".errors"))
+    samples = FileSamples(data, plan, errors) if source.file_backed else ArraySamples(data)
+    with _progress_bars(progress):
+        _write_beton(path, samples, plan.image_field(), num_workers)
+    errors.raise_if_any(f"{source.name} {split} split ({source.origin})")
+    errors.path.unlink()
+    return samples.moments() if source.file_backed else None
+
+
+def _split_summary(labels: np.ndarray, num_classes: int) -> dict:
+    return {"count": len(labels), "per_class": np.bincount(labels, minlength=num_classes).astype(int).tolist()}
+
+
+def _check_target(out: Path) -> None:
+    """Refuse an output that is a file or a directory holding anything but a prepared dataset's files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; choose another output directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
+    if foreign:
+        raise ValueError(f"{out} is not a prepared dataset (it holds {foreign[:5]}); prepare_dataset only replaces "
+                         "its own files: choose a new or empty directory")
+
+
+def _publish(staging: Path, out: Path, names: list[str]) -> None:
+    """Move the finished files from ``staging`` into ``out``; ``dataset.json`` last."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        (out / INFO_FILE).unlink()
+    for name in names:
+        os.replace(staging / name, out / name)
+    os.replace(staging / INFO_FILE, out / INFO_FILE)
+
+
+def prepare_dataset(source: SourceDataset, out_dir: str | os.PathLike, *, max_resolution: int = 256,
+                    jpeg_quality: int = 90, write_mode: str = "auto", compress_probability: float = 0.5,
+                    num_workers: int | None = None, progress: bool = True) -> DatasetInfo:
+    """Write ``source`` to ``out_dir`` as ``train.beton``, ``val.beton``, ``labels.npz``, ``dataset.json``.
+
+    ``write_mode``: ``"auto"`` (raw arrays up to 64 px or single-channel, else JPEG), ``"raw"``,
+    ``"jpg"`` or ``"proportion"`` (see :mod:`unidd_ray.data.beton`).  ``num_workers``: writer
+    processes (default: every core).  An existing prepared dataset in ``out_dir`` is replaced only
+    once the new one is complete; on failure nothing in ``out_dir`` changes.  A directory holding
+    other files is refused (``ValueError``) rather than mixed with the dataset.
+    """
+    validate_source(source)
+    if max_resolution < 8:
+        raise ValueError(f"max_resolution must be at least 8 px, got {max_resolution}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must lie in 1..100, got {jpeg_quality}")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise ValueError(f"compress_probability must lie in [0, 1], got {compress_probability}")
+    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {workers}")
+    plan = plan_storage(source, write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                        compress_probability=compress_probability)
+    out = Path(out_dir).absolute()
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
+    staging.mkdir()
+    try:
+        decoded = {split: _write_split(source, split, plan, staging / BETON_FILES[split], num_workers=workers,
+                                       progress=progress) for split in SPLITS}
+        train_moments = decoded["train"] if source.file_backed else pixel_moments(source.train.images)
+        np.savez(staging / LABELS_FILE, train=source.train.labels.astype(np.int64),
+                 val=source.val.labels.astype(np.int64))
+        names = [BETON_FILES["train"], BETON_FILES["val"], LABELS_FILE]
+        mean, std = mean_std(train_moments)
         info = DatasetInfo(
             name=source.name, num_classes=source.num_classes, class_names=list(source.class_names),
-            splits={split: {"count": len(getattr(source, split)),
-                            "per_class": np.bincount(getattr(source, split).labels,
-                                                     minlength=source.num_classes).tolist()} for split in SPLITS},
-            resolution=resolution, channels=channels, mean=mean, std=std, storage=storage, fingerprint=fingerprint,
-            source_fingerprint=source.fingerprint, files=files, storage_options=options,
-        )
-        (tmp / INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
-    return info
-
-
-def read_dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:
-    path = Path(data_dir) / INFO_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{data_dir} is not a prepared dataset: {INFO_FILE} is missing "
-                            "(run `unidd-ray prepare` first)")
-    try:
-        data = json.loads(path.read_text())
-        info = DatasetInfo(**data)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ArtifactError(f"{path} is corrupt: {exc}") from exc
-    if info.format_version != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format version {info.format_version}, expected {FORMAT_VERSION}")
-    return info
-
-
-def verify_dataset(data_dir: str | os.PathLike) -> DatasetInfo:
-    """Check every file of a prepared dataset against the sha256 in ``dataset.json``."""
-    info = read_dataset_info(data_dir)
-    for name, digest in info.files.items():
-        path = Path(data_dir) / name
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing from the prepared dataset")
-        if sha256_file(path) != digest:
-            raise ArtifactError(f"{path} does not match its sha256 in {INFO_FILE}: re-run `unidd-ray prepare`")
+            splits={s: _split_summary(source.split(s).labels, source.num_classes) for s in SPLITS},
+            resolution=plan.output_resolution, channels=plan.channels, mean=mean, std=std, storage=plan.storage,
+            fingerprint=source.fingerprint,
+            files={n: {"sha256": file_sha256(staging / n), "bytes": (staging / n).stat().st_size} for n in names},
+            format_version=FORMAT_VERSION, write_mode=plan.ffcv_write_mode or "raw",
+            max_resolution=plan.max_resolution, jpeg_quality=plan.jpeg_quality, eval_crop_ratio=plan.eval_crop_ratio,
+            source={"origin": source.origin, "options": dict(source.options)})
+        (staging / INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
+        _publish(staging, out, names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return info

@@ -15,15 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
+from unidd_ray.data.source_types import SourceError
+
 _CORE = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core to numpy._core
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
 _NUMERIC_MODULES = ("numpy.core.numeric", "numpy._core.numeric")
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle names a global outside the allow-list (it could run code)."""
+
+
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     """What protocol-2 pickles call to rebuild ``bytes``; only the latin-1 round trip is allowed."""
     if encoding.replace("-", "").lower() != "latin1":
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+        raise ForbiddenGlobal(f"refusing _codecs.encode with encoding {encoding!r}")
     return text.encode("latin1")
 
 
@@ -43,7 +49,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         found = _allowed_global(module, name)
         if found is None:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+            raise ForbiddenGlobal(f"refusing to load {module}.{name}: only numpy arrays and plain data are allowed")
         return found
 
 
@@ -51,16 +57,17 @@ def load_restricted_pickle(path: str | Path):
     """Unpickle ``path`` (Python 2 pickles included) allowing only data globals.
 
     Byte strings of Python 2 pickles stay ``bytes`` (``encoding='bytes'``), so dict keys may be
-    ``bytes``.  Raises ``ValueError`` naming the file when it is truncated, corrupt, or names a
-    global outside the allow-list.
+    ``bytes``.  Raises :class:`~unidd_ray.data.source_types.SourceError` (a ``ValueError``) naming
+    the file when it is truncated, corrupt, or names a global outside the allow-list.
     """
     path = Path(path)
     try:
         data = path.read_bytes()
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path} cannot be loaded safely or is corrupt ({exc}); only pickles of dicts, lists, "
-                         "bytes and numpy arrays (the official CIFAR python format) are accepted") from exc
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); download the "
-                         "python version of the dataset again") from exc
+    except ForbiddenGlobal as exc:
+        raise SourceError(f"{path} cannot be loaded safely ({exc}); only pickles of dicts, lists, bytes and numpy "
+                          "arrays (the official CIFAR python format) are accepted") from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            UnicodeDecodeError) as exc:
+        raise SourceError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); download the "
+                          "python version of the dataset again") from exc

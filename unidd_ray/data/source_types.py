@@ -15,6 +15,13 @@ import numpy as np
 SPLITS = ("train", "val")
 
 
+class SourceError(ValueError):
+    """The files of a dataset source are missing pieces, corrupt, or inconsistent.
+
+    A ``ValueError``, so callers may catch either; the message names the file (or class) and the fix.
+    """
+
+
 @dataclass
 class Split:
     """One split (train or val) of a source.
@@ -28,7 +35,7 @@ class Split:
     paths: list[str] | None = None
 
     def __len__(self) -> int:
-        return int(len(self.labels))
+        return len(self.labels)
 
 
 @dataclass
@@ -67,53 +74,52 @@ class SourceDataset:
         return self.train if name == "train" else self.val
 
 
-def check_label_range(labels: np.ndarray, num_classes: int, where: str) -> None:
-    """Raise ``ValueError`` naming the first out-of-range label and ``where`` it came from."""
+def check_label_range(labels: np.ndarray, num_classes: int, split: str, where: str) -> None:
+    """Raise :class:`SourceError` naming the first out-of-range label of ``split`` and ``where`` it came from."""
     labels = np.asarray(labels)
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         value = int(labels[np.argmax(bad)])
-        raise ValueError(f"label {value} in {where} is out of range: the dataset has {num_classes} classes "
-                         f"(valid labels are 0..{num_classes - 1}); the file is corrupt or belongs to "
-                         "another dataset")
+        raise SourceError(f"{split} label {value} is out of range for {num_classes} classes (valid labels are "
+                          f"0..{num_classes - 1}) in {where}; the file is corrupt or belongs to another dataset")
 
 
 def check_nonempty_classes(labels: np.ndarray, class_names: list[str], split: str, where: str) -> None:
-    """Raise ``ValueError`` naming every class without a sample in ``split``."""
+    """Raise :class:`SourceError` naming every class without a sample in ``split``."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
     empty = [class_names[k] for k in np.flatnonzero(counts == 0)]
     if empty:
-        raise ValueError(f"{where}: the {split} split has no samples of class(es) {empty}; every class needs "
+        raise SourceError(f"{where}: the {split} split has no samples of class(es) {empty}; every class needs "
                          "at least one image in each split (remove the class or add images)")
 
 
 def validate_source(source: SourceDataset) -> SourceDataset:
     """Check the invariants of a :class:`SourceDataset`; returns it unchanged.
 
-    Raises ``ValueError`` naming the source and what is wrong: label dtype/shape, labels out of
+    Raises :class:`SourceError` naming the source and what is wrong: label dtype/shape, labels out of
     range, a class without samples, arrays of the wrong dtype/shape, or a split with both/neither
     of ``images`` and ``paths``.
     """
     where = f"{source.name} source at {source.origin}" if source.origin else f"{source.name} source"
     if source.channels not in (1, 3):
-        raise ValueError(f"{where}: images must have 1 or 3 channels, got {source.channels}")
+        raise SourceError(f"{where}: images must have 1 or 3 channels, got {source.channels}")
     if len(set(source.class_names)) != len(source.class_names):
-        raise ValueError(f"{where}: class names are not unique: {source.class_names}")
+        raise SourceError(f"{where}: class names are not unique: {source.class_names}")
     for name in SPLITS:
         split = source.split(name)
         if (split.images is None) == (split.paths is None):
-            raise ValueError(f"{where}: the {name} split must have exactly one of images= and paths=")
+            raise SourceError(f"{where}: the {name} split must have exactly one of images= and paths=")
         labels = np.asarray(split.labels)
         if labels.ndim != 1 or labels.dtype != np.int64:
-            raise ValueError(f"{where}: {name} labels must be a 1-D int64 array, got {labels.dtype} {labels.shape}")
+            raise SourceError(f"{where}: {name} labels must be a 1-D int64 array, got {labels.dtype} {labels.shape}")
         if split.images is not None:
             images = split.images
             expected = (len(labels), source.resolution, source.resolution, source.channels)
             if images.dtype != np.uint8 or images.shape != expected:
-                raise ValueError(f"{where}: {name} images must be uint8 of shape {expected}, got "
+                raise SourceError(f"{where}: {name} images must be uint8 of shape {expected}, got "
                                  f"{images.dtype} {images.shape}")
         elif len(split.paths) != len(labels):
-            raise ValueError(f"{where}: the {name} split has {len(split.paths)} files but {len(labels)} labels")
-        check_label_range(labels, source.num_classes, f"the {name} split of {where}")
+            raise SourceError(f"{where}: the {name} split has {len(split.paths)} files but {len(labels)} labels")
+        check_label_range(labels, source.num_classes, name, where)
         check_nonempty_classes(labels, source.class_names, name, where)
     return source

@@ -19,13 +19,13 @@ Each reader is documented in its module under :mod:`unidd_ray.data.formats`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from unidd_ray.data.formats import cifar, digits, fashion_mnist, imagefolder, npz, tiny_imagenet
-from unidd_ray.data.source_types import SourceDataset, Split, validate_source
+from unidd_ray.data.source_types import SourceDataset, SourceError, Split, validate_source
 
-__all__ = ["SourceDataset", "Split", "SourceSpec", "available_sources", "load_source", "register_source"]
+__all__ = ["SourceDataset", "SourceError", "SourceSpec", "Split", "available_sources", "load_source", "register_source"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ def _coerce(source: str, option: str, value, kind: type):
 def load_source(name: str, root: str | None = None, **options) -> SourceDataset:
     """Read the dataset source ``name`` from ``root`` (``None``: the source's default location).
 
-    Raises ``ValueError`` for an unknown source or option (listing the valid ones) and whatever the
-    reader raises for missing (``FileNotFoundError``) or invalid (``ValueError``) data.
+    Raises ``ValueError`` for an unknown source or option (listing the valid ones),
+    ``FileNotFoundError`` for missing data and :class:`SourceError` (a ``ValueError``) for data that
+    is truncated, corrupt or inconsistent.
     """
     spec = _REGISTRY.get(name)
     if spec is None:

@@ -18,7 +18,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     train, val = [], []
     for k in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == k))
-        n_val = int(round(val_fraction * len(members)))
+        n_val = round(val_fraction * len(members))
         if len(members) >= 2:
             n_val = min(max(n_val, 1), len(members) - 1)
         val.append(members[:n_val])

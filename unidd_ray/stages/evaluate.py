@@ -95,17 +95,23 @@ def _settings(cfg: EvaluateConfig):
 
 def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateConfig, *, num_classes: int,
                         in_channels: int, resolution: int, seeds: list[int], device="cpu", num_workers: int = 1,
-                        soft_labels=None, report=None, shard: tuple[int, int] = (0, 1), wrap=None) -> list[float]:
+                        soft_labels=None, report=None, shard: tuple[int, int] = (0, 1), wrap=None,
+                        val_classes: list[int] | None = None) -> list[float]:
     """Top-1 (%) of one student per seed.  ``report(seed, epoch, top1)`` receives intermediate
-    accuracies when ``cfg.eval_every`` > 0 (Ray Tune uses it for early stopping)."""
+    accuracies when ``cfg.eval_every`` > 0 (Ray Tune uses it for early stopping).  ``val_classes``
+    restricts the validation images to those classes (for sets distilled from a class subset)."""
+    from unidd_ray.data.loading import read_labels
     from unidd_ray.evaluation import TeacherLabels, train_student
     from unidd_ray.models import build_model
     from unidd_ray.stages.common import evaluate_top1
 
     settings = _settings(cfg)
     source = None if cfg.hard_labels else (soft_labels or TeacherLabels(teacher))
-    val_n = _val_count(data_dir)
-    val_indices = np.arange(shard[0], val_n, shard[1])
+    val_labels = read_labels(data_dir, "val")
+    val_indices = np.arange(len(val_labels))
+    if val_classes is not None:
+        val_indices = val_indices[np.isin(val_labels, val_classes)]
+    val_indices = val_indices[shard[0]::shard[1]]
 
     def top1(model) -> float:
         correct, total = evaluate_top1(model, data_dir, batch_size=cfg.eval_batch_size, num_workers=num_workers,
@@ -135,12 +141,6 @@ def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateCon
             report(seed, cfg.epochs - 1, acc)
         results.append(acc)
     return results
-
-
-def _val_count(data_dir: str) -> int:
-    from unidd_ray.data.loading import read_labels
-
-    return len(read_labels(data_dir, "val"))
 
 
 class _DistWrap:

@@ -52,6 +52,7 @@ class RecoverPlan:
     rounds_per_slot: int
     init_index: list[list[int]]  # init_index[class][slot] = index of the real train image
     seed: int
+    classes: list[int]  # the classes distilled (all, or a subset for quick Tune trials)
 
     @property
     def rounds(self) -> int:
@@ -71,20 +72,27 @@ class RecoverPlan:
         return slots * per_slot + sum(min(j + 1, len(c)) for c in self.chunks)
 
 
-def make_plan(labels: np.ndarray, num_classes: int, cfg: RecoverConfig) -> RecoverPlan:
-    """Class partition, chunks and the seeded choice of real initial images (checked before any work)."""
+def make_plan(labels: np.ndarray, num_classes: int, cfg: RecoverConfig, classes: list[int] | None = None
+              ) -> RecoverPlan:
+    """Class partition, chunks and the seeded choice of real initial images (checked before any work).
+
+    ``classes`` restricts the plan to a subset of the classes (default: all of them).
+    """
+    classes = list(range(num_classes)) if classes is None else sorted(int(k) for k in classes)
+    if not classes or classes[0] < 0 or classes[-1] >= num_classes:
+        raise ValueError(f"classes must be a non-empty subset of 0..{num_classes - 1}")
     if cfg.ipc < 1:
         raise ValueError(f"recover.ipc must be at least 1, got {cfg.ipc}")
-    if cfg.workers < 1 or cfg.workers > num_classes:
-        raise ValueError(f"recover.workers must be between 1 and the number of classes ({num_classes}), "
+    if cfg.workers < 1 or cfg.workers > len(classes):
+        raise ValueError(f"recover.workers must be between 1 and the number of classes ({len(classes)}), "
                          f"got {cfg.workers}")
     counts = np.bincount(labels, minlength=num_classes)
-    short = [k for k in range(num_classes) if counts[k] < cfg.ipc]
+    short = [k for k in classes if counts[k] < cfg.ipc]
     if short:
         k = short[0]
         raise ValueError(f"IPC {cfg.ipc} is larger than the {counts[k]} training images of class {k}; "
                          f"lower recover.ipc to at most {int(counts.min())}")
-    partitions = [p.tolist() for p in np.array_split(np.arange(num_classes), cfg.workers)]
+    partitions = [p.tolist() for p in np.array_split(np.array(classes), cfg.workers)]
     per_batch = cfg.classes_per_batch
     if per_batch is not None and per_batch < 1:
         raise ValueError("recover.classes_per_batch must be positive (or null for all classes of a worker)")
@@ -95,10 +103,14 @@ def make_plan(labels: np.ndarray, num_classes: int, cfg: RecoverConfig) -> Recov
     rounds_per_slot = max(len(c) for c in chunks)
     init_index = []
     for k in range(num_classes):
+        if k not in classes:
+            init_index.append([])
+            continue
         members = np.flatnonzero(labels == k)
         rng = np.random.default_rng([cfg.seed, k])
         init_index.append(members[rng.permutation(len(members))[:cfg.ipc]].tolist())
-    return RecoverPlan(num_classes, cfg.ipc, cfg.workers, partitions, chunks, rounds_per_slot, init_index, cfg.seed)
+    return RecoverPlan(num_classes, cfg.ipc, cfg.workers, partitions, chunks, rounds_per_slot, init_index, cfg.seed,
+                       classes)
 
 
 # ----------------------------------------------------------------------------- images
@@ -189,6 +201,65 @@ def _build_distiller(config: dict, device):
     return cfg, info, distiller
 
 
+def run_round(distiller, plan: RecoverPlan, r: int, *, rank: int, emu, reducer, sync: str, data_dir: str,
+              num_workers: int, device) -> tuple[list[int] | None, object]:
+    """Round ``r`` of worker ``rank``: optimise its chunk (if any), then fold the round into the EMU.
+
+    With ``sync == "step"`` and several workers, a worker without a chunk still takes part
+    (with an empty batch) in every iteration's all-reduce.  Returns (classes, BatchResult or None).
+    """
+    slot, j = divmod(r, plan.rounds_per_slot)
+    chunks = plan.chunks[rank]
+    chunk = chunks[j] if j < len(chunks) else None
+    step_sync = sync == "step" and reducer is not None
+    result = None
+    if chunk is not None or step_sync:
+        classes = chunk or []
+        if classes:
+            init = load_real_images(data_dir, [plan.init_index[k][slot] for k in classes], num_workers=num_workers)
+        else:
+            side = distiller.resolution
+            init = torch.zeros(0, len(distiller.pixel_min.flatten()), side, side)
+        global_count = int(reducer.sum(torch.tensor([float(len(classes))]))[0]) if step_sync else None
+        aug_seed = int(np.random.SeedSequence([plan.seed, slot, j]).generate_state(1)[0])
+        result = distiller.optimize(init.to(device), torch.tensor(classes, dtype=torch.long), slot=slot,
+                                    ipc=plan.ipc, aug_seed=aug_seed, emu=emu,
+                                    reducer=reducer if step_sync else None, global_count=global_count)
+    if emu is not None:
+        if result is not None:
+            for name, stats in result.stats.items():
+                emu.commit(name, stats.covariance, stats.signal, stats.columns)
+        # sync: round sums every worker's new batches; sync: step already shared one large batch
+        emu.synchronise(reducer.sum if (reducer is not None and sync == "round") else None)
+    return chunk, result
+
+
+def recover_in_process(distiller, plan: RecoverPlan, *, data_dir: str, emu_enabled: bool = True,
+                       num_workers: int = 1, device="cpu", on_round=None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Single-process recovery over all rounds of a one-worker plan (Ray Tune trials, notebooks, tests).
+
+    Returns the images (normalised, ordered by class then slot), their labels and the per-batch loss parts.
+    """
+    from unidd_ray.spectral import EMU
+
+    if plan.workers != 1:
+        raise ValueError("recover_in_process runs a one-worker plan; use run_recover for several workers")
+    emu = EMU(distiller.emu_layers(), enabled=emu_enabled, device=device) if distiller.layers else None
+    found: dict[tuple[int, int], torch.Tensor] = {}
+    parts = []
+    for r in range(plan.rounds):
+        slot = r // plan.rounds_per_slot
+        chunk, result = run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, sync="round",
+                                  data_dir=data_dir, num_workers=num_workers, device=device)
+        for cls, image in zip(chunk, result.images):
+            found[(cls, slot)] = image.cpu()
+        parts.append({"slot": slot, "classes": chunk, **result.parts})
+        if on_round is not None:
+            on_round(r, result)
+    keys = sorted(found)
+    return torch.stack([found[k] for k in keys]), torch.tensor([k[0] for k in keys]), parts
+
+
 def _recover_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -214,25 +285,11 @@ def _recover_loop(config: dict) -> None:
             start_round = int(progress["rounds_done"])
             if emu is not None:
                 emu.load_state_dict(torch.load(Path(d) / "emu.pt", map_location=device, weights_only=True))
-    my_chunks = plan.chunks[rank]
     for r in range(start_round, plan.rounds):
         slot, j = divmod(r, plan.rounds_per_slot)
-        chunk = my_chunks[j] if j < len(my_chunks) else None
-        aug_seed = int(np.random.SeedSequence([plan.seed, slot, j]).generate_state(1)[0])
         started = time.perf_counter()
-        result = None
-        if chunk is not None or (cfg.sync == "step" and reducer is not None):
-            classes = chunk or []
-            init = (load_real_images(config["data_dir"], [plan.init_index[k][slot] for k in classes],
-                                     num_workers=config["num_workers"]) if classes
-                    else torch.zeros(0, info.channels, distiller.resolution, distiller.resolution))
-            labels = torch.tensor(classes, dtype=torch.long)
-            global_count = None
-            if cfg.sync == "step" and reducer is not None:
-                global_count = int(reducer.sum(torch.tensor([float(len(classes))]))[0])
-            result = distiller.optimize(init.to(device), labels, slot=slot, ipc=plan.ipc, aug_seed=aug_seed,
-                                        emu=emu, reducer=reducer if cfg.sync == "step" else None,
-                                        global_count=global_count)
+        chunk, result = run_round(distiller, plan, r, rank=rank, emu=emu, reducer=reducer, sync=cfg.sync,
+                                  data_dir=config["data_dir"], num_workers=config["num_workers"], device=device)
         if chunk:
             batch = plan.batch_id(slot, rank, j)
             beta = distiller.slot_filter(slot, plan.ipc)
@@ -248,12 +305,6 @@ def _recover_loop(config: dict) -> None:
             atomic_write_json(staging / RECORDS / f"{batch:08d}.json",
                               {"batch": batch, "slot": slot, "worker": rank, "chunk": j, "rows": rows,
                                "parts": result.parts, "seconds": time.perf_counter() - started})
-        if emu is not None:
-            if result is not None and (chunk or cfg.sync == "step"):
-                for name, stats in result.stats.items():
-                    emu.commit(name, stats.covariance, stats.signal, stats.columns)
-            # sync: round sums every worker's new batches; sync: step already shares one large batch
-            emu.synchronise(reducer.sum if (reducer is not None and cfg.sync == "round") else None)
         finished = plan.batches_done(r)
         if (cfg.fail_at_batch is not None and rank == world - 1 and finished >= cfg.fail_at_batch
                 and not (staging / FAULT_MARKER).exists()):
@@ -371,7 +422,7 @@ def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: Recover
     for path in sorted((staging / RECORDS).glob("*.json")):
         rows.extend(json.loads(path.read_text())["rows"])
     keys = [(r["class"], r["slot"]) for r in rows]
-    expected = {(k, b) for k in range(plan.num_classes) for b in range(plan.ipc)}
+    expected = {(k, b) for k in plan.classes for b in range(plan.ipc)}
     if len(keys) != len(set(keys)) or set(keys) != expected:
         missing = sorted(expected - set(keys))[:5]
         raise RuntimeError(f"recovery is incomplete or inconsistent: missing {missing}, "

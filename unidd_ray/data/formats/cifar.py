@@ -17,7 +17,7 @@ import numpy as np
 
 from unidd_ray.data.hashing import Fingerprint
 from unidd_ray.data.safe_pickle import load_restricted_pickle
-from unidd_ray.data.source_types import SourceDataset, Split, check_label_range, validate_source
+from unidd_ray.data.source_types import SourceDataset, SourceError, Split, check_label_range, validate_source
 
 _LAYOUTS = {
     "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
@@ -39,32 +39,32 @@ def _load_dict(path: Path) -> dict:
                                 "whole archive)")
     data = load_restricted_pickle(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a CIFAR batch: it holds a {type(data).__name__}, not a dict")
+        raise SourceError(f"{path} is not a CIFAR batch: it holds a {type(data).__name__}, not a dict")
     return {_text(key): value for key, value in data.items()}
 
 
 def _field(batch: dict, key: str, path: Path):
     if key not in batch:
-        raise ValueError(f"{path} is not a CIFAR batch of this dataset: key {key!r} is missing "
-                         f"(found {sorted(batch)})")
+        raise SourceError(f"{path} is not a CIFAR batch of this dataset: key {key!r} is missing "
+                          f"(found {sorted(batch)})")
     return batch[key]
 
 
-def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(path: Path, split: str, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = _load_dict(path)
     data = _field(batch, "data", path)
     labels = _field(batch, label_key, path)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
-        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got "
-                         f"{getattr(data, 'dtype', type(data).__name__)} {shape}; the file is corrupt")
+        raise SourceError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got "
+                          f"{getattr(data, 'dtype', type(data).__name__)} {shape}; the file is corrupt")
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {label_key!r} is not a list of integers ({exc})") from exc
+        raise SourceError(f"{path}: {label_key!r} is not a list of integers ({exc})") from exc
     if labels.shape != (len(data),):
-        raise ValueError(f"{path}: {len(data)} images but {labels.shape} labels under {label_key!r}")
-    check_label_range(labels, num_classes, str(path))
+        raise SourceError(f"{path}: {len(data)} images but {labels.shape} labels under {label_key!r}")
+    check_label_range(labels, num_classes, split, str(path))
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
 
@@ -88,14 +88,15 @@ def _load(name: str, root: str | None) -> SourceDataset:
     meta_path = directory / layout["meta"]
     names = [_text(n) for n in _field(_load_dict(meta_path), layout["names"], meta_path)]
     if len(names) != layout["classes"]:
-        raise ValueError(f"{meta_path}: expected {layout['classes']} names under {layout['names']!r}, got {len(names)}")
+        raise SourceError(f"{meta_path}: expected {layout['classes']} names under {layout['names']!r}, got "
+                          f"{len(names)}; the file belongs to another dataset")
     fingerprint.add_file(layout["meta"], meta_path)
     splits = {}
     for split in ("train", "val"):
         parts = []
         for file_name in layout[split]:
             path = directory / file_name
-            parts.append(_read_batch(path, layout["labels"], layout["classes"]))
+            parts.append(_read_batch(path, split, layout["labels"], layout["classes"]))
             fingerprint.add_file(file_name, path)
         splits[split] = Split(labels=np.concatenate([p[1] for p in parts]),
                               images=np.concatenate([p[0] for p in parts]))

@@ -13,7 +13,7 @@ import numpy as np
 
 from unidd_ray.data.hashing import Fingerprint
 from unidd_ray.data.idx import read_idx
-from unidd_ray.data.source_types import SourceDataset, Split, check_label_range, validate_source
+from unidd_ray.data.source_types import SourceDataset, SourceError, Split, check_label_range, validate_source
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -35,12 +35,12 @@ def _read_split(root: Path, split: str, fingerprint: Fingerprint) -> Split:
     images = read_idx(image_file)
     labels = read_idx(label_file)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(f"{image_file}: expected images of shape (N, 28, 28), got {images.shape}")
+        raise SourceError(f"{image_file}: expected images of shape (N, 28, 28), got {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"{label_file}: expected {len(images)} labels (one per image of {image_file.name}), "
-                         f"got shape {labels.shape}")
+        raise SourceError(f"{label_file}: expected {len(images)} labels (one per image of {image_file.name}), "
+                          f"got shape {labels.shape}")
     labels = labels.astype(np.int64)
-    check_label_range(labels, len(CLASS_NAMES), str(label_file))
+    check_label_range(labels, len(CLASS_NAMES), split, str(label_file))
     for path in (image_file, label_file):
         fingerprint.add_file(path.name.removesuffix(".gz"), path)
     return Split(labels=labels, images=images[..., None])

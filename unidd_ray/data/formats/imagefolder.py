@@ -32,7 +32,7 @@ import numpy as np
 
 from unidd_ray.data.hashing import Fingerprint
 from unidd_ray.data.image_files import list_images
-from unidd_ray.data.source_types import SourceDataset, Split, check_label_range, validate_source
+from unidd_ray.data.source_types import SourceDataset, SourceError, Split, check_label_range, validate_source
 
 _SEPARATOR = re.compile(r"[,\s]+")
 
@@ -48,19 +48,19 @@ def _class_folders(split_dir: Path, class_names: list[str], split: str) -> tuple
     for k, name in enumerate(class_names):
         files = list_images(split_dir / name)
         if not files:
-            raise ValueError(f"imagefolder: class {name!r} has no images in {split_dir / name}; every class "
-                             f"needs at least one {split} image (remove the folder or add images)")
+            raise SourceError(f"imagefolder: class {name!r} has no images in {split_dir / name}; every class "
+                              f"needs at least one {split} image (remove the folder or add images)")
         paths.extend(str(f) for f in files)
         labels.extend([k] * len(files))
     return paths, np.asarray(labels, dtype=np.int64)
 
 
 def _check_same_classes(train_classes: list[str], val_classes: list[str], val_dir: Path) -> None:
-    missing = sorted(set(train_classes) - set(val_classes))
-    extra = sorted(set(val_classes) - set(train_classes))
-    if missing or extra:
-        raise ValueError(f"imagefolder: the class folders of {val_dir} do not match train's: "
-                         f"missing in val {missing}, not in train {extra}; both splits need the same classes")
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    if only_train or only_val:
+        raise SourceError(f"imagefolder: train and val classes differ in {val_dir.parent}: only in train {only_train}, "
+                          f"only in val {only_val}; both splits need the same class folders")
 
 
 def _parse_label_file(path: Path, files: list[Path], class_names: list[str]) -> np.ndarray:
@@ -72,10 +72,11 @@ def _parse_label_file(path: Path, files: list[Path], class_names: list[str]) -> 
         if text and not text.startswith("#") and not is_header:
             lines.append((number, [t for t in _SEPARATOR.split(text) if t]))
     if not lines:
-        raise ValueError(f"imagefolder: label file {path} has no entries")
+        raise SourceError(f"imagefolder: label file {path} has no entries")
     forms = {len(tokens) == 1 for _, tokens in lines}
     if len(forms) > 1:
-        raise ValueError(f"imagefolder: label file {path} mixes '<index>' lines and '<file> <class>' lines; use one form")
+        raise SourceError(f"imagefolder: label file {path} mixes '<index>' lines and '<file> <class>' lines; "
+                          "use one form")
     index_of = {name: k for k, name in enumerate(class_names)}
 
     def class_index(token: str, number: int) -> int:
@@ -83,13 +84,13 @@ def _parse_label_file(path: Path, files: list[Path], class_names: list[str]) -> 
             return index_of[token]
         if re.fullmatch(r"-?\d+", token):
             return int(token)
-        raise ValueError(f"imagefolder: unknown class {token!r} on line {number} of {path}; classes are the train "
-                         f"folder names ({class_names[:3]}...) or 0-based indices")
+        raise SourceError(f"imagefolder: unknown class {token!r} on line {number} of {path}; classes are the train "
+                          f"folder names ({class_names[:3]}...) or 0-based indices")
 
     if forms == {True}:
         if len(lines) != len(files):
-            raise ValueError(f"imagefolder: label file {path} has {len(lines)} index lines but {files[0].parent} "
-                             f"holds {len(files)} images; one line per image (sorted by file name) is needed")
+            raise SourceError(f"imagefolder: label file {path} has {len(lines)} index lines but {files[0].parent} "
+                              f"holds {len(files)} images; one line per image (sorted by file name) is needed")
         labels = np.asarray([class_index(tokens[0], n) for n, tokens in lines], dtype=np.int64)
     else:
         by_name: dict[str, int] = {}
@@ -106,12 +107,12 @@ def _parse_label_file(path: Path, files: list[Path], class_names: list[str]) -> 
             else:
                 labels[i] = label
         if unlabelled:
-            raise ValueError(f"imagefolder: {len(unlabelled)} val image(s) have no entry in {path}, e.g. "
-                             f"{unlabelled[:3]}")
+            raise SourceError(f"imagefolder: {len(unlabelled)} val image(s) have no entry in {path}, e.g. "
+                              f"{unlabelled[:3]}")
         if by_name:
-            raise ValueError(f"imagefolder: {path} labels {len(by_name)} file(s) that are not in {files[0].parent}, "
-                             f"e.g. {sorted(by_name)[:3]}")
-    check_label_range(labels, len(class_names), str(path))
+            raise SourceError(f"imagefolder: {path} labels {len(by_name)} file(s) that are not in {files[0].parent}, "
+                              f"e.g. {sorted(by_name)[:3]}")
+    check_label_range(labels, len(class_names), "val", str(path))
     return labels
 
 
@@ -132,22 +133,22 @@ def load(root: str | None = None, *, val_labels: str | None = None, resolution: 
         raise ValueError(f"imagefolder: resolution must be a positive side length, got {resolution}")
     class_names = [d.name for d in _subdirs(train_dir)]
     if not class_names:
-        raise ValueError(f"imagefolder: {train_dir} has no class folders; expected train/<class>/<image>")
+        raise SourceError(f"imagefolder: {train_dir} has no class folders; expected train/<class>/<image>")
     train_paths, train_labels = _class_folders(train_dir, class_names, "train")
     val_classes = [d.name for d in _subdirs(val_dir)]
     if val_classes:
         if val_labels is not None:
-            raise ValueError(f"imagefolder: {val_dir} has class folders, so val_labels={val_labels} is not used; "
-                             "drop the option (it is for a flat val folder)")
+            raise SourceError(f"imagefolder: {val_dir} has class folders, so val_labels={val_labels} is not used; "
+                              "drop the option (it is for a flat val folder)")
         _check_same_classes(class_names, val_classes, val_dir)
         val_paths, val_label_array = _class_folders(val_dir, class_names, "val")
     else:
         files = list_images(val_dir)
         if not files:
-            raise ValueError(f"imagefolder: {val_dir} holds neither class folders nor images")
+            raise SourceError(f"imagefolder: {val_dir} holds neither class folders nor images")
         if val_labels is None:
-            raise ValueError(f"imagefolder: {val_dir} is a flat folder of images; pass the option "
-                             "val_labels=PATH (a label file, see unidd_ray.data.formats.imagefolder)")
+            raise SourceError(f"imagefolder: {val_dir} is a flat folder of images; pass the option "
+                              "val_labels=PATH (a label file, see unidd_ray.data.formats.imagefolder)")
         label_file = Path(val_labels)
         if not label_file.is_file():
             raise FileNotFoundError(f"imagefolder: label file {label_file} (option val_labels) does not exist")

@@ -17,7 +17,7 @@ import numpy as np
 
 from unidd_ray.data.hashing import Fingerprint
 from unidd_ray.data.image_files import decode_fixed_size, list_images
-from unidd_ray.data.source_types import SourceDataset, Split, validate_source
+from unidd_ray.data.source_types import SourceDataset, SourceError, Split, validate_source
 
 SIDE = 64
 
@@ -47,15 +47,16 @@ def _train_files(root: Path, wnids: list[str]) -> tuple[list[Path], np.ndarray]:
     folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     missing, extra = sorted(set(wnids) - set(folders)), sorted(set(folders) - set(wnids))
     if missing or extra:
-        raise ValueError(f"tiny-imagenet: the class folders of {train_dir} do not match wnids.txt: "
-                         f"missing {missing}, not listed {extra}")
+        raise SourceError(f"tiny-imagenet: the class folders of {train_dir} do not match wnids.txt: "
+                          f"missing {missing}, not listed {extra}")
     paths: list[Path] = []
     labels: list[int] = []
     for k, wnid in enumerate(wnids):
         folder = train_dir / wnid / "images"
         files = list_images(folder) if folder.is_dir() else []
         if not files:
-            raise ValueError(f"tiny-imagenet: class {wnid!r} has no images in {folder}; the download is incomplete")
+            raise SourceError(f"tiny-imagenet: class {wnid!r} has no images in {folder}; the download is "
+                              "incomplete")
         paths.extend(files)
         labels.extend([k] * len(files))
     return paths, np.asarray(labels, dtype=np.int64)
@@ -72,12 +73,13 @@ def _val_files(root: Path, wnids: list[str]) -> tuple[list[Path], np.ndarray]:
     for number, line in enumerate(_read_lines(annotations), 1):
         fields = line.split("\t")
         if len(fields) < 2:
-            raise ValueError(f"tiny-imagenet: line {number} of {annotations} is not '<file>\\t<wnid>\\t...': {line!r}")
+            raise SourceError(f"tiny-imagenet: line {number} of {annotations} is not "
+                              f"'<file>\\t<wnid>\\t...': {line!r}")
         if fields[1] not in index_of:
             unknown.add(fields[1])
         entries.append((fields[0], fields[1]))
     if unknown:
-        raise ValueError(f"tiny-imagenet: {annotations} uses classes not in wnids.txt: {sorted(unknown)}")
+        raise SourceError(f"tiny-imagenet: {annotations} uses classes not in wnids.txt: {sorted(unknown)}")
     entries.sort()
     paths = [root / "val" / "images" / name for name, _ in entries]
     absent = [p.name for p in paths if not p.is_file()]

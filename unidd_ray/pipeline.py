@@ -1,0 +1,199 @@
+"""``unidd-ray pipeline``: prepare → squeeze → stats → recover → evaluate → results (+ report).
+
+Every stage writes into a directory named by a content key: the sha256 of the
+settings that change its result and of the identities of its inputs (dataset
+fingerprint, teacher sha256, statistics key, distilled set).  A stage whose
+directory is complete is reused; a stage killed half-way resumes (squeeze and
+recover continue from their Ray Train checkpoints).  Changing one method's
+settings therefore redoes only that method's recovery and evaluation.
+Settings that only affect speed (actor and worker CPU counts, retries, fault
+injection) are left out of the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from unidd_ray.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_json
+from unidd_ray.config import Recipe, recipe_to_yaml, section_from, to_dict
+
+PERFORMANCE_KEYS = {
+    "stats": {"actors", "cpus_per_actor", "gpus_per_actor", "max_retries", "blocks_per_unit"},
+    "recover": {"cpus_per_worker", "use_gpu", "max_failures", "fail_at_batch", "save_beton"},
+    "evaluate": {"workers", "cpus_per_worker", "use_gpu", "eval_batch_size"},
+    "squeeze": {"cpus_per_worker", "use_gpu", "max_failures"},
+    "data": {"num_workers"},
+}
+BASELINES = {"random": False, "random-hard": True}  # real subsets: soft-label and hard-label evaluation
+
+
+def stage_key(kind: str, settings: dict, **inputs) -> str:
+    drop = PERFORMANCE_KEYS.get(kind, set())
+    relevant = {k: v for k, v in settings.items() if k not in drop}
+    return sha256_json({"kind": kind, "settings": relevant, "inputs": inputs})[:12]
+
+
+def _storage(stage_dir: Path) -> Path:
+    return stage_dir.parent / f".{stage_dir.name}.ray"
+
+
+def _log(msg: str) -> None:
+    print(f"[pipeline] {msg}", flush=True)
+
+
+def _complete_distilled(path: Path) -> bool:
+    try:
+        read_manifest(path, "distilled", verify=False)
+    except ValueError:
+        return False
+    return True
+
+
+def prepare_stage(recipe: Recipe, run: Path):
+    """The prepared dataset of the recipe (content-addressed, reused when complete)."""
+    from unidd_ray.data.prepare import prepare_dataset, read_dataset_info
+    from unidd_ray.data.sources import load_source
+
+    data_dir = run / f"data-{stage_key('data', to_dict(recipe.data))}"
+    if (data_dir / "dataset.json").is_file():
+        _log(f"prepare: reusing {data_dir}")
+    else:
+        _log(f"prepare: {recipe.data.dataset} -> {data_dir}")
+        source = load_source(recipe.data.dataset, recipe.data.root, **recipe.data.options)
+        prepare_dataset(source, data_dir, max_resolution=recipe.data.max_resolution,
+                        jpeg_quality=recipe.data.jpeg_quality)
+    return data_dir, read_dataset_info(data_dir)
+
+
+def teacher_stage(recipe: Recipe, run: Path, data_dir: Path, info, recipe_yaml: str | None = None):
+    """The trained teacher (reused when complete, resumed when a previous run was killed)."""
+    from unidd_ray.stages.squeeze import squeeze
+    from unidd_ray.teacher import load_teacher, read_teacher_info
+
+    teacher_dir = run / ("teacher-" + stage_key("squeeze", {**to_dict(recipe.squeeze), **to_dict(recipe.teacher)},
+                                                dataset=info.fingerprint, resolution=recipe.data.resolution))
+    try:
+        load_teacher(teacher_dir)
+        _log(f"squeeze: reusing {teacher_dir}")
+    except ValueError:
+        resume = (_storage(teacher_dir) / "squeeze").exists()
+        _log(f"squeeze: training {recipe.teacher.arch} -> {teacher_dir}" + (" (resuming)" if resume else ""))
+        squeeze(data_dir, teacher_dir, squeeze_cfg=recipe.squeeze, model_cfg=recipe.teacher, data_cfg=recipe.data,
+                storage_path=_storage(teacher_dir), resume=resume, recipe_yaml=recipe_yaml)
+    return teacher_dir, read_teacher_info(teacher_dir)
+
+
+def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Path, tinfo,
+                recipe_yaml: str | None = None):
+    """The real statistics under the teacher (reused when complete); returns (directory, key)."""
+    from unidd_ray.stages.stats import run_stats
+
+    key = stage_key("stats", to_dict(recipe.stats), teacher=tinfo.sha256, dataset=info.fingerprint)
+    stats_dir = run / f"stats-{key}"
+    try:
+        read_manifest(stats_dir, "stats")
+        _log(f"stats: reusing {stats_dir}")
+    except ValueError:
+        _log(f"stats: {recipe.stats.actors} actors -> {stats_dir}")
+        run_stats(data_dir, teacher_dir, stats_dir, recipe.stats, num_workers=recipe.data.num_workers,
+                  recipe_yaml=recipe_yaml)
+    return stats_dir, key
+
+
+def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
+    from unidd_ray.distill import METHODS, SPECTRAL_METHODS
+    from unidd_ray.stages.evaluate import run_evaluate, write_real_subset
+    from unidd_ray.stages.recover import run_recover
+
+    unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} in the recipe; choose from {list(BASELINES) + list(METHODS)}")
+    started = time.perf_counter()
+    run = recipe.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    recipe_yaml = recipe_to_yaml(recipe)
+    atomic_write_text(run / "config.yaml", recipe_yaml)
+    data_dir, info = prepare_stage(recipe, run)
+    teacher_dir, tinfo = teacher_stage(recipe, run, data_dir, info, recipe_yaml)
+    stages: dict[str, str] = {"data": str(data_dir), "teacher": str(teacher_dir)}
+    _log(f"teacher val top-1 {tinfo.val_top1:.2f}%")
+    stats_dir = stats_key = None
+    if any(m in SPECTRAL_METHODS for m in recipe.methods):
+        stats_dir, stats_key = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
+        stages["stats"] = str(stats_dir)
+
+    # ---- recover + evaluate, per IPC and method
+    rows = [{"method": "teacher (full data)", "ipc": None, "top1_mean": tinfo.val_top1, "top1_std": None,
+             "seeds": None, "seconds": None}]
+    for ipc in recipe.ipcs:
+        for method in recipe.methods:
+            t0 = time.perf_counter()
+            hard = BASELINES.get(method, False)
+            if method in BASELINES:
+                key = stage_key("random", {"ipc": ipc, "seed": recipe.recover.seed}, dataset=info.fingerprint)
+                distilled = run / f"random-ipc{ipc}-{key}"
+                if not _complete_distilled(distilled):
+                    _log(f"random real subset, IPC {ipc} -> {distilled}")
+                    write_real_subset(data_dir, distilled, ipc=ipc, seed=recipe.recover.seed,
+                                      num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml)
+            else:
+                cfg = section_from(recipe, "recover", {"method": method, "ipc": ipc})
+                key = stage_key("recover", to_dict(cfg), teacher=tinfo.sha256, dataset=info.fingerprint,
+                                stats=stats_key if method in SPECTRAL_METHODS else None)
+                distilled = run / f"{method}-ipc{ipc}-{key}"
+                if _complete_distilled(distilled):
+                    _log(f"recover {method} IPC {ipc}: reusing {distilled}")
+                else:
+                    resume = (distilled.parent / f"{distilled.name}.partial" / "plan.json").is_file()
+                    _log(f"recover {method} IPC {ipc} -> {distilled}" + (" (resuming)" if resume else ""))
+                    run_recover(data_dir, teacher_dir, stats_dir if method in SPECTRAL_METHODS else None, distilled,
+                                cfg, storage_path=_storage(distilled), resume=resume,
+                                num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml)
+            stages[f"{method}-ipc{ipc}"] = str(distilled)
+            eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
+            distilled_id = read_manifest(distilled, "distilled", verify=False)["files"]
+            eval_dir = run / ("eval-" + f"{method}-ipc{ipc}-" + stage_key("evaluate", to_dict(eval_cfg),
+                                                                          teacher=tinfo.sha256,
+                                                                          distilled=sha256_json(distilled_id)))
+            summary_file = eval_dir / "summary.json"
+            if summary_file.is_file():
+                summary = json.loads(summary_file.read_text())
+                _log(f"evaluate {method} IPC {ipc}: reusing {eval_dir}")
+            else:
+                _log(f"evaluate {method} IPC {ipc}: {eval_cfg.seeds} seeds, student {eval_cfg.student}")
+                summary = run_evaluate(distilled, teacher_dir, data_dir, eval_dir, eval_cfg,
+                                       storage_path=_storage(eval_dir), num_workers=recipe.data.num_workers,
+                                       recipe_yaml=recipe_yaml)
+            stages[f"eval-{method}-ipc{ipc}"] = str(eval_dir)
+            rows.append({"method": method, "ipc": ipc, "top1_mean": summary["top1_mean"],
+                         "top1_std": summary["top1_std"], "seeds": len(summary["seeds"]),
+                         "seconds": round(time.perf_counter() - t0, 1), "labels": summary["labels"],
+                         "top1": summary["top1"]})
+    results = {"recipe": recipe.name, "dataset": info.name, "teacher": {"arch": tinfo.arch,
+                                                                        "val_top1": tinfo.val_top1},
+               "rows": rows, "stages": stages, "seconds": time.perf_counter() - started}
+    atomic_write_json(run / "results.json", results)
+    table = results_markdown(results)
+    atomic_write_text(run / "results.md", table)
+    atomic_write_json(run / "pipeline.json", {"stages": stages, "config": str(run / "config.yaml")})
+    print(table, flush=True)
+    if report:
+        from unidd_ray.analysis.report import write_report
+
+        path = write_report(run)
+        _log(f"report -> {path}")
+    _log(f"done in {results['seconds']:.0f}s -> {run}")
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    lines = [f"# {results['recipe']}: distillation results ({results['dataset']})", "",
+             "| method | IPC | labels | top-1 (%) | seeds | wall time (s) |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        acc = f"{r['top1_mean']:.2f}" + (f" ± {r['top1_std']:.2f}" if r.get("top1_std") is not None else "")
+        lines.append(f"| {r['method']} | {r['ipc'] if r['ipc'] is not None else '–'} | {r.get('labels', '–')} | "
+                     f"{acc} | {r['seeds'] or '–'} | {r['seconds'] if r['seconds'] is not None else '–'} |")
+    return "\n".join(lines) + "\n"

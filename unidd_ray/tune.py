@@ -1,0 +1,295 @@
+"""``unidd-ray tune``: Ray Tune sweeps over spectral filters and their parameters.
+
+A search space file (``tune_spaces/*.yaml``) names recipe keys and their
+domains::
+
+    metric: top1            # reported by every trial after each evaluation epoch
+    mode: max
+    base: {recover.method: cfm}          # fixed overrides for every trial
+    space:
+      recover.beta_max: {loguniform: [0.01, 2]}
+      recover.alpha: {loguniform: [0.01, 1]}
+      family:                            # a conditional space: one branch per choice
+        choice:
+          - {recover.method: dm}
+          - {recover.method: mtt, recover.mtt_eta: {loguniform: [0.01, 1]}}
+    trial: {ipc: 2, classes: 5, iterations: 100, eval_epochs: 60, eval_every: 10, seeds: 1}
+    scheduler: {asha: {grace_period: 2, reduction_factor: 2}}
+
+Domains: ``uniform``, ``loguniform``, ``randint`` ([low, high)), ``choice`` and
+``grid`` (lists), or a literal value.  The teacher, the dataset and the real
+statistics are computed once (the pipeline's content-addressed stages) and
+shared by all trials; each trial recovers a (reduced) distilled set in process
+and trains a short evaluation, reporting val top-1 after every ``eval_every``
+epochs so that ASHA can stop poor trials early.  ``--resume`` continues an
+interrupted sweep (``Tuner.restore``).  Outputs: ``ranking.md``,
+``ranking.json`` and ``best_recipe.yaml`` (a ready-to-use recipe file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from unidd_ray.config import ConfigError, Recipe, apply_overrides, from_dict, to_dict
+
+DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+@dataclass
+class TrialSettings:
+    ipc: int = 1
+    classes: int | list[int] | None = None  # a count (the first N classes), a list, or all
+    iterations: int = 100
+    eval_epochs: int = 60
+    eval_every: int = 10
+    seeds: int = 1
+    cpus: float = 1
+    gpus: float = 0
+
+
+@dataclass
+class SearchSpace:
+    path: str
+    space: dict
+    base: dict = field(default_factory=dict)
+    metric: str = "top1"
+    mode: str = "max"
+    trial: TrialSettings = field(default_factory=TrialSettings)
+    scheduler: dict = field(default_factory=lambda: {"asha": {}})
+    description: str = ""
+
+
+def _check_key(key: str, where: str) -> None:
+    sections = {f.name: getattr(Recipe(), f.name) for f in dataclasses.fields(Recipe)}
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in sections or not dataclasses.is_dataclass(sections[parts[0]]):
+        raise ConfigError(f"{where}: {key!r} is not a recipe key of the form section.key "
+                          f"(sections: {[k for k, v in sections.items() if dataclasses.is_dataclass(v)]})")
+    valid = [f.name for f in dataclasses.fields(sections[parts[0]])]
+    if parts[1] not in valid:
+        raise ConfigError(f"{where}: unknown key {key!r}; valid keys of {parts[0]}: {valid}")
+
+
+def _check_domain(key: str, spec, where: str) -> None:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+        return  # a literal value
+    kind, args = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: {key}: {kind} needs a non-empty list")
+        for branch in args:
+            if isinstance(branch, dict) and all("." in k for k in branch):
+                _check_branch(branch, f"{where}: {key}")
+        return
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
+        raise ConfigError(f"{where}: {key}: {kind} needs [low, high], got {args!r}")
+    low, high = args
+    if not low < high:
+        raise ConfigError(f"{where}: {key}: {kind} needs low < high, got {args}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: {key}: loguniform needs low > 0, got {low}")
+
+
+def _check_branch(branch: dict, where: str) -> None:
+    for key, spec in branch.items():
+        _check_key(key, where)
+        _check_domain(key, spec, where)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search space file; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or "space" not in data or not isinstance(data["space"], dict):
+        raise ConfigError(f"{path}: a search space needs a 'space' mapping of recipe keys to domains")
+    where = str(path)
+    known = {f.name for f in dataclasses.fields(SearchSpace)} - {"path"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level keys {unknown}; valid: {sorted(known)}")
+    for key, spec in data["space"].items():
+        if "." in key:
+            _check_key(key, where)
+            _check_domain(key, spec, where)
+        elif isinstance(spec, dict) and set(spec) == {"choice"}:  # a named conditional group
+            _check_domain(key, spec, where)
+        else:
+            raise ConfigError(f"{where}: {key!r} must be a recipe key (section.key) or a group with a choice")
+    for key in (data.get("base") or {}):
+        _check_key(key, f"{where}: base")
+    if data.get("mode", "max") not in ("max", "min"):
+        raise ConfigError(f"{where}: mode must be max or min")
+    scheduler = data.get("scheduler") or {"asha": {}}
+    if set(scheduler) - {"asha", "fifo"}:
+        raise ConfigError(f"{where}: scheduler must be asha or fifo, got {sorted(scheduler)}")
+    trial = from_dict(TrialSettings, data.get("trial") or {}, "trial")
+    return SearchSpace(path=str(path), space=data["space"], base=data.get("base") or {},
+                       metric=data.get("metric", "top1"), mode=data.get("mode", "max"), trial=trial,
+                       scheduler=scheduler, description=data.get("description", ""))
+
+
+def to_tune_domain(spec):
+    """A YAML domain as a Ray Tune search domain (recursively, for conditional branches)."""
+    from ray import tune
+
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DOMAINS:
+        kind, args = next(iter(spec.items()))
+        if kind == "uniform":
+            return tune.uniform(*args)
+        if kind == "loguniform":
+            return tune.loguniform(*args)
+        if kind == "randint":
+            return tune.randint(*args)
+        values = [to_tune_domain(a) for a in args]
+        return tune.choice(values) if kind == "choice" else tune.grid_search(values)
+    if isinstance(spec, dict):
+        return {k: to_tune_domain(v) for k, v in spec.items()}
+    return spec
+
+
+def flatten_sample(config: dict) -> dict:
+    """A sampled trial config → ``{"section.key": value}`` overrides (conditional groups merged in)."""
+    out = {}
+    for key, value in config.items():
+        if "." in key:
+            out[key] = value
+        elif isinstance(value, dict):
+            out.update(flatten_sample(value))
+    return out
+
+
+def trial_recipe(recipe: Recipe, overrides: dict, trial: TrialSettings) -> Recipe:
+    data = to_dict(recipe)
+    data = apply_overrides(data, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                                  for k, v in overrides.items()])
+    data["recover"].update(ipc=trial.ipc, iterations=trial.iterations, workers=1)
+    data["evaluate"].update(epochs=trial.eval_epochs, eval_every=trial.eval_every, seeds=trial.seeds)
+    return from_dict(Recipe, data)
+
+
+def _trial_classes(trial: TrialSettings, num_classes: int) -> list[int]:
+    if trial.classes is None:
+        return list(range(num_classes))
+    if isinstance(trial.classes, int):
+        return list(range(min(trial.classes, num_classes)))
+    return sorted(trial.classes)
+
+
+def _run_trial(config: dict, *, recipe: dict, base: dict, trial: dict, data_dir: str, teacher_dir: str,
+               stats_dir: str | None) -> None:
+    import torch
+    from ray import tune
+
+    import unidd_ray  # noqa: F401
+    from unidd_ray.data.loading import read_labels
+    from unidd_ray.stages.evaluate import evaluate_in_process
+    from unidd_ray.stages.recover import _build_distiller, make_plan, recover_in_process
+    from unidd_ray.teacher import read_teacher_info
+
+    trial_cfg = from_dict(TrialSettings, trial)
+    torch.set_num_threads(max(1, math.floor(trial_cfg.cpus)))
+    device = "cuda" if trial_cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
+    r = trial_recipe(from_dict(Recipe, recipe), {**base, **flatten_sample(config)}, trial_cfg)
+    tinfo = read_teacher_info(teacher_dir)
+    _, info, distiller = _build_distiller({"recover": to_dict(r.recover), "data_dir": data_dir,
+                                           "teacher_dir": teacher_dir,
+                                           "stats_dir": stats_dir if r.recover.method not in ("sre2l", "ce") else None},
+                                          device)
+    classes = _trial_classes(trial_cfg, info.num_classes)
+    plan = make_plan(read_labels(data_dir, "train"), info.num_classes, r.recover, classes=classes)
+    images, labels, _ = recover_in_process(distiller, plan, data_dir=data_dir, emu_enabled=r.recover.emu,
+                                           num_workers=r.data.num_workers, device=device)
+    def report(seed, epoch, acc):
+        tune.report({"top1": acc, "epoch": epoch + 1, "seed": seed})
+
+    evaluate_in_process(images, labels, distiller.teacher, data_dir, r.evaluate, num_classes=tinfo.num_classes,
+                        in_channels=tinfo.in_channels, resolution=tinfo.resolution, seeds=list(range(r.evaluate.seeds)),
+                        device=device, num_workers=r.data.num_workers, report=report, val_classes=classes)
+
+
+def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concurrent: int = 2,
+             resume: bool = False, out: str | Path | None = None) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from unidd_ray.artifacts import atomic_write_json, atomic_write_text
+    from unidd_ray.config import recipe_to_yaml
+    from unidd_ray.pipeline import prepare_stage, stats_stage, teacher_stage
+
+    space = load_space(space_file)
+    run = recipe.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    recipe_yaml = recipe_to_yaml(recipe)
+    data_dir, info = prepare_stage(recipe, run)
+    teacher_dir, tinfo = teacher_stage(recipe, run, data_dir, info, recipe_yaml)
+    stats_dir, _ = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
+    out = Path(out) if out else run / f"tune-{Path(space_file).stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, recipe=to_dict(recipe), base=space.base, trial=to_dict(space.trial),
+                             data_dir=str(data_dir.resolve()), teacher_dir=str(teacher_dir.resolve()),
+                             stats_dir=str(stats_dir.resolve())),
+        {"cpu": space.trial.cpus, "gpu": space.trial.gpus})
+    max_t = space.trial.eval_epochs * space.trial.seeds
+    if "asha" in space.scheduler:
+        opts = {"grace_period": 1, "reduction_factor": 2, **(space.scheduler["asha"] or {})}
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, max_t // max(1, space.trial.eval_every)),
+                                  **opts)
+    else:
+        scheduler = FIFOScheduler()
+    storage = (out / "ray").resolve()
+    name = "sweep"
+    if resume and tune.Tuner.can_restore(str(storage / name)):
+        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={k: to_tune_domain(v) for k, v in space.space.items()},
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
+                                        num_samples=samples, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+        )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        if result.metrics is None or space.metric not in result.metrics:
+            continue
+        history = result.metrics_dataframe
+        rows.append({"trial": Path(result.path).name, "overrides": {**space.base, **flatten_sample(result.config)},
+                     space.metric: float(result.metrics[space.metric]),
+                     "evaluations": int(result.metrics.get("training_iteration", 0)),
+                     "stopped_early": int(result.metrics.get("training_iteration", 0)) < max(
+                         1, max_t // max(1, space.trial.eval_every)),
+                     "curve": [float(v) for v in history[space.metric]] if history is not None else []})
+    if not rows:
+        raise RuntimeError(f"no trial reported {space.metric!r}; see the trial logs under {storage}")
+    rows.sort(key=lambda r: r[space.metric], reverse=space.mode == "max")
+    best = rows[0]
+    best_recipe = apply_overrides(to_dict(recipe), [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                                                    for k, v in best["overrides"].items()])
+    best_recipe["name"] = f"{recipe.name}-tuned"
+    best_recipe["out"] = None
+    from_dict(Recipe, best_recipe)  # the written file must load
+    atomic_write_text(out / "best_recipe.yaml",
+                      f"# best of {len(rows)} trials of {space_file} ({space.metric} {best[space.metric]:.2f})\n"
+                      + yaml.safe_dump(best_recipe, sort_keys=False))
+    ranking = {"space": str(space_file), "metric": space.metric, "mode": space.mode, "trial": to_dict(space.trial),
+               "rows": rows}
+    atomic_write_json(out / "ranking.json", ranking)
+    lines = [f"# Tune ranking: {Path(space_file).name} on {recipe.name}", "",
+             f"| rank | {space.metric} | evaluations | stopped early | overrides |", "|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        overrides = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["overrides"].items())
+        lines.append(f"| {i} | {r[space.metric]:.2f} | {r['evaluations']} | {'yes' if r['stopped_early'] else 'no'} "
+                     f"| {overrides} |")
+    atomic_write_text(out / "ranking.md", "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    print(f"best recipe -> {out / 'best_recipe.yaml'}", flush=True)
+    return ranking
