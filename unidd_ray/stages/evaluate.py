@@ -159,7 +159,7 @@ class _DistWrap:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
 
-def _evaluate_loop(config: dict) -> None:
+def _evaluate_loop(config: dict) -> list[float]:
     import ray.train
     import ray.train.torch
 
@@ -186,7 +186,7 @@ def _evaluate_loop(config: dict) -> None:
                                seeds=list(range(cfg.seeds)), device=device, num_workers=config["num_workers"],
                                soft_labels=soft, report=report, shard=(rank, world),
                                wrap=_DistWrap() if world > 1 else None)
-    ray.train.report({"top1": accs})
+    return accs  # Ray Train V2 hands rank 0's return value to the driver (Result.return_value)
 
 
 def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateConfig, *, storage_path,
@@ -226,7 +226,9 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path)),
     )
     result = trainer.fit()
-    accs = [float(a) for a in result.metrics["top1"]]
+    if result.error is not None or result.return_value is None:
+        raise RuntimeError(f"evaluation of {distilled_dir} failed: {result.error}")
+    accs = [float(a) for a in result.return_value]
     summary = {
         "distilled": str(distilled_dir), "method": distilled.get("method"), "ipc": distilled.get("ipc"),
         "student": cfg.student, "labels": "hard" if cfg.hard_labels else ("stored" if soft_labels else "soft"),
