@@ -30,3 +30,60 @@ def ray_session():
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory) -> Path:
+    """scikit-learn's digits prepared as FFCV files (1438 train / 359 val, 8 px, 10 classes)."""
+    from unidd_ray.data.prepare import prepare_dataset
+    from unidd_ray.data.sources import load_source
+
+    out = tmp_path_factory.mktemp("digits") / "data"
+    prepare_dataset(load_source("digits"), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(digits_data, tmp_path_factory) -> Path:
+    """A small ConvNet teacher trained in-process on ``digits_data`` (no Ray): ~95 % val top-1."""
+    import torch
+    import torch.nn.functional as F
+
+    from unidd_ray.data.dataset_info import read_dataset_info
+    from unidd_ray.data.loading import make_loader
+    from unidd_ray.teacher import TeacherInfo, save_teacher
+
+    info = read_dataset_info(digits_data)
+    tinfo = TeacherInfo(arch="convnet", options={"width": 32, "depth": 2, "norm": "batch"},
+                        num_classes=info.num_classes, in_channels=info.channels, resolution=info.resolution,
+                        dataset=info.name, dataset_fingerprint=info.fingerprint, mean=list(info.mean),
+                        std=list(info.std))
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    model = tinfo.build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    loader = make_loader(str(digits_data), "train", batch_size=64, train=False, num_workers=1,
+                         order="random", seed=0)
+    for _ in range(8):
+        model.train()
+        for x, y, _ in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.set_num_threads(threads)  # FFCV loaders change torch's thread count
+    out = tmp_path_factory.mktemp("digits") / "teacher"
+    save_teacher(model.eval(), tinfo, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_stats(ray_session, digits_data, digits_teacher, tmp_path_factory) -> Path:
+    """Statistics of ``digits_teacher`` over ``digits_data`` from two Ray actors."""
+    from unidd_ray.config import StatsConfig
+    from unidd_ray.stages.stats import run_stats
+
+    out = tmp_path_factory.mktemp("digits") / "stats"
+    run_stats(digits_data, digits_teacher, out, StatsConfig(actors=2, batch_size=128, block_size=256),
+              progress=False)
+    return out
