@@ -74,6 +74,27 @@ def _train_loop(config: dict) -> None:
     total_steps = steps_per_epoch * cfg.epochs
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     n_val = len(read_labels(data_dir, "val"))
+
+    def evaluate_and_report(epoch: int, loss_sum: float, seen: int) -> None:
+        val_indices = np.arange(rank, n_val, world)
+        correct, total = evaluate_top1(model, data_dir, batch_size=1024, num_workers=data_cfg.num_workers,
+                                       device=device, indices=val_indices, resolution=resolution)
+        counts = torch.tensor([correct, total, loss_sum, seen], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+        metrics = {"epoch": epoch, "train_loss": float(counts[2] / max(counts[3], 1)),
+                   "val_top1": float(100 * counts[0] / max(counts[1], 1))}
+        where = f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f}" if epoch >= 0 else \
+            "given weights, no training"
+        print(f"[squeeze] {where}  val top-1 {metrics['val_top1']:.2f}%", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                           Path(d) / "state.pt")
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
     for epoch in range(start_epoch, cfg.epochs):
         order = np.random.default_rng(cfg.seed + epoch).permutation(n_train)
         shard = np.sort(order[rank * per_worker:(rank + 1) * per_worker])
@@ -93,23 +114,9 @@ def _train_loop(config: dict) -> None:
             optimizer.step()
             loss_sum += float(loss) * len(labels)
             seen += len(labels)
-        val_indices = np.arange(rank, n_val, world)
-        correct, total = evaluate_top1(model, data_dir, batch_size=1024, num_workers=data_cfg.num_workers,
-                                       device=device, indices=val_indices, resolution=resolution)
-        counts = torch.tensor([correct, total, loss_sum, seen], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(counts)
-        metrics = {"epoch": epoch, "train_loss": float(counts[2] / max(counts[3], 1)),
-                   "val_top1": float(100 * counts[0] / max(counts[1], 1))}
-        print(f"[squeeze] epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f}  "
-              f"val top-1 {metrics['val_top1']:.2f}%", flush=True)
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                           Path(d) / "state.pt")
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        evaluate_and_report(epoch, loss_sum, seen)
+    if cfg.epochs == 0:  # pretrained weights (teacher.weights): evaluate them and hand them on unchanged
+        evaluate_and_report(-1, 0.0, 0)
 
 
 def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig,
