@@ -153,3 +153,21 @@ def read_manifest(directory: str | Path, kind: str | None = None, *, verify: boo
                 raise ArtifactError(f"{file} does not match its recorded sha256: the file was modified or "
                                     "truncated; re-run the stage that wrote it")
     return manifest
+
+
+def stage_storage(out_dir: str | Path, storage_path: str | None = None) -> Path:
+    """Where Ray Train keeps the checkpoints of the stage writing ``out_dir``.
+
+    Default: ``.<name>.ray`` beside ``out_dir``.  With a shared ``storage_path`` (a file system
+    every node mounts, e.g. EFS or NFS), a directory under it named after ``out_dir`` plus a hash of
+    its absolute path, so that two outputs never share (or delete) each other's checkpoints.
+    """
+    out_dir = Path(out_dir).resolve()
+    if not storage_path:
+        return out_dir.parent / f".{out_dir.name}.ray"
+    if "://" in str(storage_path):
+        raise ValueError(f"storage_path {storage_path!r} is a URI; the stages read and write their checkpoints "
+                         "through the file system: mount the bucket on every node (e.g. EFS, Filestore, "
+                         "s3fs/gcsfuse) and give the mount point")
+    key = hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]
+    return Path(storage_path).resolve() / f"{out_dir.name}-{key}"

@@ -30,11 +30,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _storage(args, recipe: Recipe, out: Path) -> Path:
-    if getattr(args, "storage_path", None):
-        return Path(args.storage_path)
-    if recipe.storage_path:
-        return Path(recipe.storage_path)
-    return out.parent / f".{out.name}.ray"
+    from unidd_ray.artifacts import stage_storage
+
+    return stage_storage(out, getattr(args, "storage_path", None) or recipe.storage_path)
 
 
 def _ray(args, recipe: Recipe) -> None:

@@ -13,6 +13,7 @@ injection) are left out of the keys.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,8 +37,11 @@ def stage_key(kind: str, settings: dict, **inputs) -> str:
     return sha256_json({"kind": kind, "settings": relevant, "inputs": inputs})[:12]
 
 
-def _storage(stage_dir: Path) -> Path:
-    return stage_dir.parent / f".{stage_dir.name}.ray"
+def _storage(stage_dir: Path, recipe: Recipe) -> Path:
+    """Ray Train checkpoints of a stage: beside it, or under the recipe's shared ``storage_path``."""
+    from unidd_ray.artifacts import stage_storage
+
+    return stage_storage(stage_dir, recipe.storage_path)
 
 
 def _log(msg: str) -> None:
@@ -79,10 +83,10 @@ def teacher_stage(recipe: Recipe, run: Path, data_dir: Path, info, recipe_yaml: 
         load_teacher(teacher_dir)
         _log(f"squeeze: reusing {teacher_dir}")
     except ValueError:
-        resume = (_storage(teacher_dir) / "squeeze").exists()
+        resume = (_storage(teacher_dir, recipe) / "squeeze").exists()
         _log(f"squeeze: training {recipe.teacher.arch} -> {teacher_dir}" + (" (resuming)" if resume else ""))
         squeeze(data_dir, teacher_dir, squeeze_cfg=recipe.squeeze, model_cfg=recipe.teacher, data_cfg=recipe.data,
-                storage_path=_storage(teacher_dir), resume=resume, recipe_yaml=recipe_yaml)
+                storage_path=_storage(teacher_dir, recipe), resume=resume, recipe_yaml=recipe_yaml)
     return teacher_dir, read_teacher_info(teacher_dir)
 
 
@@ -112,7 +116,9 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     if unknown:
         raise ValueError(f"unknown methods {unknown} in the recipe; choose from {list(BASELINES) + list(METHODS)}")
     started = time.perf_counter()
-    run = recipe.run_dir
+    run = recipe.run_dir.resolve()
+    if recipe.ray_address or os.environ.get("RAY_ADDRESS"):
+        _log(f"writing to {run}: on a cluster this must be storage that outlives the job (e.g. /mnt/shared)")
     run.mkdir(parents=True, exist_ok=True)
     recipe_yaml = recipe_to_yaml(recipe)
     atomic_write_text(run / "config.yaml", recipe_yaml)
@@ -150,7 +156,7 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
                     resume = (distilled.parent / f"{distilled.name}.partial" / "plan.json").is_file()
                     _log(f"recover {method} IPC {ipc} -> {distilled}" + (" (resuming)" if resume else ""))
                     run_recover(data_dir, teacher_dir, stats_dir if method in SPECTRAL_METHODS else None, distilled,
-                                cfg, storage_path=_storage(distilled), resume=resume,
+                                cfg, storage_path=_storage(distilled, recipe), resume=resume,
                                 num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml)
             stages[f"{method}-ipc{ipc}"] = str(distilled)
             eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
@@ -165,7 +171,7 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
             else:
                 _log(f"evaluate {method} IPC {ipc}: {eval_cfg.seeds} seeds, student {eval_cfg.student}")
                 summary = run_evaluate(distilled, teacher_dir, data_dir, eval_dir, eval_cfg,
-                                       storage_path=_storage(eval_dir), num_workers=recipe.data.num_workers,
+                                       storage_path=_storage(eval_dir, recipe), num_workers=recipe.data.num_workers,
                                        recipe_yaml=recipe_yaml)
             stages[f"eval-{method}-ipc{ipc}"] = str(eval_dir)
             rows.append({"method": method, "ipc": ipc, "top1_mean": summary["top1_mean"],

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,13 @@ import yaml
 from unidd_ray.config import ConfigError, Recipe, apply_overrides, from_dict, to_dict
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
+SCHEDULES = ("cosine", "linear", "constant", "geometric")
+METRICS = ("top1",)  # what every trial reports
+ASHA_OPTIONS = ("grace_period", "reduction_factor", "brackets", "stop_last_trials")
+# recipe keys that the trial section controls (trial_recipe sets them for every trial)
+TRIAL_KEYS = {"recover.ipc": "trial.ipc", "recover.iterations": "trial.iterations", "recover.workers": "1",
+              "evaluate.epochs": "trial.eval_epochs", "evaluate.eval_every": "trial.eval_every",
+              "evaluate.seeds": "trial.seeds"}
 
 
 @dataclass
@@ -64,8 +72,12 @@ class SearchSpace:
     description: str = ""
 
 
+def _sections() -> dict:
+    return {f.name: getattr(Recipe(), f.name) for f in dataclasses.fields(Recipe)}
+
+
 def _check_key(key: str, where: str) -> None:
-    sections = {f.name: getattr(Recipe(), f.name) for f in dataclasses.fields(Recipe)}
+    sections = _sections()
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in sections or not dataclasses.is_dataclass(sections[parts[0]]):
         raise ConfigError(f"{where}: {key!r} is not a recipe key of the form section.key "
@@ -73,26 +85,68 @@ def _check_key(key: str, where: str) -> None:
     valid = [f.name for f in dataclasses.fields(sections[parts[0]])]
     if parts[1] not in valid:
         raise ConfigError(f"{where}: unknown key {key!r}; valid keys of {parts[0]}: {valid}")
+    if key in TRIAL_KEYS:
+        raise ConfigError(f"{where}: {key!r} is set by the 'trial' section ({TRIAL_KEYS[key]}) and cannot be tuned")
+
+
+def _check_value(key: str, value, where: str) -> None:
+    """``value`` must be a valid setting of recipe key ``key`` (type-checked like a ``--set``)."""
+    section, name = key.split(".")
+    data = to_dict(_sections()[section])
+    data[name] = value
+    try:
+        from_dict(type(_sections()[section]), data, section)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from None
+    if key == "recover.method":
+        from unidd_ray.distill import METHODS
+
+        if value not in METHODS:
+            raise ConfigError(f"{where}: {key}: unknown method {value!r}; choose one of {list(METHODS)}")
+    if key == "recover.schedule" and value not in SCHEDULES:
+        raise ConfigError(f"{where}: {key}: unknown schedule {value!r}; choose one of {list(SCHEDULES)}")
+
+
+def _is_branch(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(k, str) and "." in k for k in value)
 
 
 def _check_domain(key: str, spec, where: str) -> None:
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) not in DOMAINS:
+        field_type = typing.get_type_hints(type(_sections()[key.split(".")[0]])).get(key.split(".")[-1])
+        if field_type is not dict and "." in key:
+            raise ConfigError(f"{where}: {key}: unknown domain {next(iter(spec))!r}; valid domains: {list(DOMAINS)} "
+                              "(or a literal value)")
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
-        return  # a literal value
+        _check_value(key, spec, where)  # a literal value
+        return
     kind, args = next(iter(spec.items()))
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
-            raise ConfigError(f"{where}: {key}: {kind} needs a non-empty list")
+            raise ConfigError(f"{where}: {key}: {kind} needs a non-empty list, got {args!r}")
         for branch in args:
-            if isinstance(branch, dict) and all("." in k for k in branch):
+            if _is_branch(branch):
                 _check_branch(branch, f"{where}: {key}")
+            elif "." not in key:
+                raise ConfigError(f"{where}: {key}: each choice of a group must be a mapping of recipe keys "
+                                  f"(section.key) to domains, got {branch!r}")
+            else:
+                _check_value(key, branch, where)
         return
-    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
-        raise ConfigError(f"{where}: {key}: {kind} needs [low, high], got {args!r}")
+    if not (isinstance(args, list) and len(args) == 2
+            and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
+        raise ConfigError(f"{where}: {key}: {kind} needs [low, high] numbers, got {args!r}")
     low, high = args
     if not low < high:
         raise ConfigError(f"{where}: {key}: {kind} needs low < high, got {args}")
     if kind == "loguniform" and low <= 0:
-        raise ConfigError(f"{where}: {key}: loguniform needs low > 0, got {low}")
+        raise ConfigError(f"{where}: {key}: loguniform needs low > 0 (a log scale), got {low}")
+    if kind == "randint":
+        if not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"{where}: {key}: randint needs integer bounds [low, high), got {args}")
+        _check_value(key, low, where)
+    else:  # a non-integer sample must be a valid value (refuses uniform over an integer key)
+        _check_value(key, low + (high - low) / math.pi, where)
 
 
 def _check_branch(branch: dict, where: str) -> None:
@@ -106,7 +160,10 @@ def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"search space {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or "space" not in data or not isinstance(data["space"], dict):
         raise ConfigError(f"{path}: a search space needs a 'space' mapping of recipe keys to domains")
     where = str(path)
@@ -114,7 +171,11 @@ def load_space(path: str | Path) -> SearchSpace:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown top-level keys {unknown}; valid: {sorted(known)}")
+    if not data["space"]:
+        raise ConfigError(f"{where}: 'space' is empty; name at least one recipe key to tune")
     for key, spec in data["space"].items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: space key {key!r} must be a string")
         if "." in key:
             _check_key(key, where)
             _check_domain(key, spec, where)
@@ -122,17 +183,51 @@ def load_space(path: str | Path) -> SearchSpace:
             _check_domain(key, spec, where)
         else:
             raise ConfigError(f"{where}: {key!r} must be a recipe key (section.key) or a group with a choice")
-    for key in (data.get("base") or {}):
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{where}: base must be a mapping of recipe keys to fixed values")
+    for key, value in base.items():
         _check_key(key, f"{where}: base")
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DOMAINS:
+            raise ConfigError(f"{where}: base: {key} must be a fixed value; put domains under 'space'")
+        _check_value(key, value, f"{where}: base")
     if data.get("mode", "max") not in ("max", "min"):
-        raise ConfigError(f"{where}: mode must be max or min")
+        raise ConfigError(f"{where}: mode must be max or min, got {data.get('mode')!r}")
+    if data.get("metric", "top1") not in METRICS:
+        raise ConfigError(f"{where}: metric must be one of {list(METRICS)} (what trials report), "
+                          f"got {data.get('metric')!r}")
     scheduler = data.get("scheduler") or {"asha": {}}
-    if set(scheduler) - {"asha", "fifo"}:
-        raise ConfigError(f"{where}: scheduler must be asha or fifo, got {sorted(scheduler)}")
-    trial = from_dict(TrialSettings, data.get("trial") or {}, "trial")
-    return SearchSpace(path=str(path), space=data["space"], base=data.get("base") or {},
+    if not isinstance(scheduler, dict) or len(scheduler) != 1 or set(scheduler) - {"asha", "fifo"}:
+        raise ConfigError(f"{where}: scheduler must be one of asha or fifo, got {scheduler!r}")
+    asha = scheduler.get("asha") or {}
+    if not isinstance(asha, dict) or set(asha) - set(ASHA_OPTIONS):
+        raise ConfigError(f"{where}: scheduler.asha options must be among {list(ASHA_OPTIONS)}, got {asha!r}")
+    if asha.get("reduction_factor", 2) <= 1 or asha.get("grace_period", 1) < 1:
+        raise ConfigError(f"{where}: scheduler.asha needs reduction_factor > 1 and grace_period >= 1")
+    if not isinstance(data.get("trial") or {}, dict):
+        raise ConfigError(f"{where}: trial must be a mapping of {[f.name for f in dataclasses.fields(TrialSettings)]}")
+    try:
+        trial = from_dict(TrialSettings, data.get("trial") or {}, "trial")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if trial.ipc < 1 or trial.iterations < 1 or trial.eval_epochs < 1 or trial.seeds < 1 or trial.eval_every < 0:
+        raise ConfigError(f"{where}: trial needs ipc, iterations, eval_epochs, seeds >= 1 and eval_every >= 0")
+    if isinstance(trial.classes, int) and trial.classes < 1:
+        raise ConfigError(f"{where}: trial.classes must be a positive count, a list of classes or null")
+    max_t = reports_per_trial(trial)
+    if asha.get("grace_period", 1) > max_t:
+        raise ConfigError(f"{where}: scheduler.asha.grace_period {asha['grace_period']} exceeds the {max_t} "
+                          "evaluations of a trial (eval_epochs / eval_every x seeds)")
+    return SearchSpace(path=str(path), space=data["space"], base=base,
                        metric=data.get("metric", "top1"), mode=data.get("mode", "max"), trial=trial,
                        scheduler=scheduler, description=data.get("description", ""))
+
+
+def reports_per_trial(trial: TrialSettings) -> int:
+    """How many results a full (not stopped) trial reports: one per ``eval_every`` epochs and one at the end
+    of each seed's training (the ASHA time axis is ``training_iteration``)."""
+    per_seed = math.ceil(trial.eval_epochs / trial.eval_every) if trial.eval_every else 1
+    return per_seed * trial.seeds
 
 
 def to_tune_domain(spec):
@@ -237,51 +332,74 @@ def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concur
                              data_dir=str(data_dir.resolve()), teacher_dir=str(teacher_dir.resolve()),
                              stats_dir=str(stats_dir.resolve())),
         {"cpu": space.trial.cpus, "gpu": space.trial.gpus})
-    max_t = space.trial.eval_epochs * space.trial.seeds
+    max_t = reports_per_trial(space.trial)
     if "asha" in space.scheduler:
         opts = {"grace_period": 1, "reduction_factor": 2, **(space.scheduler["asha"] or {})}
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, max_t // max(1, space.trial.eval_every)),
-                                  **opts)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, **opts)
     else:
         scheduler = FIFOScheduler()
-    storage = (out / "ray").resolve()
     name = "sweep"
-    if resume and tune.Tuner.can_restore(str(storage / name)):
-        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+    # Tune's experiment state: the recipe's shared storage on a cluster (a mounted path or a URI), else <out>/ray
+    if recipe.storage_path:
+        storage = (f"{recipe.storage_path.rstrip('/')}/tune-{Path(space_file).stem}" if "://" in recipe.storage_path
+                   else str(Path(recipe.storage_path).resolve() / f"tune-{Path(space_file).stem}"))
     else:
+        storage = str((out / "ray").resolve())
+    experiment = f"{storage.rstrip('/')}/{name}"
+    if resume and tune.Tuner.can_restore(experiment):
+        print(f"[tune] resuming {experiment}", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        if resume:
+            print(f"[tune] nothing to resume at {experiment}; starting a new sweep", flush=True)
         tuner = tune.Tuner(
             trainable, param_space={k: to_tune_domain(v) for k, v in space.space.items()},
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
                                         num_samples=samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
     grid = tuner.fit()
-    rows = []
+    rows, errors = [], []
     for result in grid:
+        if result.error is not None:
+            errors.append({"trial": Path(result.path).name, "config": flatten_sample(result.config),
+                           "error": str(result.error).strip().splitlines()[-1] if str(result.error).strip() else
+                           type(result.error).__name__})
         if result.metrics is None or space.metric not in result.metrics:
             continue
         history = result.metrics_dataframe
+        evaluations = int(result.metrics.get("training_iteration", 0))
         rows.append({"trial": Path(result.path).name, "overrides": {**space.base, **flatten_sample(result.config)},
                      space.metric: float(result.metrics[space.metric]),
-                     "evaluations": int(result.metrics.get("training_iteration", 0)),
-                     "stopped_early": int(result.metrics.get("training_iteration", 0)) < max(
-                         1, max_t // max(1, space.trial.eval_every)),
-                     "curve": [float(v) for v in history[space.metric]] if history is not None else []})
+                     "evaluations": evaluations,
+                     "stopped_early": evaluations < max_t and result.error is None,
+                     "error": result.error is not None,
+                     "curve": [float(v) for v in history[space.metric]]
+                     if history is not None and space.metric in history else []})
     if not rows:
-        raise RuntimeError(f"no trial reported {space.metric!r}; see the trial logs under {storage}")
-    rows.sort(key=lambda r: r[space.metric], reverse=space.mode == "max")
+        raise RuntimeError(f"no trial reported {space.metric!r}; see the trial logs under {experiment}"
+                           + (f" (first error: {errors[0]['error']})" if errors else ""))
+    sign = -1 if space.mode == "max" else 1
+    # complete trials rank first: a trial ASHA stopped reports an intermediate, not a final, accuracy
+    rows.sort(key=lambda r: (r["error"] or r["stopped_early"], sign * r[space.metric]))
     best = rows[0]
     best_recipe = apply_overrides(to_dict(recipe), [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                                     for k, v in best["overrides"].items()])
     best_recipe["name"] = f"{recipe.name}-tuned"
     best_recipe["out"] = None
+    # the pipeline runs one recovery per entry of `methods`, overriding recover.method: keep the baselines
+    # and run the tuned method
+    from unidd_ray.pipeline import BASELINES
+
+    best_recipe["methods"] = [m for m in recipe.methods if m in BASELINES] + [best_recipe["recover"]["method"]]
     from_dict(Recipe, best_recipe)  # the written file must load
     atomic_write_text(out / "best_recipe.yaml",
                       f"# best of {len(rows)} trials of {space_file} ({space.metric} {best[space.metric]:.2f})\n"
                       + yaml.safe_dump(best_recipe, sort_keys=False))
-    ranking = {"space": str(space_file), "metric": space.metric, "mode": space.mode, "trial": to_dict(space.trial),
-               "rows": rows}
+    ranking = {"space": str(space_file), "recipe": recipe.name, "metric": space.metric, "mode": space.mode,
+               "trial": to_dict(space.trial), "scheduler": space.scheduler, "max_evaluations": max_t,
+               "samples": samples, "experiment": experiment, "best": best, "rows": rows, "errors": errors,
+               "best_recipe": str(out / "best_recipe.yaml")}
     atomic_write_json(out / "ranking.json", ranking)
     lines = [f"# Tune ranking: {Path(space_file).name} on {recipe.name}", "",
              f"| rank | {space.metric} | evaluations | stopped early | overrides |", "|---|---|---|---|---|"]

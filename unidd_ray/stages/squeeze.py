@@ -112,7 +112,7 @@ def _train_loop(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * len(labels)
+            loss_sum += loss.item() * len(labels)
             seen += len(labels)
         evaluate_and_report(epoch, loss_sum, seen)
     if cfg.epochs == 0:  # pretrained weights (teacher.weights): evaluate them and hand them on unchanged
