@@ -235,12 +235,17 @@ class Distiller:
                     probs = torch.softmax(logits, 1) if s.signal == "soft" else None
                     f_total, s_total, last_stats = self._spectral(captured, labels, probs, filt, emu, reducer)
                     loss = loss + s.alpha * (f_total + s_total)
-                    parts.update(filter=float(f_total), signal=float(s_total))
+                    parts.update(filter=_value(f_total), signal=_value(s_total))
+                    spectral = s.alpha * (parts["filter"] + parts["signal"])
                 elif self.bn_layers:
                     bn = self._bn_loss(captured, reducer)
                     loss = loss + s.bn_weight * bn
-                    parts["bn"] = float(bn)
-                parts["total"] = float(loss) if len(labels) else parts["ce"]
+                    parts["bn"] = _value(bn)
+                    spectral = s.bn_weight * parts["bn"]
+                else:
+                    spectral = 0.0
+                # the global total (CE summed over workers + the shared matching term), not this worker's share
+                parts["total"] = parts["ce"] + spectral
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -301,6 +306,11 @@ class Distiller:
             total = total + torch.linalg.vector_norm(mean - bn.running_mean) + torch.linalg.vector_norm(
                 var - bn.running_var)
         return total
+
+
+def _value(t) -> float:
+    """A loss part as a plain float (detached first: no autograd warning)."""
+    return float(t.detach()) if isinstance(t, Tensor) else float(t)
 
 
 def _detach_stats(stats: BatchStatistics) -> BatchStatistics:

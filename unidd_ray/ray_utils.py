@@ -31,6 +31,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         "configure_logging": True,
     }
     if address is None:
+        # "local" always starts a fresh embedded instance: a bare ray.init() would join whatever
+        # cluster an earlier `ray start` on this machine recorded.
+        address = "local"
         kwargs.update(include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus)
     ray.init(address=address, **kwargs)
 

@@ -209,7 +209,10 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
     ax.set_xlabel("IPC slot")
     ax.set_ylabel("final loss part")
     ax.set_yscale("log")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+    else:  # a run without recovered sets (random subsets only)
+        ax.text(0.5, 0.5, "no recovery losses in this run", ha="center", va="center", transform=ax.transAxes)
     fig.savefig(out / "losses.png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     figs["losses"] = f"{FIG_DIR}/losses.png"

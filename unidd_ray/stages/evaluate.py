@@ -13,6 +13,7 @@ exactly the starting point the recovery methods improve on.
 from __future__ import annotations
 
 import io
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from unidd_ray.config import EvaluateConfig, RecoverConfig, to_dict
+
+log = logging.getLogger(__name__)
 
 RUN_NAME = "evaluate"
 
@@ -179,7 +182,7 @@ def _evaluate_loop(config: dict) -> list[float]:
 
     def report(seed, epoch, acc):
         if rank == 0:
-            print(f"[evaluate] seed {seed} epoch {epoch + 1}/{cfg.epochs}: val top-1 {acc:.2f}%", flush=True)
+            log.info(f"[evaluate] seed {seed} epoch {epoch + 1}/{cfg.epochs}: val top-1 {acc:.2f}%")
 
     accs = evaluate_in_process(images, labels, teacher, config["data_dir"], cfg, num_classes=tinfo.num_classes,
                                in_channels=tinfo.in_channels, resolution=tinfo.resolution,
@@ -211,6 +214,14 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
         raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than {data_dir}")
     if cfg.seeds < 1:
         raise ValueError("evaluate.seeds must be at least 1")
+    if soft_labels is not None and not cfg.hard_labels:  # refuse mismatched labels before starting any worker
+        import pyarrow.parquet as pq
+
+        from unidd_ray.stages.relabel import check_soft_labels
+
+        images = pq.read_metadata(Path(distilled_dir) / "manifest.parquet").num_rows
+        check_soft_labels(soft_labels, _settings(cfg), images, teacher_sha256=tinfo.sha256,
+                          distilled_files=distilled["files"])
     storage_path = Path(storage_path).resolve()
     shutil.rmtree(storage_path / RUN_NAME, ignore_errors=True)
     started = time.perf_counter()

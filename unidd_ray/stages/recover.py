@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -38,7 +39,11 @@ from unidd_ray.config import RecoverConfig, to_dict
 RUN_NAME = "recover"
 IMAGES = "images"
 RECORDS = ".batches"
+EXECUTIONS = "executions"  # per-worker append-only logs of finished batches, under RECORDS
+BATCHES = "batches.json"  # the per-batch records of the finished run
 FAULT_MARKER = ".fault-injected"
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -305,6 +310,9 @@ def _recover_loop(config: dict) -> None:
             atomic_write_json(staging / RECORDS / f"{batch:08d}.json",
                               {"batch": batch, "slot": slot, "worker": rank, "chunk": j, "rows": rows,
                                "parts": result.parts, "seconds": time.perf_counter() - started})
+            # append-only: a batch redone after a restart shows up here twice (its record above is replaced)
+            with open(staging / RECORDS / f"{EXECUTIONS}-{rank:04d}.jsonl", "a") as f:
+                f.write(json.dumps({"batch": batch, "round": r, "worker": rank}) + "\n")
         finished = plan.batches_done(r)
         if (cfg.fail_at_batch is not None and rank == world - 1 and finished >= cfg.fail_at_batch
                 and not (staging / FAULT_MARKER).exists()):
@@ -313,9 +321,11 @@ def _recover_loop(config: dict) -> None:
         metrics = {"round": r, "slot": slot, "finished_batches": finished,
                    **({f"loss_{k}": v for k, v in result.parts.items()} if result is not None else {})}
         if rank == 0:
+            # a log record, not print(): Ray Train V2 patches print() in its workers to write the line to
+            # stdout *and* to the root logger's console handler, so every printed line reached the driver twice
             parts = "  ".join(f"{k} {v:.4g}" for k, v in (result.parts.items() if result else []))
-            print(f"[recover] round {r + 1}/{plan.rounds} (slot {slot + 1}/{plan.ipc}, chunk {j + 1}) "
-                  f"{time.perf_counter() - started:.1f}s  {parts}", flush=True)
+            log.info(f"[recover] round {r + 1}/{plan.rounds} (slot {slot + 1}/{plan.ipc}, chunk {j + 1}) "
+                     f"{time.perf_counter() - started:.1f}s  {parts}")
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -334,7 +344,7 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
     from unidd_ray.data.loading import read_labels
     from unidd_ray.data.prepare import read_dataset_info
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS, method_filter
-    from unidd_ray.models import resolve_layers
+    from unidd_ray.models import bn_layers, resolve_layers
     from unidd_ray.spectral import cholesky_factor
     from unidd_ray.stats_io import load_stats
     from unidd_ray.teacher import load_teacher
@@ -355,7 +365,7 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
         if stats_dir is None:
             raise ValueError(f"method {cfg.method!r} needs --stats (the output of `unidd-ray stats`)")
         real = load_stats(stats_dir, teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)
-        layers = resolve_layers(teacher, None)
+        layers = resolve_layers(teacher, None)  # raises for a teacher without Conv2d layers to tap
         missing = [name for name in layers if name not in real]
         if missing:
             raise ValueError(f"the teacher's layers {missing} have no statistics in {stats_dir}")
@@ -363,6 +373,9 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
             betas = sorted({filt.at_slot(b, cfg.ipc).beta for b in range(cfg.ipc)})
             for name in layers:
                 cholesky_factor(real[name].covariance(cfg.covariance), betas[0])  # raises naming beta and λ_min
+    if cfg.method == "sre2l" and not bn_layers(teacher):
+        raise ValueError("sre2l matches BatchNorm running statistics, but the teacher in "
+                         f"{teacher_dir} ({tinfo.arch}) has no BatchNorm2d layer")
     return info, labels, plan
 
 
@@ -415,12 +428,23 @@ def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: Recover
     """Check that every (class, slot) image exists exactly once, write the manifest and move into place."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import yaml
 
     from unidd_ray.artifacts import atomic_write_json, atomic_write_text, sha256_file, write_manifest
 
-    rows = []
+    rows, batches = [], []
     for path in sorted((staging / RECORDS).glob("*.json")):
-        rows.extend(json.loads(path.read_text())["rows"])
+        record = json.loads(path.read_text())
+        rows.extend(record["rows"])
+        batches.append({k: v for k, v in record.items() if k != "rows"} | {"classes": [r["class"] for r in record["rows"]]})
+    executions: dict[int, int] = {}
+    for path in sorted((staging / RECORDS).glob(f"{EXECUTIONS}-*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                b = int(json.loads(line)["batch"])
+                executions[b] = executions.get(b, 0) + 1
+    for b in batches:
+        b["executions"] = executions.get(b["batch"], 1)
     keys = [(r["class"], r["slot"]) for r in rows]
     expected = {(k, b) for k in plan.classes for b in range(plan.ipc)}
     if len(keys) != len(set(keys)) or set(keys) != expected:
@@ -445,9 +469,16 @@ def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: Recover
                      for b, v in sorted(per_slot.items())},
         "config": to_dict(cfg),
     }
+    summary["batches_executed"] = sum(b["executions"] for b in batches)
+    summary["batches_redone"] = sorted(b["batch"] for b in batches if b["executions"] > 1)
+    atomic_write_json(staging / BATCHES, batches)
     atomic_write_json(staging / "summary.json", summary)
-    if recipe_yaml is not None:
-        atomic_write_text(staging / "config.yaml", recipe_yaml)
+    # the resolved configuration: the whole recipe from the CLI, else the recovery section
+    atomic_write_text(staging / "config.yaml",
+                      recipe_yaml if recipe_yaml is not None else yaml.safe_dump({"recover": to_dict(cfg)},
+                                                                                 sort_keys=False))
+    if cfg.save_beton:
+        write_distilled_beton(staging, rows, channels=info.channels)
     shutil.rmtree(staging / RECORDS)
     (staging / FAULT_MARKER).unlink(missing_ok=True)
     write_manifest(staging, "distilled", method=cfg.method, ipc=plan.ipc,
@@ -456,3 +487,27 @@ def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: Recover
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return out_dir
+
+
+BETON = "distilled.beton"
+
+
+def write_distilled_beton(directory: Path, rows: list[dict], *, channels: int) -> Path:
+    """``distilled.beton`` (FFCV; raw uint8 ``image``, ``label``, ``index`` = manifest row) from the PNGs."""
+    from ffcv.fields import NDArrayField
+    from PIL import Image
+
+    from unidd_ray.artifacts import atomic_file
+    from unidd_ray.data.prepare import _progress_bars, _write_beton
+
+    arrays = []
+    for r in rows:
+        with Image.open(directory / r["path"]) as im:
+            a = np.asarray(im)
+        arrays.append(a[:, :, None] if a.ndim == 2 else a)
+    side = arrays[0].shape[0]
+    field = NDArrayField(dtype=np.dtype("uint8"), shape=(side, arrays[0].shape[1], channels))
+    samples = [(a, int(r["class"]), i) for i, (a, r) in enumerate(zip(arrays, rows))]
+    with atomic_file(directory / BETON, suffix=".beton") as tmp, _progress_bars(False):
+        _write_beton(tmp, samples, field, workers=1)
+    return directory / BETON

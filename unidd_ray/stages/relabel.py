@@ -68,6 +68,39 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
     return out_dir
 
 
+def _check_stream(meta: dict, settings, n: int) -> None:
+    wanted = {"aug_seed": settings.aug_seed, "crop_scale": list(settings.crop_scale), "cutmix": settings.cutmix}
+    stored = {k: meta[k] for k in wanted}
+    if stored != wanted or meta["images"] != n:
+        raise ValueError(f"the stored soft labels were made for stream {stored} on {meta['images']} "
+                         f"images, not for {wanted} on {n}; re-run `unidd-ray relabel`")
+    if settings.epochs > meta["epochs"]:
+        raise ValueError(f"the stored soft labels cover {meta['epochs']} epochs, "
+                         f"evaluation needs {settings.epochs}")
+
+
+def check_soft_labels(directory, settings, n: int, *, teacher_sha256: str | None = None,
+                      distilled_files: dict | None = None) -> dict:
+    """Check a relabel artifact against an evaluation before using it, reading only its metadata: the
+    augmentation stream and epochs (as :meth:`StoredSoftLabels.check_stream`), the teacher and the
+    distilled set the labels were computed for.  Returns the stored metadata."""
+    import pyarrow.parquet as pq
+
+    from unidd_ray.artifacts import read_manifest
+
+    directory = Path(directory)
+    read_manifest(directory, KIND)
+    meta = json.loads(pq.read_schema(directory / FILE).metadata[b"unidd_ray"])
+    _check_stream(meta, settings, n)
+    if teacher_sha256 is not None and meta["teacher_sha256"] != teacher_sha256:
+        raise ValueError(f"the soft labels in {directory} were made by another teacher "
+                         f"(sha256 {meta['teacher_sha256'][:12]}, not {teacher_sha256[:12]}); re-run `unidd-ray relabel`")
+    if distilled_files is not None and meta["distilled_files"] != distilled_files:
+        raise ValueError(f"the soft labels in {directory} were made for another distilled set; "
+                         "re-run `unidd-ray relabel`")
+    return meta
+
+
 class StoredSoftLabels:
     """Soft labels read from a relabel artifact: ``(epoch, ids, mixed) -> logits``."""
 
@@ -95,14 +128,7 @@ class StoredSoftLabels:
 
     def check_stream(self, settings, n: int) -> None:
         """Refuse labels stored for another augmentation stream or distilled set."""
-        wanted = {"aug_seed": settings.aug_seed, "crop_scale": list(settings.crop_scale), "cutmix": settings.cutmix}
-        stored = {k: self.meta[k] for k in wanted}
-        if stored != wanted or self.meta["images"] != n:
-            raise ValueError(f"the stored soft labels were made for stream {stored} on {self.meta['images']} "
-                             f"images, not for {wanted} on {n}; re-run `unidd-ray relabel`")
-        if settings.epochs > self.meta["epochs"]:
-            raise ValueError(f"the stored soft labels cover {self.meta['epochs']} epochs, "
-                             f"evaluation needs {settings.epochs}")
+        _check_stream(self.meta, settings, n)
 
     def verify_epoch(self, epoch: int, aug) -> None:
         if epoch in self._checked:

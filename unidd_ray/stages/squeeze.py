@@ -10,6 +10,7 @@ storage path).
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig, to_dict
+
+log = logging.getLogger(__name__)
 
 RUN_NAME = "squeeze"
 
@@ -86,7 +89,7 @@ def _train_loop(config: dict) -> None:
                    "val_top1": float(100 * counts[0] / max(counts[1], 1))}
         where = f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f}" if epoch >= 0 else \
             "given weights, no training"
-        print(f"[squeeze] {where}  val top-1 {metrics['val_top1']:.2f}%", flush=True)
+        log.info(f"[squeeze] {where}  val top-1 {metrics['val_top1']:.2f}%")
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:

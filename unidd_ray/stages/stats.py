@@ -87,6 +87,15 @@ class StatsWorker:
     def layer_channels(self) -> dict[str, int]:
         return dict(self.channels)
 
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (``None`` outside Ray)."""
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except Exception:  # noqa: BLE001 - diagnostics only
+            return None
+
     @torch.no_grad()
     def compute(self, blocks: list[tuple[int, int, int]]) -> dict[int, dict[str, dict]]:
         """Moments per block: ``{block_id: {layer: Moments.state_dict()}}`` for ``(block_id, start, stop)``."""
@@ -133,11 +142,13 @@ def _fold(total: dict[str, Moments] | None, block: dict[str, dict]) -> dict[str,
 
 
 def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfig, *, num_workers: int = 1,
-                  progress: bool = True, on_result: Callable[[int, dict], None] | None = None) -> StatsResult:
+                  progress: bool = True, on_result: Callable[[int, dict], None] | None = None,
+                  images: int | None = None) -> StatsResult:
     """Run the actor pool over the train split and fold the per-block moments in block order.
 
     ``on_result(unit_id, pool)`` is called after each finished unit (tests use it to
     kill an actor or remove a node mid-run); ``pool`` maps actor ids to handles.
+    ``images``: only the first ``images`` rows of the split (benchmarks, smoke runs).
     """
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -145,8 +156,12 @@ def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfi
 
     from unidd_ray.data.loading import read_labels
 
+    # actors may start in another working directory (or on another node): hand them absolute paths
+    teacher_dir, data_dir = Path(teacher_dir).resolve(), Path(data_dir).resolve()
     labels = read_labels(str(data_dir), "train")
-    plan = make_plan(len(labels), cfg)
+    if images is not None and not 1 <= images <= len(labels):
+        raise ValueError(f"images must lie in 1..{len(labels)} (the train split's size), got {images}")
+    plan = make_plan(len(labels) if images is None else int(images), cfg)
     if cfg.actors < 1:
         raise ValueError("stats.actors must be at least 1")
     worker_cls = ray.remote(StatsWorker)
