@@ -145,3 +145,14 @@ def test_empty_moments_refuse_statistics():
         Moments(C, K).covariance()
     with pytest.raises(ValueError, match="positive integer"):
         Moments(0, K)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4, 4), (5, 12, 2, 1)])  # H·W ≥ C (batched) and H·W < C (flattened)
+def test_batch_statistics_gram_routes_match_numpy(shape):
+    feats = torch.randn(*shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    stats = batch_statistics(feats)
+    x = feats.numpy().transpose(1, 0, 2, 3).reshape(shape[1], -1)  # (C, N·H·W), every position a sample
+    np.testing.assert_allclose(stats.sumsq.numpy(), x @ x.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.covariance.numpy(), np.cov(x, bias=True), rtol=1e-10, atol=1e-12)
+    small = feats[:2, :, :2, :1].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: batch_statistics(f).sumsq, (small,))

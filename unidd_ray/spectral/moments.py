@@ -277,7 +277,9 @@ def batch_statistics(
     """Moments and signal of one batch, differentiable in ``features``.
 
     The Gram matrix uses a batched matmul on the ``(N, C, H·W)`` view of the
-    map, which needs no channels-last copy.
+    map when ``H·W ≥ C`` (no copy of the map; an ``(N, C, C)`` intermediate), and
+    one matmul on a ``(C, N·H·W)`` copy when ``H·W < C`` (deep, small maps, where
+    the ``(N, C, C)`` intermediate would be larger than the map itself).
     """
     features = _check_features(features, None)
     n_img, c, h, w = features.shape
@@ -285,7 +287,11 @@ def batch_statistics(
     n = torch.tensor(float(n_img * h * w), dtype=features.dtype, device=features.device)
     pooled = x.mean(2)  # (N, C)
     total = pooled.sum(0) * (h * w)
-    sumsq = torch.bmm(x, x.transpose(1, 2)).sum(0)
+    if h * w >= c:
+        sumsq = torch.bmm(x, x.transpose(1, 2)).sum(0)
+    else:
+        flat = x.transpose(0, 1).reshape(c, n_img * h * w)
+        sumsq = flat @ flat.T
     if signal == "mean":
         columns = torch.zeros(1, dtype=torch.long, device=features.device)
         signal_sum = pooled.sum(0)[:, None]
