@@ -321,6 +321,14 @@ def test_run_evaluate_seeds_summary(ray_session, small_set, digits_teacher, digi
     assert stored["labels"] == "stored"
     assert stored["top1"] == summary["top1"]
 
+    # two workers that each train their own seed give the same students, returned in seed order
+    split = run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-split",
+                         replace(cfg, workers=2, split="seeds"), storage_path=tmp_path / "ray")
+    assert split["top1"] == summary["top1"]
+    with pytest.raises(ValueError, match="evaluate.split"):
+        run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-bad", replace(cfg, split="batch"),
+                     storage_path=tmp_path / "ray")
+
     # a stream the labels were not made for is refused with the reason, before any worker starts
     with pytest.raises(ValueError, match="stream"):
         run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-bad", replace(cfg, aug_seed=9),

@@ -184,11 +184,20 @@ def _evaluate_loop(config: dict) -> list[float]:
         if rank == 0:
             log.info(f"[evaluate] seed {seed} epoch {epoch + 1}/{cfg.epochs}: val top-1 {acc:.2f}%")
 
+    seeds = list(range(cfg.seeds))
+    by_seed = cfg.split == "seeds" and world > 1
     accs = evaluate_in_process(images, labels, teacher, config["data_dir"], cfg, num_classes=tinfo.num_classes,
                                in_channels=tinfo.in_channels, resolution=tinfo.resolution,
-                               seeds=list(range(cfg.seeds)), device=device, num_workers=config["num_workers"],
-                               soft_labels=soft, report=report, shard=(rank, world),
-                               wrap=_DistWrap() if world > 1 else None)
+                               seeds=seeds[rank::world] if by_seed else seeds, device=device,
+                               num_workers=config["num_workers"], soft_labels=soft, report=report,
+                               shard=(0, 1) if by_seed else (rank, world),
+                               wrap=_DistWrap() if world > 1 and not by_seed else None)
+    if by_seed:  # worker w trained seeds w, w + W, ...: put them back in seed order
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, accs)
+        accs = [gathered[s % world][s // world] for s in seeds]
     return accs  # Ray Train V2 hands rank 0's return value to the driver (Result.return_value)
 
 
@@ -214,6 +223,9 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
         raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than {data_dir}")
     if cfg.seeds < 1:
         raise ValueError("evaluate.seeds must be at least 1")
+    if cfg.split not in ("data", "seeds"):
+        raise ValueError(f"evaluate.split must be 'data' (DDP over the distilled set) or 'seeds' "
+                         f"(one student per worker), got {cfg.split!r}")
     if soft_labels is not None and not cfg.hard_labels:  # refuse mismatched labels before starting any worker
         import pyarrow.parquet as pq
 
@@ -232,7 +244,9 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
                            "soft_labels": str(Path(soft_labels).resolve()) if soft_labels else None,
                            "num_workers": num_workers, "threads": max(1, int(cfg.cpus_per_worker))},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+        # split=seeds: a worker without a seed would have nothing to do
+        scaling_config=ScalingConfig(num_workers=min(cfg.workers, cfg.seeds) if cfg.split == "seeds" else cfg.workers,
+                                     use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path)),
     )
