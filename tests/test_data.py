@@ -323,3 +323,19 @@ def test_random_resized_crop_flip_is_per_image_and_seeded():
     b = RandomResizedCropFlip(16, scale=(0.2, 0.5), generator=torch.Generator().manual_seed(0))(x)
     assert torch.equal(a, b) and a.shape == x.shape
     assert len({tuple(img.flatten()[:20].tolist()) for img in a}) == 8  # every image got its own crop
+
+
+def test_loader_leaves_torch_threads_alone(fm_prepared):
+    out, _ = fm_prepared
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # FFCV itself would set torch's threads to num_workers on construction and on every epoch
+        loader = make_loader(out, "train", batch_size=4, num_workers=2)
+        assert torch.get_num_threads() == 1
+        for _ in range(2):
+            batches = sum(1 for _ in loader)
+            assert torch.get_num_threads() == 1
+        assert batches == len(loader) > 0 and loader.batch_size == 4
+    finally:
+        torch.set_num_threads(before)

@@ -26,9 +26,10 @@ horizontal flips, seeded by ``seed``) then ``ToTensor``; on an accelerator, FFCV
 ``resolution`` differs from the stored side.  Every yielded tensor is freshly allocated (FFCV's
 own buffers are reused between batches), so batches may be kept.
 
-Threads.  FFCV sets torch's intra-op thread count to ``num_workers`` whenever one of its loaders
-is created or starts an epoch (``ffcv.pipeline.compiler.Compiler.set_num_threads``); pass the number
-of cores you want the process to use.
+Threads.  FFCV sets torch's intra-op thread count to ``num_workers`` whenever it is imported, one
+of its loaders is created or starts an epoch (``ffcv.pipeline.compiler.Compiler.set_num_threads``).
+:func:`make_loader` returns a :class:`ThreadKeepingLoader` that puts torch's count back each time,
+so a process keeps the threads it chose (``num_workers`` still sizes FFCV's own decoding threads).
 
 ``drop_last`` and ``num_workers`` are always passed to FFCV explicitly (its defaults are
 ``drop_last=True`` and "all cores").  The first loader of a process also installs
@@ -179,11 +180,13 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, num_worker
     raw-storage augmentation); ``resolution``: output side (default: ``dataset.json``'s);
     ``drop_last``: drop a final partial batch.  See the module docstring for what is yielded.
     """
+    threads = torch.get_num_threads()  # before FFCV's import, which sets it to 1
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.reader import Reader
     from ffcv.transforms import ToTensor
 
+    torch.set_num_threads(threads)
     numba_noise.install()
     info = read_dataset_info(data_dir)
     path = beton_path(data_dir, split)
@@ -216,5 +219,35 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, num_worker
     }
     order_option = {"sequential": OrderOption.SEQUENTIAL, "random": OrderOption.RANDOM,
                     "quasi_random": OrderOption.QUASI_RANDOM}[order]
-    return Loader(str(path), batch_size=batch_size, num_workers=num_workers, order=order_option, seed=seed,
-                  indices=rows, pipelines=pipelines, drop_last=drop_last, os_cache=order != "quasi_random")
+    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, order=order_option, seed=seed,
+                    indices=rows, pipelines=pipelines, drop_last=drop_last, os_cache=order != "quasi_random")
+    torch.set_num_threads(threads)
+    return ThreadKeepingLoader(loader, threads)
+
+
+class ThreadKeepingLoader:
+    """An FFCV ``Loader`` that leaves torch's intra-op thread count as it found it.
+
+    FFCV's ``Compiler.set_num_threads`` also calls ``torch.set_num_threads(num_workers)``: on
+    import, on construction and at the start of every epoch.  A Ray worker that runs its model on
+    one thread next to another such worker would then run two threads per process and
+    oversubscribe the cores (measured: four evaluation seeds on two 1-CPU workers took 252 s
+    instead of ~140 s).  Everything else is the wrapped loader's.
+    """
+
+    def __init__(self, loader, threads: int):
+        self.loader = loader
+        self.threads = threads
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        torch.set_num_threads(self.threads)
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        if name in ("loader", "threads"):  # not set yet (e.g. during copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)

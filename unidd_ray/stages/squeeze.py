@@ -51,6 +51,7 @@ def _train_loop(config: dict) -> None:
     data_dir = config["data_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # the worker's CPUs, whatever FFCV's loader uses
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     info = read_dataset_info(data_dir)
