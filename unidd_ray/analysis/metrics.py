@@ -39,9 +39,9 @@ def high_frequency_fraction(psd: Tensor, cutoff: float = 0.5) -> float:
     return float(high.sum() / body.sum()) if body.sum() > 0 else 0.0
 
 
-def intra_class_cosine(features: Tensor, labels: Tensor) -> tuple[float, dict[int, float]]:
+def intra_class_cosine(features: Tensor, labels: Tensor) -> tuple[float | None, dict[int, float]]:
     """Mean pairwise cosine similarity of the features within each class (pairs i ≠ j), and its mean
-    over the classes that have at least two samples."""
+    over the classes that have at least two samples (``None`` when no class has two, e.g. IPC 1)."""
     f = torch.nn.functional.normalize(features.double().flatten(1), dim=1)
     per_class = {}
     for k in labels.unique().tolist():
@@ -51,7 +51,7 @@ def intra_class_cosine(features: Tensor, labels: Tensor) -> tuple[float, dict[in
             continue
         sim = fk @ fk.T
         per_class[int(k)] = float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
-    mean = sum(per_class.values()) / len(per_class) if per_class else float("nan")
+    mean = sum(per_class.values()) / len(per_class) if per_class else None
     return mean, per_class
 
 

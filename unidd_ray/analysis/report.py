@@ -161,7 +161,7 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
     figs["psd"] = f"{FIG_DIR}/psd.png"
 
     fig, ax = plt.subplots(figsize=(6, 3))
-    keys = list(report["methods"])
+    keys = [k for k, e in report["methods"].items() if e["intra_class_cosine"] is not None]  # IPC 1: no pairs
     ax.bar(range(len(keys)), [report["methods"][k]["intra_class_cosine"] for k in keys])
     ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("intra-class cosine similarity")
@@ -219,6 +219,10 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
     return figs
 
 
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
 def _html(report: dict, figs: dict[str, str]) -> str:
     esc = html.escape
     def accuracy(r: dict) -> str:
@@ -229,7 +233,7 @@ def _html(report: dict, figs: dict[str, str]) -> str:
         f"<tr><td>{esc(str(r['method']))}</td><td>{r['ipc'] if r['ipc'] is not None else '–'}</td>"
         f"<td>{esc(str(r.get('labels', '–')))}</td><td>{accuracy(r)}</td></tr>" for r in report["accuracy"])
     stats = "".join(
-        f"<tr><td>{esc(k)}</td><td>{e['high_frequency_fraction']:.4f}</td><td>{e['intra_class_cosine']:.4f}</td></tr>"
+        f"<tr><td>{esc(k)}</td><td>{e['high_frequency_fraction']:.4f}</td><td>{_fmt(e['intra_class_cosine'])}</td></tr>"
         for k, e in report["methods"].items())
     grids = "".join(f"<h3>{esc(k.split(':', 1)[1])}</h3><img src='{esc(v)}'>" for k, v in figs.items()
                     if k.startswith("grid:"))
