@@ -325,6 +325,11 @@ def test_run_evaluate_seeds_summary(ray_session, small_set, digits_teacher, digi
     split = run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-split",
                          replace(cfg, workers=2, split="seeds"), storage_path=tmp_path / "ray")
     assert split["top1"] == summary["top1"]
+    # more workers than the embedded Ray has CPUs: refused at once instead of waiting forever
+    with pytest.raises(ValueError, match="cannot grow"):
+        run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-big",
+                     replace(cfg, workers=8, cpus_per_worker=1), storage_path=tmp_path / "ray")
+    assert not (tmp_path / "eval-big").exists()
     with pytest.raises(ValueError, match="evaluate.split"):
         run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-bad", replace(cfg, split="batch"),
                      storage_path=tmp_path / "ray")

@@ -11,6 +11,9 @@ import logging
 import os
 
 SETUP_HOOK = "unidd_ray._torchvision_fix.apply"
+_EMBEDDED = False  # this process started its own local Ray, which cannot grow
+
+log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
@@ -36,6 +39,28 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         address = "local"
         kwargs.update(include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus)
     ray.init(address=address, **kwargs)
+    global _EMBEDDED
+    _EMBEDDED = address == "local"
+
+
+def require_resources(what: str, *, workers: int, cpus: float, gpus: float = 0.0) -> None:
+    """Refuse (embedded Ray) or warn about (a cluster, which may scale up) a worker group larger than
+    the cluster: Ray Train would otherwise wait for the resources forever without saying so."""
+    import ray
+
+    if not ray.is_initialized():  # Ray Train will start a local instance sized to the machine
+        return
+    have = ray.cluster_resources()
+    need_cpu, need_gpu = workers * cpus, workers * gpus
+    if need_cpu <= have.get("CPU", 0) + 1e-9 and need_gpu <= have.get("GPU", 0) + 1e-9:
+        return
+    msg = (f"{what} asks for {workers} worker(s) x {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+           + f" = {need_cpu:g} CPU" + (f", {need_gpu:g} GPU" if gpus else "")
+           + f", but the Ray cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; "
+           f"lower {what}.workers or {what}.cpus_per_worker")
+    if _EMBEDDED:
+        raise ValueError(msg + " (this local Ray instance cannot grow)")
+    log.warning(msg + "; waiting for the cluster to scale up")
 
 
 def cluster_resources() -> dict:

@@ -212,6 +212,7 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
 
     from unidd_ray.artifacts import atomic_write_json, atomic_write_text, read_manifest
     from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.ray_utils import require_resources
     from unidd_ray.teacher import read_teacher_info
 
     info = read_dataset_info(data_dir)
@@ -234,6 +235,8 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
         images = pq.read_metadata(Path(distilled_dir) / "manifest.parquet").num_rows
         check_soft_labels(soft_labels, _settings(cfg), images, teacher_sha256=tinfo.sha256,
                           distilled_files=distilled["files"])
+    workers = min(cfg.workers, cfg.seeds) if cfg.split == "seeds" else cfg.workers  # seeds: none idle
+    require_resources("evaluate", workers=workers, cpus=cfg.cpus_per_worker, gpus=1 if cfg.use_gpu else 0)
     storage_path = Path(storage_path).resolve()
     shutil.rmtree(storage_path / RUN_NAME, ignore_errors=True)
     started = time.perf_counter()
@@ -244,9 +247,7 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
                            "soft_labels": str(Path(soft_labels).resolve()) if soft_labels else None,
                            "num_workers": num_workers, "threads": max(1, int(cfg.cpus_per_worker))},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        # split=seeds: a worker without a seed would have nothing to do
-        scaling_config=ScalingConfig(num_workers=min(cfg.workers, cfg.seeds) if cfg.split == "seeds" else cfg.workers,
-                                     use_gpu=cfg.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path)),
     )

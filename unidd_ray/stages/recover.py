@@ -392,6 +392,9 @@ def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *
     staging = out_dir.parent / f"{out_dir.name}.partial"
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
+    from unidd_ray.ray_utils import require_resources
+
+    require_resources("recover", workers=cfg.workers, cpus=cfg.cpus_per_worker, gpus=1 if cfg.use_gpu else 0)
     plan_json = asdict(plan)
     if resume and staging.exists():
         previous = json.loads((staging / "plan.json").read_text())

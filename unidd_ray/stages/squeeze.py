@@ -134,6 +134,10 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
     from unidd_ray.data.prepare import read_dataset_info
     from unidd_ray.teacher import TeacherInfo, save_teacher
 
+    from unidd_ray.ray_utils import require_resources
+
+    require_resources("squeeze", workers=squeeze_cfg.workers, cpus=squeeze_cfg.cpus_per_worker,
+                      gpus=1 if squeeze_cfg.use_gpu else 0)
     info = read_dataset_info(data_dir)
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
