@@ -222,6 +222,23 @@ def test_other_schedules():
         beta_schedule("geometric", 0.1, 3, beta_min=1.0)
 
 
+def test_floored_cosine_and_linear_schedules():
+    ipc, hi, lo = 50, 0.03, 1e-3
+    cos = beta_schedule("cosine", hi, ipc, beta_min=lo)
+    plain = beta_schedule("cosine", hi, ipc)
+    # an affine map of the plain schedule onto [lo, hi]: same shape, first slot beta_max
+    assert cos[0] == pytest.approx(hi)
+    assert [(c - lo) / (hi - lo) for c in cos] == pytest.approx([p / hi for p in plain])
+    assert min(cos) > lo and plain[-1] < 1e-4  # the unfloored tail is what the floor removes
+    lin = beta_schedule("linear", 0.2, 4, beta_min=0.04)
+    assert lin == pytest.approx([0.2, 0.16, 0.12, 0.08])
+    assert beta_schedule("cosine", hi, ipc, beta_min=0.0) == pytest.approx(plain)
+    with pytest.raises(ValueError, match="beta_min"):
+        beta_schedule("cosine", 0.1, 3, beta_min=0.1)
+    with pytest.raises(ValueError, match="beta_min"):
+        beta_schedule("linear", 0.1, 3, beta_min=-1e-3)
+
+
 def test_emu_is_the_running_equal_weight_average_with_gradient_only_through_the_current_batch():
     emu = EMU({"l": (4, 1)})
     batches = [batch_statistics(_features(s, c=4)) for s in range(3)]

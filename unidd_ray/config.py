@@ -80,7 +80,7 @@ class RecoverConfig:
     alpha: float = 0.1  # weight of the spectral matching terms
     beta_max: float = 0.1  # cfm: start of the schedule; krr: the fixed beta
     schedule: str = "cosine"  # cosine | linear | constant | geometric
-    beta_min: float | None = None  # geometric schedule end (None: beta_max / 100)
+    beta_min: float | None = None  # schedule floor: cosine/linear end near it (None: 0), geometric ends at it (None: beta_max / 100)
     mtt_eta: float = 0.1
     mtt_steps: int = 10
     bn_weight: float = 0.01  # sre2l: weight of the BatchNorm statistics loss
@@ -185,6 +185,11 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)

@@ -9,6 +9,13 @@ early slots use a large β (low-pass, consistency), late slots a small β
 - ``constant`` β_b = β_max
 - ``geometric`` log-spaced from β_max (b = 0) down to β_min (b = IPC − 1);
   β_min defaults to β_max / 100.
+
+``beta_min`` also floors ``cosine`` and ``linear``: with it set, they run from
+β_max down towards β_min instead of towards 0, i.e. β_b = β_min + (β_max − β_min) ·
+shape(b).  Left unset (the default) both are exactly the formulas above.  At
+large IPC the unfloored cosine's last slots get β ≈ β_max · π² / (4 IPC²)
+(3e-5 at IPC 50, β_max 0.03), where (Ψ + βI)⁻¹ ~ 1/β swamps the CE term; see
+docs/RESULTS.md for what that costs and what the floor recovers.
 """
 
 from __future__ import annotations
@@ -28,10 +35,20 @@ def beta_schedule(kind: str, beta_max: float, ipc: int, *, beta_min: float | Non
     if int(ipc) != ipc or ipc < 1:
         raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
     ipc = int(ipc)
-    if kind == "cosine":
-        return [beta_max * (1 + math.cos(math.pi * b / ipc)) / 2 for b in range(ipc)]
-    if kind == "linear":
-        return [beta_max * (1 - b / ipc) for b in range(ipc)]
+    if kind in ("cosine", "linear"):
+        floor = 0.0 if beta_min is None else float(beta_min)
+        if not (0 <= floor < beta_max):
+            raise ValueError(f"{kind} schedule needs 0 <= beta_min < beta_max, got beta_min={floor}, "
+                             f"beta_max={beta_max}; leave beta_min unset for the unfloored schedule")
+        if beta_min is None:  # exactly the formulas in the module docstring
+            if kind == "cosine":
+                return [beta_max * (1 + math.cos(math.pi * b / ipc)) / 2 for b in range(ipc)]
+            return [beta_max * (1 - b / ipc) for b in range(ipc)]
+        if kind == "cosine":
+            shape = [(1 + math.cos(math.pi * b / ipc)) / 2 for b in range(ipc)]
+        else:
+            shape = [1 - b / ipc for b in range(ipc)]
+        return [floor + (beta_max - floor) * w for w in shape]
     if kind == "constant":
         return [beta_max] * ipc
     low = beta_max / 100 if beta_min is None else float(beta_min)

@@ -1,0 +1,24 @@
+"""Recipe loading and ``--set`` overrides."""
+
+import pytest
+
+from unidd_ray.config import ConfigError, load_recipe
+
+
+def test_overrides_reach_typed_fields():
+    recipe = load_recipe("fashion-mnist", overrides=["recover.beta_min=1e-3", "recover.ipc=50",
+                                                     "methods=[cfm, dm]", "evaluate.seeds=3"])
+    assert recipe.recover.beta_min == 1e-3 and isinstance(recipe.recover.beta_min, float)
+    assert recipe.recover.ipc == 50
+    assert recipe.methods == ["cfm", "dm"]
+    assert recipe.evaluate.seeds == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("recover.beta_min=small", "recover.beta_min must be a number"),
+    ("recover.ipc=2.5", "recover.ipc must be an integer"),
+    ("recover.no_such_key=1", "no_such_key"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("fashion-mnist", overrides=[override])
