@@ -22,3 +22,15 @@ def test_overrides_reach_typed_fields():
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe("fashion-mnist", overrides=[override])
+
+
+def test_stage_keys_ignore_a_new_setting_at_its_neutral_default():
+    """Adding a setting must not orphan stage directories made before it existed."""
+    from unidd_ray.config import RecoverConfig, to_dict
+    from unidd_ray.pipeline import NEUTRAL_DEFAULTS, stage_key
+
+    settings = to_dict(RecoverConfig())
+    old = {k: v for k, v in settings.items() if k not in NEUTRAL_DEFAULTS["recover"]}
+    assert stage_key("recover", settings, teacher="t") == stage_key("recover", old, teacher="t")
+    assert stage_key("recover", {**settings, "precision": "float32"}, teacher="t") != \
+        stage_key("recover", settings, teacher="t")

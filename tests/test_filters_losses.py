@@ -94,6 +94,36 @@ def test_cfm_layer_loss_gradcheck_through_the_synthetic_features():
     assert torch.autograd.gradcheck(loss, (_features(5, requires_grad=True),), eps=1e-6, atol=1e-6)
 
 
+def test_float32_precision_matches_float64_within_float32_rounding():
+    """``precision="float32"``: the same loss and gradient as float64 up to float32 rounding
+    (scaled by the condition number of Ψ + βI), in float32."""
+    c, beta = 64, 0.1
+    real = _spd(c, seed=8)
+    real_signal = torch.randn(c, 1, dtype=D)
+    x = torch.relu(torch.randn(20, c, 6, 6, generator=torch.Generator().manual_seed(9)))  # float32 features
+
+    def run(precision):
+        feats = x.clone().requires_grad_(True)
+        stats = batch_statistics(feats)
+        f, s = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, beta, cache=None,
+                              precision=precision)
+        (f + s).backward()
+        return f, s, feats.grad
+
+    f64, s64, g64 = run("float64")
+    f32, s32, g32 = run("float32")
+    assert f64.dtype == torch.float64 and f32.dtype == torch.float32
+    cond = float(torch.linalg.cond(batch_statistics(x).covariance.double() + beta * torch.eye(c, dtype=D)))
+    tol = 50 * cond * torch.finfo(torch.float32).eps
+    assert f32.item() == pytest.approx(f64.item(), rel=tol)
+    assert s32.item() == pytest.approx(s64.item(), rel=tol)
+    assert float((g32 - g64).abs().max() / g64.abs().max()) < tol
+    with pytest.raises(ValueError, match="precision"):
+        KernelRidge(beta=0.1, precision="half")
+    with pytest.raises(ValueError, match="precision"):
+        make_filter("cfm", precision="bfloat16")
+
+
 def test_cfm_layer_loss_gradcheck_on_covariance_and_signal():
     real, real_signal = _spd(3, seed=6), torch.randn(3, 2, dtype=D)
     cov = _spd(3, seed=7).requires_grad_(True)

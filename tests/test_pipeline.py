@@ -70,7 +70,12 @@ def _run(out: Path, extra: list[str] = ()) -> tuple[str, float]:
     finally:
         _kill_session(proc.pid)  # Ray processes left behind by a finished (or timed-out) driver
     assert proc.returncode == 0, log[-5000:]
-    return log, time.perf_counter() - started
+    assert re.search(r"^\[pipeline \d\d:\d\d:\d\d\] done in", log, re.M), log[-2000:]  # clock-stamped lines
+    return _unstamped(log), time.perf_counter() - started
+
+
+def _unstamped(log: str) -> str:
+    return re.sub(r"\[pipeline \d\d:\d\d:\d\d\]", "[pipeline]", log)
 
 
 def _results(run: Path) -> dict:

@@ -105,6 +105,15 @@ def test_three_actors_other_unit_size_identical(ray_session, digits_data, digits
     _assert_identical(res.moments, single_actor.moments)
 
 
+def test_actor_larger_than_the_embedded_cluster_is_refused(ray_session, digits_data, digits_teacher):
+    from unidd_ray.stages.stats import compute_stats
+
+    cpus = ray_session.cluster_resources()["CPU"]
+    cfg = StatsConfig(actors=1, cpus_per_actor=cpus + 1, batch_size=BATCH, block_size=BLOCK)
+    with pytest.raises(ValueError, match="stats.cpus_per_actor.*cannot grow"):
+        compute_stats(digits_teacher, digits_data, cfg, progress=False)
+
+
 def test_killed_actor_unit_is_rerun_identically(ray_session, digits_data, digits_teacher, single_actor):
     """Kill an actor after the first finished unit: its unit is re-run elsewhere, same bits."""
     from unidd_ray.stages.stats import compute_stats

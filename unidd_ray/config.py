@@ -81,6 +81,7 @@ class RecoverConfig:
     beta_max: float = 0.1  # cfm: start of the schedule; krr: the fixed beta
     schedule: str = "cosine"  # cosine | linear | constant | geometric
     beta_min: float | None = None  # schedule floor: cosine/linear end near it (None: 0), geometric ends at it (None: beta_max / 100)
+    precision: str = "float64"  # cfm/krr resolvent values: float64 | float32 (faster, for GPUs and large C)
     mtt_eta: float = 0.1
     mtt_steps: int = 10
     bn_weight: float = 0.01  # sre2l: weight of the BatchNorm statistics loss

@@ -34,12 +34,12 @@ METHODS = SPECTRAL_METHODS + ("sre2l", "ce")
 
 
 def method_filter(method: str, *, beta_max: float, schedule: str, beta_min: float | None, mtt_eta: float,
-                  mtt_steps: int):
+                  mtt_steps: int, precision: str = "float64"):
     """The registered spectral filter behind a recovery method (``None`` for sre2l / ce)."""
     if method == "cfm":
-        return make_filter("cfm", beta_max=beta_max, schedule=schedule, beta_min=beta_min)
+        return make_filter("cfm", beta_max=beta_max, schedule=schedule, beta_min=beta_min, precision=precision)
     if method == "krr":
-        return make_filter("krr", beta=beta_max)
+        return make_filter("krr", beta=beta_max, precision=precision)
     if method == "mtt":
         return make_filter("mtt", eta=mtt_eta, steps=mtt_steps)
     if method in ("dc", "dm"):
@@ -111,6 +111,7 @@ class RecoverSettings:
     beta_max: float = 0.1
     schedule: str = "cosine"
     beta_min: float | None = None
+    precision: str = "float64"
     mtt_eta: float = 0.1
     mtt_steps: int = 10
     bn_weight: float = 0.01
@@ -163,7 +164,7 @@ class Distiller:
         self.max_roll = settings.max_roll if settings.max_roll is not None else default_max_roll(resolution)
         self.filter = method_filter(settings.method, beta_max=settings.beta_max, schedule=settings.schedule,
                                     beta_min=settings.beta_min, mtt_eta=settings.mtt_eta,
-                                    mtt_steps=settings.mtt_steps)
+                                    mtt_steps=settings.mtt_steps, precision=settings.precision)
         self.cache = RealSideCache()
         self.layers: list[str] = []
         self.real_cov: dict[str, Tensor] = {}

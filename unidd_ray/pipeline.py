@@ -28,12 +28,18 @@ PERFORMANCE_KEYS = {
     "squeeze": {"cpus_per_worker", "use_gpu", "max_failures"},
     "data": {"num_workers"},
 }
+# Settings added after stage directories existed: left out of the key while at these values, so that
+# adding a setting keeps every earlier directory valid (a run of the old code computed exactly this).
+NEUTRAL_DEFAULTS = {
+    "recover": {"precision": "float64"},
+}
 BASELINES = {"random": False, "random-hard": True}  # real subsets: soft-label and hard-label evaluation
 
 
 def stage_key(kind: str, settings: dict, **inputs) -> str:
     drop = PERFORMANCE_KEYS.get(kind, set())
-    relevant = {k: v for k, v in settings.items() if k not in drop}
+    neutral = NEUTRAL_DEFAULTS.get(kind, {})
+    relevant = {k: v for k, v in settings.items() if k not in drop and not (k in neutral and v == neutral[k])}
     return sha256_json({"kind": kind, "settings": relevant, "inputs": inputs})[:12]
 
 
@@ -45,7 +51,7 @@ def _storage(stage_dir: Path, recipe: Recipe) -> Path:
 
 
 def _log(msg: str) -> None:
-    print(f"[pipeline] {msg}", flush=True)
+    print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _complete_distilled(path: Path) -> bool:

@@ -43,7 +43,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     _EMBEDDED = address == "local"
 
 
-def require_resources(what: str, *, workers: int, cpus: float, gpus: float = 0.0) -> None:
+def require_resources(what: str, *, workers: int, cpus: float, gpus: float = 0.0, fix: str | None = None) -> None:
     """Refuse (embedded Ray) or warn about (a cluster, which may scale up) a worker group larger than
     the cluster: Ray Train would otherwise wait for the resources forever without saying so."""
     import ray
@@ -57,7 +57,7 @@ def require_resources(what: str, *, workers: int, cpus: float, gpus: float = 0.0
     msg = (f"{what} asks for {workers} worker(s) x {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
            + f" = {need_cpu:g} CPU" + (f", {need_gpu:g} GPU" if gpus else "")
            + f", but the Ray cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; "
-           f"lower {what}.workers or {what}.cpus_per_worker")
+           + (fix or f"lower {what}.workers or {what}.cpus_per_worker"))
     if _EMBEDDED:
         raise ValueError(msg + " (this local Ray instance cannot grow)")
     log.warning(msg + "; waiting for the cluster to scale up")

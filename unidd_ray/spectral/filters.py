@@ -75,18 +75,18 @@ def cholesky_factor(matrix: Tensor, beta: float) -> Tensor:
 
 
 class _SPDInverse(torch.autograd.Function):
-    """Float64 inverse of a symmetric positive definite matrix from its Cholesky factor.
+    """Inverse of a symmetric positive definite matrix from its Cholesky factor.
 
-    The backward pass uses the saved inverse F directly: for L(F) with F = A⁻¹,
-    ∂L/∂A = −F (∂L/∂F) F (F symmetric) — two matrix products instead of
-    differentiating through the factorisation.  The value is always computed in
-    float64; the gradient is returned, and its products computed, in the dtype
-    of ``shifted`` (float32 features get float32 gradient products).
+    The value is computed in the factor's dtype.  The backward pass uses the
+    saved inverse F directly: for L(F) with F = A⁻¹, ∂L/∂A = −F (∂L/∂F) F
+    (F symmetric) — two matrix products instead of differentiating through the
+    factorisation; the gradient is returned, and its products computed, in the
+    dtype of ``shifted`` (float32 features get float32 gradient products).
     """
 
     @staticmethod
-    def forward(ctx, shifted: Tensor, factor64: Tensor) -> Tensor:
-        inverse = torch.cholesky_inverse(factor64)
+    def forward(ctx, shifted: Tensor, factor: Tensor) -> Tensor:
+        inverse = torch.cholesky_inverse(factor)
         ctx.save_for_backward(inverse)
         ctx.grad_dtype = shifted.dtype
         return inverse
@@ -98,13 +98,23 @@ class _SPDInverse(torch.autograd.Function):
         return -(inverse @ grad.to(ctx.grad_dtype) @ inverse), None
 
 
-def resolvent64(matrix: Tensor, beta: float) -> Tensor:
-    """``(M + βI)⁻¹`` in float64 through a Cholesky factorisation, differentiable in ``matrix``.
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
-    The gradient is taken with respect to the symmetric part of ``matrix`` and
-    comes back in ``matrix``'s dtype.
+
+def precision_dtype(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def resolvent64(matrix: Tensor, beta: float, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(M + βI)⁻¹`` through a Cholesky factorisation, differentiable in ``matrix``.
+
+    The value is computed in ``dtype`` (float64 by default: Ψ + βI is
+    ill-conditioned for small β); the gradient is taken with respect to the
+    symmetric part of ``matrix`` and comes back in ``matrix``'s dtype.
     """
-    factor = cholesky_factor(matrix.detach().to(torch.float64), beta)
+    factor = cholesky_factor(matrix.detach().to(dtype), beta)
     return _SPDInverse.apply(symmetrize(matrix), factor)
 
 
@@ -157,6 +167,11 @@ class SpectralFilter:
 
     name: ClassVar[str] = "abstract"
     has_filter_term: ClassVar[bool] = True
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the loss values (the resolvent filters have a ``precision`` setting)."""
+        return torch.float64
 
     def filter_response(self, eigvals: Tensor) -> Tensor:
         raise NotImplementedError
@@ -271,10 +286,16 @@ class KernelRidge(SpectralFilter):
     """KRR / FrePo with a linear kernel: the high-pass resolvent 1/(λ + β) on both terms."""
 
     beta: float = 0.1
+    precision: str = "float64"  # dtype of the resolvent's values; float32 is faster (GPUs, large C)
 
     def __post_init__(self):
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ValueError(f"krr needs beta > 0 (the covariance may be singular), got {self.beta}")
+        precision_dtype(self.precision)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return precision_dtype(self.precision)
 
     def filter_response(self, eigvals: Tensor) -> Tensor:
         return 1.0 / (eigvals + self.beta)
@@ -282,16 +303,17 @@ class KernelRidge(SpectralFilter):
     def signal_response(self, eigvals: Tensor) -> Tensor:
         return 1.0 / (eigvals + self.beta)
 
-    # Values in float64 whatever the input dtype: (Ψ + βI) is ill-conditioned for small β.
+    # Values in ``precision`` whatever the input dtype (float64 by default: Ψ + βI is
+    # ill-conditioned for small β).
     def filter_matrix(self, matrix: Tensor) -> Tensor:
-        return resolvent64(matrix, self.beta)
+        return resolvent64(matrix, self.beta, dtype=self.compute_dtype)
 
     def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
-        return resolvent64(matrix, self.beta) @ signal.to(torch.float64)
+        return self.filter_and_signal(matrix, signal)[1]
 
     def filter_and_signal(self, matrix: Tensor, signal: Tensor) -> tuple[Tensor, Tensor]:
-        inverse = resolvent64(matrix, self.beta)
-        return inverse, inverse @ signal.to(torch.float64)
+        inverse = resolvent64(matrix, self.beta, dtype=self.compute_dtype)
+        return inverse, inverse @ signal.to(self.compute_dtype)
 
 
 @register_filter("cfm")
@@ -302,8 +324,10 @@ class CurriculumFrequencyMatching(SpectralFilter):
     beta_max: float = 0.1
     schedule: str = "cosine"
     beta_min: float | None = None
+    precision: str = "float64"
 
     def __post_init__(self):
+        precision_dtype(self.precision)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown beta schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         beta_schedule(self.schedule, self.beta_max, 1, beta_min=self.beta_min)  # validates the numbers
@@ -315,7 +339,11 @@ class CurriculumFrequencyMatching(SpectralFilter):
         betas = self.betas(ipc)
         if not 0 <= slot < ipc:
             raise ValueError(f"slot {slot} is outside 0..{ipc - 1}")
-        return KernelRidge(beta=betas[slot])
+        return KernelRidge(beta=betas[slot], precision=self.precision)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return precision_dtype(self.precision)
 
     # Without a slot, CFM behaves as its first (lowest-frequency) slot.
     def filter_response(self, eigvals: Tensor) -> Tensor:

@@ -3,12 +3,14 @@
 The real side depends only on the filter (for CFM: only on β), so it is computed
 once in float64 and kept in a small cache keyed by the filter and the identity
 of the real tensors.  On the synthetic side the resolvent's value is computed in
-float64 (Ψ_S + βI is ill-conditioned for small β; the matrices are only C × C)
-while its gradient products run in the dtype of the synthetic statistics.
+the filter's ``compute_dtype`` — float64 by default (Ψ_S + βI is ill-conditioned
+for small β; the matrices are only C × C), float32 with ``precision="float32"``
+— while its gradient products run in the dtype of the synthetic statistics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import torch
@@ -48,7 +50,7 @@ class RealSideCache:
             self.hits += 1
             return entry[2]
         self.misses += 1
-        value = filt.filter_and_signal(real_cov.to(_COMPUTE), real_signal.to(_COMPUTE))
+        value = _real_side(filt, real_cov, real_signal)
         self._entries[key] = (real_cov, real_signal, value)
         if len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
@@ -56,6 +58,13 @@ class RealSideCache:
 
 
 default_cache = RealSideCache()
+
+
+def _real_side(filt: SpectralFilter, real_cov: Tensor, real_signal: Tensor):
+    """``(f(Ψ_T), h(Ψ_T) Φ_T)`` in float64 whatever the filter's precision (computed once per filter)."""
+    exact = dataclasses.replace(filt, precision="float64") if hasattr(filt, "precision") else filt
+    with torch.no_grad():
+        return exact.filter_and_signal(real_cov.to(_COMPUTE), real_signal.to(_COMPUTE))
 
 
 def _check_pair(real_cov: Tensor, real_signal: Tensor, syn_cov: Tensor, syn_signal: Tensor, columns) -> None:
@@ -92,24 +101,26 @@ def unidd_layer_loss(
 
     ``columns`` selects the real signal's columns (class ids) that the synthetic
     signal's columns correspond to; ``None`` matches all of them.  Both losses are
-    float64 scalars, differentiable in ``syn_cov`` and ``syn_signal``.
+    scalars in the filter's ``compute_dtype`` (float64 unless a resolvent filter
+    was built with ``precision="float32"``), differentiable in ``syn_cov`` and
+    ``syn_signal``.
     """
     _check_pair(real_cov, real_signal, syn_cov, syn_signal, columns)
+    compute = filt.compute_dtype
     if cache is None:
-        with torch.no_grad():
-            real_filtered, real_signal_f = filt.filter_and_signal(real_cov.to(_COMPUTE), real_signal.to(_COMPUTE))
+        real_filtered, real_signal_f = _real_side(filt, real_cov, real_signal)
     else:
         real_filtered, real_signal_f = cache.get(filt, real_cov, real_signal)
-    real_filtered = None if real_filtered is None else real_filtered.to(syn_cov.device)
-    real_signal_f = real_signal_f.to(syn_cov.device)
+    real_filtered = None if real_filtered is None else real_filtered.to(syn_cov.device, compute)
+    real_signal_f = real_signal_f.to(syn_cov.device, compute)
     if columns is not None:
         real_signal_f = real_signal_f[:, torch.as_tensor(columns, device=real_signal_f.device)]
     syn_filtered, syn_signal_f = filt.filter_and_signal(syn_cov, syn_signal)
-    signal_loss = torch.linalg.matrix_norm(real_signal_f - syn_signal_f.to(_COMPUTE))
+    signal_loss = torch.linalg.matrix_norm(real_signal_f - syn_signal_f.to(compute))
     if real_filtered is None:
-        filter_loss = torch.zeros((), dtype=_COMPUTE, device=syn_cov.device)
+        filter_loss = torch.zeros((), dtype=compute, device=syn_cov.device)
     else:
-        filter_loss = torch.linalg.matrix_norm(real_filtered - syn_filtered.to(_COMPUTE))
+        filter_loss = torch.linalg.matrix_norm(real_filtered - syn_filtered.to(compute))
     return filter_loss, signal_loss
 
 
@@ -122,9 +133,12 @@ def cfm_layer_loss(
     *,
     columns: Tensor | None = None,
     cache: RealSideCache | None = default_cache,
+    precision: str = "float64",
 ) -> tuple[Tensor, Tensor]:
     """CFM layer loss (SPEC §1.2) with F = (Ψ + βI)⁻¹ on both sides:
-    ``(‖F_T − F_S‖_F, ‖F_T Φ_T − F_S Φ_S‖_F)``."""
+    ``(‖F_T − F_S‖_F, ‖F_T Φ_T − F_S Φ_S‖_F)``; ``precision="float32"`` computes the
+    synthetic side's resolvent in float32 (the real side stays float64, cast)."""
     return unidd_layer_loss(
-        KernelRidge(beta=float(beta)), real_cov, real_signal, syn_cov, syn_signal, columns=columns, cache=cache
+        KernelRidge(beta=float(beta), precision=precision), real_cov, real_signal, syn_cov, syn_signal,
+        columns=columns, cache=cache,
     )

@@ -360,7 +360,7 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
     labels = read_labels(str(data_dir), "train")
     plan = make_plan(labels, info.num_classes, cfg)
     filt = method_filter(cfg.method, beta_max=cfg.beta_max, schedule=cfg.schedule, beta_min=cfg.beta_min,
-                         mtt_eta=cfg.mtt_eta, mtt_steps=cfg.mtt_steps)
+                         mtt_eta=cfg.mtt_eta, mtt_steps=cfg.mtt_steps, precision=cfg.precision)
     if cfg.method in SPECTRAL_METHODS:
         if stats_dir is None:
             raise ValueError(f"method {cfg.method!r} needs --stats (the output of `unidd-ray stats`)")

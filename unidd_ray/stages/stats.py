@@ -164,6 +164,12 @@ def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfi
     plan = make_plan(len(labels) if images is None else int(images), cfg)
     if cfg.actors < 1:
         raise ValueError("stats.actors must be at least 1")
+    from unidd_ray.ray_utils import require_resources
+
+    # actors beyond the cluster's size only queue (the pool works with those that start),
+    # but one actor that can never be placed would leave the pool waiting forever
+    require_resources("a stats actor", workers=1, cpus=cfg.cpus_per_actor, gpus=cfg.gpus_per_actor,
+                      fix="lower stats.cpus_per_actor / stats.gpus_per_actor")
     worker_cls = ray.remote(StatsWorker)
     device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
     threads = max(1, math.floor(cfg.cpus_per_actor))
