@@ -325,6 +325,30 @@ def test_run_evaluate_seeds_summary(ray_session, small_set, digits_teacher, digi
     split = run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-split",
                          replace(cfg, workers=2, split="seeds"), storage_path=tmp_path / "ray")
     assert split["top1"] == summary["top1"]
+
+    # several sets in one worker group: the same students as set-by-set; a seed finished by an
+    # interrupted run of the same evaluation (kept under .seeds) is taken, not retrained
+    from unidd_ray.artifacts import atomic_write_json, read_manifest
+    from unidd_ray.stages.evaluate import PARTIAL, EvalJob, job_key, run_evaluations
+    from unidd_ray.teacher import read_teacher_info
+
+    both = replace(cfg, workers=2, split="seeds")
+    hard = EvalJob(small_set, tmp_path / "eval-hard", replace(both, hard_labels=True, seeds=1))
+    resumed = EvalJob(small_set, tmp_path / "eval-resumed", both)
+    key = job_key(resumed, read_manifest(small_set, "distilled"), read_teacher_info(digits_teacher).sha256)
+    atomic_write_json(tmp_path / "eval-resumed" / PARTIAL / "seed-1.json",
+                      {"job": 0, "seed": 1, "top1": 12.5, "seconds": 1.0, "key": key})
+    atomic_write_json(tmp_path / "eval-resumed" / PARTIAL / "seed-0.json",  # another evaluation's: ignored
+                      {"job": 0, "seed": 0, "top1": 99.0, "seconds": 1.0, "key": "other"})
+    grouped = run_evaluations([EvalJob(small_set, tmp_path / "eval-grouped", both), hard, resumed],
+                              digits_teacher, digits_data, storage_path=tmp_path / "ray")
+    assert grouped[0]["top1"] == summary["top1"] and grouped[0]["evaluated_with"] == 3
+    assert grouped[1]["labels"] == "hard" and len(grouped[1]["top1"]) == 1
+    assert grouped[2]["top1"] == [summary["top1"][0], 12.5]
+    assert not (tmp_path / "eval-resumed" / PARTIAL).exists()
+    with pytest.raises(ValueError, match="share evaluate.workers"):
+        run_evaluations([EvalJob(small_set, tmp_path / "a", cfg), EvalJob(small_set, tmp_path / "b", both)],
+                        digits_teacher, digits_data, storage_path=tmp_path / "ray")
     # more workers than the embedded Ray has CPUs: refused at once instead of waiting forever
     with pytest.raises(ValueError, match="cannot grow"):
         run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-big",

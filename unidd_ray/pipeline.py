@@ -4,8 +4,11 @@ Every stage writes into a directory named by a content key: the sha256 of the
 settings that change its result and of the identities of its inputs (dataset
 fingerprint, teacher sha256, statistics key, distilled set).  A stage whose
 directory is complete is reused; a stage killed half-way resumes (squeeze and
-recover continue from their Ray Train checkpoints).  Changing one method's
-settings therefore redoes only that method's recovery and evaluation.
+recover continue from their Ray Train checkpoints, evaluation keeps every
+finished seed).  Changing one method's settings therefore redoes only that
+method's recovery and evaluation.  All recoveries run first; then every set
+still lacking a ``summary.json`` is evaluated in a single Ray Train run, so the
+worker group (process start, imports, teacher load) is set up once.
 Settings that only affect speed (actor and worker CPU counts, retries, fault
 injection) are left out of the keys.
 """
@@ -115,7 +118,7 @@ def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Pa
 
 def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS
-    from unidd_ray.stages.evaluate import run_evaluate, write_real_subset
+    from unidd_ray.stages.evaluate import EvalJob, run_evaluations, write_real_subset
     from unidd_ray.stages.recover import run_recover
 
     unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
@@ -137,9 +140,10 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         stats_dir, stats_key = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
         stages["stats"] = str(stats_dir)
 
-    # ---- recover + evaluate, per IPC and method
+    # ---- recover (or take the real subset) for every IPC and method
     rows = [{"method": "teacher (full data)", "ipc": None, "top1_mean": tinfo.val_top1, "top1_std": None,
              "seeds": None, "seconds": None}]
+    planned = []  # (method, ipc, eval_dir, EvalJob, seconds spent on the set)
     for ipc in recipe.ipcs:
         for method in recipe.methods:
             t0 = time.perf_counter()
@@ -170,20 +174,34 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
             eval_dir = run / ("eval-" + f"{method}-ipc{ipc}-" + stage_key("evaluate", to_dict(eval_cfg),
                                                                           teacher=tinfo.sha256,
                                                                           distilled=sha256_json(distilled_id)))
-            summary_file = eval_dir / "summary.json"
-            if summary_file.is_file():
-                summary = json.loads(summary_file.read_text())
-                _log(f"evaluate {method} IPC {ipc}: reusing {eval_dir}")
-            else:
-                _log(f"evaluate {method} IPC {ipc}: {eval_cfg.seeds} seeds, student {eval_cfg.student}")
-                summary = run_evaluate(distilled, teacher_dir, data_dir, eval_dir, eval_cfg,
-                                       storage_path=_storage(eval_dir, recipe), num_workers=recipe.data.num_workers,
-                                       recipe_yaml=recipe_yaml)
+            job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
+            planned.append((method, ipc, eval_dir, job, time.perf_counter() - t0))
             stages[f"eval-{method}-ipc{ipc}"] = str(eval_dir)
-            rows.append({"method": method, "ipc": ipc, "top1_mean": summary["top1_mean"],
-                         "top1_std": summary["top1_std"], "seeds": len(summary["seeds"]),
-                         "seconds": round(time.perf_counter() - t0, 1), "labels": summary["labels"],
-                         "top1": summary["top1"]})
+
+    # ---- evaluate every set that has no summary yet, in one worker group
+    todo = [job for _, _, eval_dir, job, _ in planned if not (eval_dir / "summary.json").is_file()]
+    pending = {id(job) for job in todo}
+    for method, ipc, eval_dir, job, _ in planned:
+        if id(job) in pending:
+            _log(f"evaluate {method} IPC {ipc}: {job.cfg.seeds} seeds, student {job.cfg.student}")
+        else:
+            _log(f"evaluate {method} IPC {ipc}: reusing {eval_dir}")
+    eval_wall = 0.0
+    if todo:
+        t0 = time.perf_counter()
+        run_evaluations(todo, teacher_dir, data_dir, storage_path=_storage(run / "evaluate", recipe),
+                        num_workers=recipe.data.num_workers)
+        eval_wall = time.perf_counter() - t0
+    summaries = {str(eval_dir): json.loads((eval_dir / "summary.json").read_text()) for _, _, eval_dir, _, _ in planned}
+    student_seconds = sum(summaries[str(job.out_dir)]["seconds"] for job in todo) or 1.0
+    for method, ipc, eval_dir, job, set_seconds in planned:
+        summary = summaries[str(eval_dir)]
+        # the shared evaluation's wall time, apportioned by the students' own time
+        share = eval_wall * summary["seconds"] / student_seconds if id(job) in pending else 0.0
+        rows.append({"method": method, "ipc": ipc, "top1_mean": summary["top1_mean"],
+                     "top1_std": summary["top1_std"], "seeds": len(summary["seeds"]),
+                     "seconds": round(set_seconds + share, 1), "labels": summary["labels"],
+                     "top1": summary["top1"]})
     results = {"recipe": recipe.name, "dataset": info.name, "teacher": {"arch": tinfo.arch,
                                                                         "val_top1": tinfo.val_top1},
                "rows": rows, "stages": stages, "seconds": time.perf_counter() - started}

@@ -1,7 +1,9 @@
 """Evaluate stage: train fresh students on a distilled set and test them on the real val split.
 
-Runs on Ray Train (one fit per distilled set, all seeds inside it; DDP over the
-batch when ``evaluate.workers > 1``).  Soft labels come online from the teacher
+Runs on Ray Train: one fit per call, holding every seed of every distilled set
+handed to it (the pipeline evaluates all of its sets in one call, so the worker
+group starts once); ``split: seeds`` deals the (set, seed) students out to the
+workers, ``split: data`` trains each student with DDP over the batch.  Soft labels come online from the teacher
 or, with ``soft_labels=DIR``, from a relabel artifact.  Writes ``summary.json``
 with ``top1_mean``, ``top1_std`` and the per-seed values.
 
@@ -16,6 +18,7 @@ import io
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,11 +165,13 @@ class _DistWrap:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
 
-def _evaluate_loop(config: dict) -> list[float]:
+def _evaluate_loop(config: dict) -> list[dict]:
+    """One Ray Train worker: trains its share of the (set, seed) tasks of ``config["jobs"]``."""
     import ray.train
     import ray.train.torch
 
     import unidd_ray  # noqa: F401
+    from unidd_ray.artifacts import atomic_write_json
     from unidd_ray.config import from_dict
     from unidd_ray.stages.relabel import StoredSoftLabels
     from unidd_ray.teacher import load_teacher
@@ -175,95 +180,199 @@ def _evaluate_loop(config: dict) -> list[float]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
     device = ray.train.torch.get_device()
-    cfg = from_dict(EvaluateConfig, config["evaluate"])
     teacher, tinfo = load_teacher(config["teacher_dir"], device=device)
-    images, labels, _ = load_distilled(config["distilled_dir"], mean=tinfo.mean, std=tinfo.std)
-    soft = StoredSoftLabels(config["soft_labels"], device=device) if config.get("soft_labels") else None
+    by_seed = config["split"] == "seeds" and world > 1
+    tasks = [tuple(t) for t in config["tasks"]]  # (job index, seed), in a fixed order
+    mine = tasks[rank::world] if by_seed else tasks
+    done = []
+    loaded: dict[int, tuple] = {}
+    for j, seed in mine:
+        job = config["jobs"][j]
+        cfg = from_dict(EvaluateConfig, job["evaluate"])
+        if j not in loaded:  # each worker loads a set once, for all of its seeds
+            images, labels, _ = load_distilled(job["distilled_dir"], mean=tinfo.mean, std=tinfo.std)
+            soft = StoredSoftLabels(job["soft_labels"], device=device) if job.get("soft_labels") else None
+            loaded = {j: (images, labels, soft)}
+        images, labels, soft = loaded[j]
 
-    def report(seed, epoch, acc):
-        if rank == 0:
-            log.info(f"[evaluate] seed {seed} epoch {epoch + 1}/{cfg.epochs}: val top-1 {acc:.2f}%")
+        def report(seed, epoch, acc, _cfg=cfg, _name=job["name"]):
+            if by_seed or rank == 0:
+                log.info(f"[evaluate] {_name} seed {seed} epoch {epoch + 1}/{_cfg.epochs}: val top-1 {acc:.2f}%")
 
-    seeds = list(range(cfg.seeds))
-    by_seed = cfg.split == "seeds" and world > 1
-    accs = evaluate_in_process(images, labels, teacher, config["data_dir"], cfg, num_classes=tinfo.num_classes,
-                               in_channels=tinfo.in_channels, resolution=tinfo.resolution,
-                               seeds=seeds[rank::world] if by_seed else seeds, device=device,
-                               num_workers=config["num_workers"], soft_labels=soft, report=report,
-                               shard=(0, 1) if by_seed else (rank, world),
-                               wrap=_DistWrap() if world > 1 and not by_seed else None)
-    if by_seed:  # worker w trained seeds w, w + W, ...: put them back in seed order
+        t0 = time.perf_counter()
+        (acc,) = evaluate_in_process(images, labels, teacher, config["data_dir"], cfg, num_classes=tinfo.num_classes,
+                                     in_channels=tinfo.in_channels, resolution=tinfo.resolution, seeds=[seed],
+                                     device=device, num_workers=config["num_workers"], soft_labels=soft,
+                                     report=report, shard=(0, 1) if by_seed else (rank, world),
+                                     wrap=_DistWrap() if world > 1 and not by_seed else None)
+        record = {"job": j, "seed": seed, "top1": acc, "seconds": time.perf_counter() - t0, "key": job["key"]}
+        if by_seed or rank == 0:  # a finished seed survives a crash of the rest of the group
+            atomic_write_json(Path(job["out_dir"]) / PARTIAL / f"seed-{seed}.json", record)
+        done.append(record)
+    if by_seed:
         import torch.distributed as dist
 
         gathered = [None] * world
-        dist.all_gather_object(gathered, accs)
-        accs = [gathered[s % world][s // world] for s in seeds]
-    return accs  # Ray Train V2 hands rank 0's return value to the driver (Result.return_value)
+        dist.all_gather_object(gathered, done)
+        done = [r for part in gathered for r in part]
+    return done  # Ray Train V2 hands rank 0's return value to the driver (Result.return_value)
+
+
+@dataclass
+class EvalJob:
+    """One distilled set to evaluate: where it is, where its ``summary.json`` goes, and how."""
+
+    distilled_dir: str | Path
+    out_dir: str | Path
+    cfg: EvaluateConfig
+    soft_labels: str | Path | None = None
+    recipe_yaml: str | None = None
+    name: str = ""
+
+
+PARTIAL = ".seeds"  # per-seed results of an unfinished evaluation, under the output directory
 
 
 def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateConfig, *, storage_path,
                  soft_labels: str | Path | None = None, num_workers: int = 1,
                  recipe_yaml: str | None = None) -> dict:
     """Evaluate ``distilled_dir`` over ``cfg.seeds`` seeds; writes and returns ``summary.json``."""
-    import shutil
+    job = EvalJob(distilled_dir, out_dir, cfg, soft_labels=soft_labels, recipe_yaml=recipe_yaml)
+    return run_evaluations([job], teacher_dir, data_dir, storage_path=storage_path, num_workers=num_workers)[0]
 
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from unidd_ray.artifacts import atomic_write_json, atomic_write_text, read_manifest
-    from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.ray_utils import require_resources
-    from unidd_ray.teacher import read_teacher_info
+def _check_job(job: EvalJob, info, tinfo) -> dict:
+    """Validate one job before any worker starts; returns its distilled manifest."""
+    from unidd_ray.artifacts import read_manifest
 
-    info = read_dataset_info(data_dir)
-    tinfo = read_teacher_info(teacher_dir)
-    distilled = read_manifest(distilled_dir, "distilled")
+    cfg = job.cfg
+    distilled = read_manifest(job.distilled_dir, "distilled")
     if distilled.get("dataset_fingerprint") != info.fingerprint:
-        raise ValueError(f"{distilled_dir} was distilled from another dataset than {data_dir}")
-    if tinfo.dataset_fingerprint != info.fingerprint:
-        raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than {data_dir}")
+        raise ValueError(f"{job.distilled_dir} was distilled from another dataset than the evaluation data")
     if cfg.seeds < 1:
         raise ValueError("evaluate.seeds must be at least 1")
     if cfg.split not in ("data", "seeds"):
         raise ValueError(f"evaluate.split must be 'data' (DDP over the distilled set) or 'seeds' "
                          f"(one student per worker), got {cfg.split!r}")
-    if soft_labels is not None and not cfg.hard_labels:  # refuse mismatched labels before starting any worker
+    if job.soft_labels is not None and not cfg.hard_labels:  # refuse mismatched labels before starting any worker
         import pyarrow.parquet as pq
 
         from unidd_ray.stages.relabel import check_soft_labels
 
-        images = pq.read_metadata(Path(distilled_dir) / "manifest.parquet").num_rows
-        check_soft_labels(soft_labels, _settings(cfg), images, teacher_sha256=tinfo.sha256,
+        images = pq.read_metadata(Path(job.distilled_dir) / "manifest.parquet").num_rows
+        check_soft_labels(job.soft_labels, _settings(cfg), images, teacher_sha256=tinfo.sha256,
                           distilled_files=distilled["files"])
-    workers = min(cfg.workers, cfg.seeds) if cfg.split == "seeds" else cfg.workers  # seeds: none idle
-    require_resources("evaluate", workers=workers, cpus=cfg.cpus_per_worker, gpus=1 if cfg.use_gpu else 0)
+    return distilled
+
+
+def job_key(job: EvalJob, manifest: dict, teacher_sha256: str) -> str:
+    """What a stored per-seed result must match to be reused: settings, distilled files, teacher, labels."""
+    from unidd_ray.artifacts import sha256_json
+
+    return sha256_json({"evaluate": to_dict(job.cfg), "distilled": manifest["files"], "teacher": teacher_sha256,
+                        "soft_labels": str(Path(job.soft_labels).resolve()) if job.soft_labels else None})
+
+
+def _finished_seeds(out_dir: Path, key: str) -> dict[int, dict]:
+    """Per-seed results left by an interrupted run of the same evaluation (same key)."""
+    import json
+
+    found = {}
+    for path in sorted((out_dir / PARTIAL).glob("seed-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("key") == key:
+            found[int(record["seed"])] = record
+    return found
+
+
+def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path, num_workers: int = 1) -> list[dict]:
+    """Evaluate several distilled sets in one Ray Train run (one worker group: its start-up is paid
+    once) and write each set's ``summary.json``; returns the summaries in the order of ``jobs``.
+
+    All jobs share the worker layout (``workers``, ``cpus_per_worker``, ``use_gpu``, ``split``).
+    With ``split: seeds`` the (set, seed) tasks are dealt out to the workers; with ``split: data``
+    the workers train every student together.  Each finished seed is kept under
+    ``<out_dir>/.seeds`` so that a re-run after a crash trains only the missing ones.
+    """
+    import shutil
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from unidd_ray.artifacts import atomic_write_json, atomic_write_text
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.ray_utils import require_resources
+    from unidd_ray.teacher import read_teacher_info
+
+    if not jobs:
+        return []
+    info = read_dataset_info(data_dir)
+    tinfo = read_teacher_info(teacher_dir)
+    if tinfo.dataset_fingerprint != info.fingerprint:
+        raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than {data_dir}")
+    layout = {(j.cfg.workers, j.cfg.cpus_per_worker, j.cfg.use_gpu, j.cfg.split) for j in jobs}
+    if len(layout) > 1:
+        raise ValueError(f"jobs evaluated together must share evaluate.workers, cpus_per_worker, use_gpu and "
+                         f"split; got {sorted(layout, key=str)}: evaluate them in separate calls")
+    manifests = [_check_job(j, info, tinfo) for j in jobs]
+    cfg0 = jobs[0].cfg
+    keys = [job_key(j, m, tinfo.sha256) for j, m in zip(jobs, manifests)]
+    finished = [_finished_seeds(Path(j.out_dir), k) for j, k in zip(jobs, keys)]
+    tasks = [(i, s) for i, j in enumerate(jobs) for s in range(j.cfg.seeds) if s not in finished[i]]
+    workers = min(cfg0.workers, max(1, len(tasks))) if cfg0.split == "seeds" else cfg0.workers  # none idle
+    require_resources("evaluate", workers=workers, cpus=cfg0.cpus_per_worker, gpus=1 if cfg0.use_gpu else 0)
     storage_path = Path(storage_path).resolve()
-    shutil.rmtree(storage_path / RUN_NAME, ignore_errors=True)
     started = time.perf_counter()
-    trainer = TorchTrainer(
-        _evaluate_loop,
-        train_loop_config={"evaluate": to_dict(cfg), "distilled_dir": str(Path(distilled_dir).resolve()),
-                           "teacher_dir": str(Path(teacher_dir).resolve()), "data_dir": str(Path(data_dir).resolve()),
-                           "soft_labels": str(Path(soft_labels).resolve()) if soft_labels else None,
-                           "num_workers": num_workers, "threads": max(1, int(cfg.cpus_per_worker))},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path)),
-    )
-    result = trainer.fit()
-    if result.error is not None or result.return_value is None:
-        raise RuntimeError(f"evaluation of {distilled_dir} failed: {result.error}")
-    accs = [float(a) for a in result.return_value]
-    summary = {
-        "distilled": str(distilled_dir), "method": distilled.get("method"), "ipc": distilled.get("ipc"),
-        "student": cfg.student, "labels": "hard" if cfg.hard_labels else ("stored" if soft_labels else "soft"),
-        "seeds": list(range(cfg.seeds)), "top1": accs, "top1_mean": statistics.fmean(accs),
-        "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        "seconds": time.perf_counter() - started, "config": to_dict(cfg),
-    }
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "summary.json", summary)
-    if recipe_yaml is not None:
-        atomic_write_text(out_dir / "config.yaml", recipe_yaml)
-    return summary
+    records: list[dict] = []  # this run's students
+    if tasks:
+        shutil.rmtree(storage_path / RUN_NAME, ignore_errors=True)
+        job_dicts = [{"evaluate": to_dict(j.cfg), "distilled_dir": str(Path(j.distilled_dir).resolve()),
+                      "out_dir": str(Path(j.out_dir).resolve()), "key": k, "name": j.name or Path(j.distilled_dir).name,
+                      "soft_labels": str(Path(j.soft_labels).resolve()) if j.soft_labels else None}
+                     for j, k in zip(jobs, keys)]
+        trainer = TorchTrainer(
+            _evaluate_loop,
+            train_loop_config={"jobs": job_dicts, "tasks": tasks, "split": cfg0.split,
+                               "teacher_dir": str(Path(teacher_dir).resolve()),
+                               "data_dir": str(Path(data_dir).resolve()),
+                               "num_workers": num_workers, "threads": max(1, int(cfg0.cpus_per_worker))},
+            torch_config=TorchConfig(backend="nccl" if cfg0.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg0.use_gpu,
+                                         resources_per_worker={"CPU": cfg0.cpus_per_worker}),
+            run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path)),
+        )
+        result = trainer.fit()
+        if result.error is not None or result.return_value is None:
+            names = ", ".join(str(j.distilled_dir) for j in jobs)
+            raise RuntimeError(f"evaluation of {names} failed: {result.error}")
+        records = list(result.return_value)
+    wall = time.perf_counter() - started
+    summaries = []
+    for i, (job, manifest) in enumerate(zip(jobs, manifests)):
+        mine = {**finished[i], **{int(r["seed"]): r for r in records if int(r["job"]) == i}}
+        seeds = list(range(job.cfg.seeds))
+        missing = [s for s in seeds if s not in mine]
+        if missing:
+            raise RuntimeError(f"evaluation of {job.distilled_dir} returned no result for seeds {missing}")
+        accs = [float(mine[s]["top1"]) for s in seeds]
+        cfg = job.cfg
+        summary = {
+            "distilled": str(job.distilled_dir), "method": manifest.get("method"), "ipc": manifest.get("ipc"),
+            "student": cfg.student,
+            "labels": "hard" if cfg.hard_labels else ("stored" if job.soft_labels else "soft"),
+            "seeds": seeds, "top1": accs, "top1_mean": statistics.fmean(accs),
+            "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            # the students' own training + testing time, and the wall time of the run that held them
+            "seconds": sum(float(mine[s]["seconds"]) for s in seeds), "wall_seconds": wall,
+            "evaluated_with": len(jobs), "config": to_dict(cfg),
+        }
+        out_dir = Path(job.out_dir)
+        atomic_write_json(out_dir / "summary.json", summary)
+        if job.recipe_yaml is not None:
+            atomic_write_text(out_dir / "config.yaml", job.recipe_yaml)
+        shutil.rmtree(out_dir / PARTIAL, ignore_errors=True)
+        summaries.append(summary)
+    return summaries
