@@ -166,6 +166,38 @@ def test_augment_batch_is_independent_of_the_batch(teacher):
     assert torch.equal(lam_part, lam_full[ids])
 
 
+def test_teacher_labels_do_not_depend_on_batch_order_and_memoise(small_set, teacher):
+    """Online labels are a function of (epoch, image id): the seed's batch order changes nothing, a
+    later student of the same set reads them from the memo, and the memo keeps to its budget."""
+    from unidd_ray.evaluation import EvalSettings, TeacherLabels, augment_batch, epoch_augment
+
+    model, tinfo = teacher
+    images, _, _ = _load(small_set, tinfo)
+    n = len(images)
+    aug = epoch_augment(n, 3, EvalSettings())
+    ids = torch.arange(n)
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(4))
+    mixed, _, _ = augment_batch(images, ids, aug)
+    mixed_shuffled, _, _ = augment_batch(images, shuffled, aug)
+    with torch.no_grad():
+        direct = model(mixed)
+    plain = TeacherLabels(model)
+    in_order = plain(3, ids, mixed)
+    torch.testing.assert_close(in_order, direct, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain(3, shuffled, mixed_shuffled), in_order[shuffled])  # bit for bit
+    assert plain.memo == {} and plain.hits == 0  # no budget, no memo
+
+    memo = TeacherLabels(model, memo_bytes=1 << 20)
+    first = memo(3, shuffled, mixed_shuffled)
+    again = memo(3, ids, mixed)  # another seed's order, same epoch and images: from the memo
+    assert memo.hits == 1 and torch.equal(again, in_order) and torch.equal(first, in_order[shuffled])
+    memo(4, ids, augment_batch(images, ids, epoch_augment(n, 4, EvalSettings()))[0])  # another epoch: computed
+    assert memo.hits == 1 and len(memo.memo) == 2
+    tiny = TeacherLabels(model, memo_bytes=direct.numel() * direct.element_size() - 1)
+    tiny(3, ids, mixed)
+    assert tiny.memo == {}  # one epoch's logits exceed the budget
+
+
 # ----------------------------------------------------------------------------- relabel: stored soft labels
 def _train(images, labels, teacher, settings, soft, seed=0):
     from unidd_ray.evaluation import train_student

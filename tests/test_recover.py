@@ -27,7 +27,9 @@ from unidd_ray.spectral import EMU
 from unidd_ray.stages.recover import (
     BATCHES,
     BETON,
+    InitImages,
     _build_distiller,
+    load_real_images,
     make_plan,
     recover_in_process,
     run_recover,
@@ -177,6 +179,27 @@ def test_plan_partitions_and_seeded_init():
     assert other.init_index != plan.init_index
     for k in range(7):
         assert len(set(plan.init_index[k])) == 3 and all(labels[i] == k for i in plan.init_index[k])
+
+
+@pytest.mark.parametrize("budget_images", [1, 5, 1000])
+def test_init_images_read_ahead_gives_each_round_its_own_images(digits_data, budget_images):
+    """Whatever the read-ahead budget, every round gets exactly the images it would read itself."""
+    labels = read_labels(str(digits_data), "train")
+    cfg = RecoverConfig(ipc=3, workers=2, seed=1, classes_per_batch=3)
+    plan = make_plan(labels, 10, cfg)
+    one = load_real_images(str(digits_data), [0])
+    image_bytes = one[0].numel() * 4
+    for rank in range(2):
+        start = 2  # as after a resume from round 2
+        source = InitImages(str(digits_data), plan, rank, image_bytes=image_bytes, start_round=start,
+                            budget_bytes=budget_images * image_bytes)
+        for r in range(start, plan.rounds):
+            slot, j = divmod(r, plan.rounds_per_slot)
+            if j >= len(plan.chunks[rank]):
+                continue
+            indices = [plan.init_index[k][slot] for k in plan.chunks[rank][j]]
+            assert torch.equal(source(indices), load_real_images(str(digits_data), indices))
+        assert source.cache == {}  # nothing kept once no later round needs it
 
 
 def test_beton_holds_the_pngs(cli_run):

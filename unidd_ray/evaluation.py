@@ -119,14 +119,37 @@ class SoftLabelSource(Protocol):
 
 
 class TeacherLabels:
-    """Online soft labels: the teacher's logits on the augmented images."""
+    """Online soft labels: the teacher's logits on the augmented images.
 
-    def __init__(self, teacher: nn.Module):
+    The teacher sees each batch in image-id order, so the logits of (epoch, image id) do not
+    depend on the training seed's batch order.  With ``memo_bytes`` > 0 the logits of each
+    (epoch, set of ids) are kept up to that many bytes and handed to later students of the same
+    set and augmentation stream (one worker training several seeds of a set computes them once).
+    """
+
+    def __init__(self, teacher: nn.Module, *, memo_bytes: int = 0):
         self.teacher = teacher.eval()
+        self.memo_bytes = memo_bytes
+        self.memo: dict[tuple[int, bytes], Tensor] = {}
+        self.memo_used = 0
+        self.hits = 0
 
     @torch.no_grad()
     def __call__(self, epoch: int, ids: Tensor, mixed: Tensor) -> Tensor:
-        return self.teacher(mixed)
+        order = torch.argsort(ids.cpu())
+        key = (epoch, ids.cpu()[order].numpy().tobytes())
+        logits = self.memo.get(key)
+        if logits is None:
+            logits = self.teacher(mixed[order.to(mixed.device)])
+            size = logits.numel() * logits.element_size()
+            if self.memo_used + size <= self.memo_bytes:
+                self.memo[key] = logits
+                self.memo_used += size
+        else:
+            self.hits += 1
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return logits[inverse.to(logits.device)]
 
 
 def _cosine(step: int, total: int) -> float:

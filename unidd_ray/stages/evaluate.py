@@ -72,8 +72,10 @@ def write_real_subset(data_dir: str | Path, out_dir: str | Path, *, ipc: int, se
     plan = make_plan(labels, info.num_classes, RecoverConfig(ipc=ipc, seed=seed))
     with atomic_directory(out_dir) as tmp:
         rows = []
+        every = [i for k in range(info.num_classes) for i in plan.init_index[k]]
+        loaded = iter(load_real_images(str(data_dir), every, num_workers=num_workers))  # one loader for all
         for k in range(info.num_classes):
-            images = load_real_images(str(data_dir), plan.init_index[k], num_workers=num_workers)
+            images = [next(loaded) for _ in plan.init_index[k]]
             for slot, image in enumerate(images):
                 data = to_png_bytes(image, info.mean, info.std)
                 rel = image_path(k, slot)
@@ -173,6 +175,7 @@ def _evaluate_loop(config: dict) -> list[dict]:
     import unidd_ray  # noqa: F401
     from unidd_ray.artifacts import atomic_write_json
     from unidd_ray.config import from_dict
+    from unidd_ray.evaluation import TeacherLabels
     from unidd_ray.stages.relabel import StoredSoftLabels
     from unidd_ray.teacher import load_teacher
 
@@ -183,7 +186,7 @@ def _evaluate_loop(config: dict) -> list[dict]:
     teacher, tinfo = load_teacher(config["teacher_dir"], device=device)
     by_seed = config["split"] == "seeds" and world > 1
     tasks = [tuple(t) for t in config["tasks"]]  # (job index, seed), in a fixed order
-    mine = tasks[rank::world] if by_seed else tasks
+    mine = deal(tasks, world)[rank] if by_seed else tasks
     done = []
     loaded: dict[int, tuple] = {}
     for j, seed in mine:
@@ -192,6 +195,8 @@ def _evaluate_loop(config: dict) -> list[dict]:
         if j not in loaded:  # each worker loads a set once, for all of its seeds
             images, labels, _ = load_distilled(job["distilled_dir"], mean=tinfo.mean, std=tinfo.std)
             soft = StoredSoftLabels(job["soft_labels"], device=device) if job.get("soft_labels") else None
+            if soft is None and cfg.batch_size is None:  # full batch: the seeds' batches hold the same images
+                soft = TeacherLabels(teacher, memo_bytes=config.get("memo_bytes", MEMO_BYTES))
             loaded = {j: (images, labels, soft)}
         images, labels, soft = loaded[j]
 
@@ -216,6 +221,21 @@ def _evaluate_loop(config: dict) -> list[dict]:
         dist.all_gather_object(gathered, done)
         done = [r for part in gathered for r in part]
     return done  # Ray Train V2 hands rank 0's return value to the driver (Result.return_value)
+
+
+MEMO_BYTES = 256 << 20  # per set and worker: teacher logits kept for the set's next seeds
+
+
+def deal(tasks: list, workers: int) -> list[list]:
+    """Split ``tasks`` into ``workers`` contiguous, as-equal-as-possible runs (the seeds of one set
+    stay together, so a worker reuses the set and its teacher logits across them)."""
+    base, extra = divmod(len(tasks), workers)
+    runs, start = [], 0
+    for w in range(workers):
+        size = base + (1 if w < extra else 0)
+        runs.append(tasks[start:start + size])
+        start += size
+    return runs
 
 
 @dataclass

@@ -150,6 +150,44 @@ def load_real_images(data_dir: str, indices: list[int], *, num_workers: int = 1)
     return torch.stack([rows[i] for i in indices])
 
 
+class InitImages:
+    """The real initial images of one worker's rounds, read ahead through as few FFCV loaders as a
+    memory budget allows.  Starting a loader costs about a second on a CPU and a recovery has
+    IPC × chunks rounds, so small sets (Fashion-MNIST: all 100 images of IPC 10) are read at once,
+    while ImageNet-sized ones are read a few rounds at a time."""
+
+    def __init__(self, data_dir: str, plan: RecoverPlan, rank: int, *, image_bytes: int, num_workers: int = 1,
+                 start_round: int = 0, budget_bytes: int = 256 << 20):
+        self.data_dir, self.num_workers = data_dir, num_workers
+        self.per_load = max(1, budget_bytes // max(1, image_bytes))
+        chunks = plan.chunks[rank]
+        self.rounds = []  # the index lists this worker will ask for, in order
+        for r in range(start_round, plan.rounds):
+            slot, j = divmod(r, plan.rounds_per_slot)
+            if j < len(chunks):
+                self.rounds.append([plan.init_index[k][slot] for k in chunks[j]])
+        self.next = 0
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, indices: list[int]) -> torch.Tensor:
+        if self.next < len(self.rounds) and self.rounds[self.next] == list(indices):
+            self.next += 1
+        if any(i not in self.cache for i in indices):
+            wanted = list(indices)
+            for ahead in self.rounds[self.next:]:  # read ahead while the budget allows
+                if len(wanted) + len(ahead) > self.per_load:
+                    break
+                wanted += ahead
+            wanted = list(dict.fromkeys(wanted))
+            self.cache.update(zip(wanted, load_real_images(self.data_dir, wanted, num_workers=self.num_workers)))
+        images = torch.stack([self.cache[i] for i in indices])
+        still_needed = {i for later in self.rounds[self.next:] for i in later}
+        for i in indices:
+            if i not in still_needed:
+                self.cache.pop(i, None)
+        return images
+
+
 # ----------------------------------------------------------------------------- the worker
 class TorchDistReducer:
     """Sums over the Ray Train worker group with torch.distributed (gloo on CPU, NCCL on GPU)."""
@@ -207,11 +245,13 @@ def _build_distiller(config: dict, device):
 
 
 def run_round(distiller, plan: RecoverPlan, r: int, *, rank: int, emu, reducer, sync: str, data_dir: str,
-              num_workers: int, device) -> tuple[list[int] | None, object]:
+              num_workers: int, device, init_images=None) -> tuple[list[int] | None, object]:
     """Round ``r`` of worker ``rank``: optimise its chunk (if any), then fold the round into the EMU.
 
     With ``sync == "step"`` and several workers, a worker without a chunk still takes part
-    (with an empty batch) in every iteration's all-reduce.  Returns (classes, BatchResult or None).
+    (with an empty batch) in every iteration's all-reduce.  ``init_images`` (indices → images, e.g.
+    an :class:`InitImages`) supplies the real initial images; by default each round reads its own.
+    Returns (classes, BatchResult or None).
     """
     slot, j = divmod(r, plan.rounds_per_slot)
     chunks = plan.chunks[rank]
@@ -221,7 +261,9 @@ def run_round(distiller, plan: RecoverPlan, r: int, *, rank: int, emu, reducer, 
     if chunk is not None or step_sync:
         classes = chunk or []
         if classes:
-            init = load_real_images(data_dir, [plan.init_index[k][slot] for k in classes], num_workers=num_workers)
+            indices = [plan.init_index[k][slot] for k in classes]
+            init = (init_images(indices) if init_images is not None
+                    else load_real_images(data_dir, indices, num_workers=num_workers))
         else:
             side = distiller.resolution
             init = torch.zeros(0, len(distiller.pixel_min.flatten()), side, side)
@@ -239,6 +281,10 @@ def run_round(distiller, plan: RecoverPlan, r: int, *, rank: int, emu, reducer, 
     return chunk, result
 
 
+def _image_bytes(distiller) -> int:
+    return 4 * len(distiller.pixel_min.flatten()) * distiller.resolution ** 2
+
+
 def recover_in_process(distiller, plan: RecoverPlan, *, data_dir: str, emu_enabled: bool = True,
                        num_workers: int = 1, device="cpu", on_round=None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Single-process recovery over all rounds of a one-worker plan (Ray Tune trials, notebooks, tests).
@@ -250,12 +296,13 @@ def recover_in_process(distiller, plan: RecoverPlan, *, data_dir: str, emu_enabl
     if plan.workers != 1:
         raise ValueError("recover_in_process runs a one-worker plan; use run_recover for several workers")
     emu = EMU(distiller.emu_layers(), enabled=emu_enabled, device=device) if distiller.layers else None
+    init_images = InitImages(data_dir, plan, 0, image_bytes=_image_bytes(distiller), num_workers=num_workers)
     found: dict[tuple[int, int], torch.Tensor] = {}
     parts = []
     for r in range(plan.rounds):
         slot = r // plan.rounds_per_slot
         chunk, result = run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, sync="round",
-                                  data_dir=data_dir, num_workers=num_workers, device=device)
+                                  data_dir=data_dir, num_workers=num_workers, device=device, init_images=init_images)
         for cls, image in zip(chunk, result.images):
             found[(cls, slot)] = image.cpu()
         parts.append({"slot": slot, "classes": chunk, **result.parts})
@@ -290,11 +337,14 @@ def _recover_loop(config: dict) -> None:
             start_round = int(progress["rounds_done"])
             if emu is not None:
                 emu.load_state_dict(torch.load(Path(d) / "emu.pt", map_location=device, weights_only=True))
+    init_images = InitImages(config["data_dir"], plan, rank, image_bytes=_image_bytes(distiller),
+                             num_workers=config["num_workers"], start_round=start_round)
     for r in range(start_round, plan.rounds):
         slot, j = divmod(r, plan.rounds_per_slot)
         started = time.perf_counter()
         chunk, result = run_round(distiller, plan, r, rank=rank, emu=emu, reducer=reducer, sync=cfg.sync,
-                                  data_dir=config["data_dir"], num_workers=config["num_workers"], device=device)
+                                  data_dir=config["data_dir"], num_workers=config["num_workers"], device=device,
+                                  init_images=init_images)
         if chunk:
             batch = plan.batch_id(slot, rank, j)
             beta = distiller.slot_filter(slot, plan.ipc)
