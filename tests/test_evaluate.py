@@ -198,6 +198,29 @@ def test_teacher_labels_do_not_depend_on_batch_order_and_memoise(small_set, teac
     assert tiny.memo == {}  # one epoch's logits exceed the budget
 
 
+def test_channels_last_trains_the_same_student(small_set, teacher):
+    """``channels_last`` is a layout, not a method change: the same student up to rounding."""
+    from unidd_ray.evaluation import EvalSettings, TeacherLabels, train_student
+    from unidd_ray.models import build_model
+
+    model, tinfo = teacher
+    images, labels, _ = _load(small_set, tinfo)
+    students = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        student = build_model("convnet", num_classes=10, in_channels=1, resolution=8, **STUDENT["student_options"])
+        settings = EvalSettings(epochs=4, temperature=4.0, channels_last=channels_last)
+        students.append(train_student(student, images, labels, settings, seed=0, soft_labels=TeacherLabels(model),
+                                      num_classes=10))
+    plain, nhwc = students
+    assert nhwc.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # (parameter-wise comparison is meaningless for the conv biases in front of BatchNorm: their true
+    # gradient is zero, so Adam turns rounding noise into full-size steps; the function is what counts)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(images), plain(images), rtol=1e-2, atol=1e-2)
+        assert torch.equal(nhwc(images).argmax(1), plain(images).argmax(1))
+
+
 # ----------------------------------------------------------------------------- relabel: stored soft labels
 def _train(images, labels, teacher, settings, soft, seed=0):
     from unidd_ray.evaluation import train_student

@@ -125,6 +125,9 @@ class EvaluateConfig:
     split: str = "data"
     cpus_per_worker: float = 1
     use_gpu: bool = False
+    # NHWC student/teacher/batches: same arithmetic, other summation order (like a thread count);
+    # ~1.7x faster convolutions on CPUs
+    channels_last: bool = False
 
 
 @dataclass

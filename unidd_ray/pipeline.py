@@ -10,7 +10,8 @@ method's recovery and evaluation.  All recoveries run first; then every set
 still lacking a ``summary.json`` is evaluated in a single Ray Train run, so the
 worker group (process start, imports, teacher load) is set up once.
 Settings that only affect speed (actor and worker CPU counts, retries, fault
-injection) are left out of the keys.
+injection, memory layout) are left out of the keys; thread counts and memory
+layout change floating-point summation order, not the computation.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from unidd_ray.config import Recipe, recipe_to_yaml, section_from, to_dict
 PERFORMANCE_KEYS = {
     "stats": {"actors", "cpus_per_actor", "gpus_per_actor", "max_retries", "blocks_per_unit"},
     "recover": {"cpus_per_worker", "use_gpu", "max_failures", "fail_at_batch", "save_beton"},
-    "evaluate": {"workers", "cpus_per_worker", "use_gpu", "eval_batch_size"},
+    "evaluate": {"workers", "cpus_per_worker", "use_gpu", "eval_batch_size", "channels_last"},
     "squeeze": {"cpus_per_worker", "use_gpu", "max_failures"},
     "data": {"num_workers"},
 }

@@ -98,7 +98,7 @@ def _settings(cfg: EvaluateConfig):
 
     return EvalSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         temperature=cfg.temperature, crop_scale=tuple(cfg.crop_scale), cutmix=cfg.cutmix,
-                        hard_labels=cfg.hard_labels, aug_seed=cfg.aug_seed)
+                        hard_labels=cfg.hard_labels, aug_seed=cfg.aug_seed, channels_last=cfg.channels_last)
 
 
 def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateConfig, *, num_classes: int,
@@ -199,6 +199,7 @@ def _evaluate_loop(config: dict) -> list[dict]:
                 soft = TeacherLabels(teacher, memo_bytes=config.get("memo_bytes", MEMO_BYTES))
             loaded = {j: (images, labels, soft)}
         images, labels, soft = loaded[j]
+        teacher.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
         def report(seed, epoch, acc, _cfg=cfg, _name=job["name"]):
             if by_seed or rank == 0:
