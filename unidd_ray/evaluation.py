@@ -37,7 +37,7 @@ class EvalSettings:
     cutmix: float = 1.0  # Beta(cutmix, cutmix); 0 disables CutMix
     hard_labels: bool = False
     aug_seed: int = 0
-    channels_last: bool = False  # NHWC student and batches: ~1.7x faster convolutions on CPUs (oneDNN)
+    channels_last: bool = False  # NHWC student and batches: faster convolutions on CPUs (oneDNN)
 
 
 @dataclass
