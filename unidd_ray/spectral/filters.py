@@ -107,7 +107,7 @@ def precision_dtype(precision: str) -> torch.dtype:
     return PRECISIONS[precision]
 
 
-def resolvent64(matrix: Tensor, beta: float, *, dtype: torch.dtype = torch.float64) -> Tensor:
+def resolvent_in(matrix: Tensor, beta: float, *, dtype: torch.dtype = torch.float64) -> Tensor:
     """``(M + βI)⁻¹`` through a Cholesky factorisation, differentiable in ``matrix``.
 
     The value is computed in ``dtype`` (float64 by default: Ψ + βI is
@@ -120,7 +120,7 @@ def resolvent64(matrix: Tensor, beta: float, *, dtype: torch.dtype = torch.float
 
 def resolvent(matrix: Tensor, beta: float) -> Tensor:
     """``(M + βI)⁻¹`` through a Cholesky factorisation (never a general inverse), in ``matrix``'s dtype."""
-    return resolvent64(matrix, beta).to(matrix.dtype)
+    return resolvent_in(matrix, beta).to(matrix.dtype)
 
 
 # --------------------------------------------------------------------------- registry
@@ -306,13 +306,13 @@ class KernelRidge(SpectralFilter):
     # Values in ``precision`` whatever the input dtype (float64 by default: Ψ + βI is
     # ill-conditioned for small β).
     def filter_matrix(self, matrix: Tensor) -> Tensor:
-        return resolvent64(matrix, self.beta, dtype=self.compute_dtype)
+        return resolvent_in(matrix, self.beta, dtype=self.compute_dtype)
 
     def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
         return self.filter_and_signal(matrix, signal)[1]
 
     def filter_and_signal(self, matrix: Tensor, signal: Tensor) -> tuple[Tensor, Tensor]:
-        inverse = resolvent64(matrix, self.beta, dtype=self.compute_dtype)
+        inverse = resolvent_in(matrix, self.beta, dtype=self.compute_dtype)
         return inverse, inverse @ signal.to(self.compute_dtype)
 
 
