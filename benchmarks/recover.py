@@ -7,10 +7,15 @@ loss, backward, Adam step, clamp) on a batch of 100 synthetic 3-channel 32 px im
 - ``sre2l`` CE + BatchNorm running-statistics matching (the SRe2L baseline),
 - ``cfm``   CE + α Σ_l CFM filter/signal losses on every tapped conv input, EMU on,
 
-with ConvNet-W128-D3 and ResNet-18 (CIFAR stem), random teacher weights (random "real" statistics
+with ConvNet-W128-D3 and ResNet-18 (CIFAR stem) in both memory layouts (``nchw``, and ``nhwc`` =
+``recover.channels_last``: teacher and images channels-last, where each tap's Gram matrix is one
+matmul on an ``(N·H·W, C)`` view), random teacher weights (random "real" statistics
 for CFM, from 200 random images), ``torch.set_num_threads(2)``.  Every (model, method) runs in a
 fresh subprocess: the median of the per-iteration times after warm-up, and the peak resident set
 size (``getrusage`` ``ru_maxrss``) of that process, also minus its value just before the loop.
+The real statistics are computed once per model in a process of their own and read from a file by
+the CFM child, as a recovery worker reads them from the stats stage (computing them inside the
+timed process would add the statistics pass's own memory peak to CFM's figure).
 The subprocesses of one repeat run in an interleaved order so that load from other work on the
 machine hits all methods alike.
 
@@ -45,39 +50,63 @@ MODELS = {
     "resnet18-cifar": ("resnet18", {"stem": "cifar"}),
 }
 METHODS = ("ce", "sre2l", "cfm")
+LAYOUTS = ("nchw", "nhwc")
+NUM_CLASSES, SIDE = 100, 32
 
 
 # ----------------------------------------------------------------------------- part 1: one configuration
-def child(model_key: str, method: str, *, images: int, warmup: int, repeats: int, threads: int) -> dict:
+def _teacher(model_key: str):
+    import torch
+
+    from unidd_ray.models import build_model
+
+    torch.manual_seed(0)  # the same random weights in every process
+    arch, options = MODELS[model_key]
+    return build_model(arch, num_classes=NUM_CLASSES, in_channels=3, resolution=SIDE, **options).eval()
+
+
+def make_real_stats(model_key: str, path: str, threads: int) -> None:
+    """Runs in a process of its own: moments of the taps over 200 random images, saved to ``path``."""
+    import torch
+
+    import unidd_ray  # noqa: F401
+    from unidd_ray.models import resolve_layers, tapped
+    from unidd_ray.spectral import Moments
+
+    torch.set_num_threads(threads)
+    teacher = _teacher(model_key)
+    layers = resolve_layers(teacher, None)
+    real, feats = {}, {}
+    with torch.no_grad(), tapped(teacher, layers, lambda n, f: feats.__setitem__(n, f)):
+        for chunk in range(4):
+            g = torch.Generator().manual_seed(100 + chunk)
+            x = torch.randn(50, 3, SIDE, SIDE, generator=g)
+            y = torch.randint(0, NUM_CLASSES, (50,), generator=g)
+            teacher(x)
+            for name in layers:
+                m = real.setdefault(name, Moments(feats[name].shape[1], NUM_CLASSES))
+                m.update(feats[name].double(), y)
+    torch.save({name: m.state_dict() for name, m in real.items()}, path)
+
+
+def child(model_key: str, method: str, layout: str, *, images: int, warmup: int, repeats: int, threads: int,
+          stats: str | None) -> dict:
     """Runs in a fresh process: times ``warmup + repeats`` Distiller iterations, reads the peak RSS."""
     import torch
 
     import unidd_ray  # noqa: F401
     from unidd_ray.distill import Distiller, RecoverSettings
-    from unidd_ray.models import build_model, resolve_layers, tapped
     from unidd_ray.spectral import EMU, Moments
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    arch, options = MODELS[model_key]
-    num_classes, side = 100, 32
-    teacher = build_model(arch, num_classes=num_classes, in_channels=3, resolution=side, **options).eval()
+    num_classes, side = NUM_CLASSES, SIDE
+    teacher = _teacher(model_key)
     real = None
-    if method == "cfm":  # random "real" statistics: moments of the taps over 200 random images
-        layers = resolve_layers(teacher, None)
-        real = {}
-        feats = {}
-        with torch.no_grad(), tapped(teacher, layers, lambda n, f: feats.__setitem__(n, f)):
-            for chunk in range(4):
-                g = torch.Generator().manual_seed(100 + chunk)
-                x = torch.randn(50, 3, side, side, generator=g)
-                y = torch.randint(0, num_classes, (50,), generator=g)
-                teacher(x)
-                for name in layers:
-                    m = real.setdefault(name, Moments(feats[name].shape[1], num_classes))
-                    m.update(feats[name].double(), y)
+    if method == "cfm":
+        real = {name: Moments.from_state_dict(state)
+                for name, state in torch.load(stats, weights_only=True).items()}
     settings = RecoverSettings(method=method, iterations=warmup + repeats + 1, lr=0.25, beta_max=0.1,
-                               max_roll=4)
+                               max_roll=4, channels_last=layout == "nhwc")
     mean = torch.zeros(3)
     std = torch.ones(3)
     distiller = Distiller(teacher, real, settings, num_classes=num_classes, resolution=side,
@@ -93,7 +122,7 @@ def child(model_key: str, method: str, *, images: int, warmup: int, repeats: int
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     per_iter = [b - a for a, b in zip(stamps, stamps[1:])]
     timed = per_iter[1 + warmup:]  # iteration 0 also builds the real side (once per β)
-    return {"model": model_key, "method": method, "median_s": statistics.median(timed), "min_s": min(timed),
+    return {"model": model_key, "method": method, "layout": layout, "median_s": statistics.median(timed), "min_s": min(timed),
             "max_s": max(timed), "iterations_s": per_iter, "warmup": 1 + warmup,
             "taps": len(distiller.layers), "bn_layers": len(distiller.bn_layers),
             "peak_rss_mb": rss_peak / 1024, "peak_rss_delta_mb": (rss_peak - rss_before) / 1024,
@@ -101,44 +130,60 @@ def child(model_key: str, method: str, *, images: int, warmup: int, repeats: int
             "loadavg": os.getloadavg()}
 
 
-def run_child(model_key: str, method: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model_key, method, "--images", str(args.images),
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _run(args_list: list[str], what: str) -> str:
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args_list], capture_output=True,
+                          text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{model_key}/{method} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def run_child(model_key: str, method: str, layout: str, args, stats: Path) -> dict:
+    out = _run(["--child", model_key, method, layout, "--images", str(args.images), "--warmup", str(args.warmup),
+                "--repeats", str(args.repeats), "--threads", str(args.threads), "--stats", str(stats)],
+               f"{model_key}/{layout}/{method}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def part1(args) -> dict:
     runs: dict[tuple[str, str], list[dict]] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="bench-recover-stats-"))
+    stats = {}
+    for model_key in MODELS:
+        stats[model_key] = scratch / f"{model_key}.pt"
+        _run(["--make-stats", model_key, str(stats[model_key]), "--threads", str(args.threads)],
+             f"statistics for {model_key}")
     for rep in range(args.rounds):
         for model_key in MODELS:
-            order = METHODS if rep % 2 == 0 else tuple(reversed(METHODS))
-            for method in order:
-                r = run_child(model_key, method, args)
-                runs.setdefault((model_key, method), []).append(r)
-                print(f"  {model_key:16s} {method:6s} {r['median_s']:7.3f} s/it  peak RSS {r['peak_rss_mb']:7.0f} MB "
-                      f"(+{r['peak_rss_delta_mb']:.0f} MB in the loop)  load {r['loadavg'][0]:.1f}", flush=True)
+            for layout in args.layouts:
+                order = METHODS if rep % 2 == 0 else tuple(reversed(METHODS))
+                for method in order:
+                    r = run_child(model_key, method, layout, args, stats[model_key])
+                    runs.setdefault((model_key, layout, method), []).append(r)
+                    print(f"  {model_key:16s} {layout} {method:6s} {r['median_s']:7.3f} s/it  peak RSS "
+                          f"{r['peak_rss_mb']:7.0f} MB (+{r['peak_rss_delta_mb']:.0f} MB in the loop)  "
+                          f"load {r['loadavg'][0]:.1f}", flush=True)
     rows = []
-    for (model_key, method), rs in runs.items():
-        rows.append({"model": model_key, "method": method,
+    for (model_key, layout, method), rs in runs.items():
+        rows.append({"model": model_key, "layout": layout, "method": method,
                      "s_per_iteration": statistics.median(r["median_s"] for r in rs),
                      "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                      "peak_rss_delta_mb": statistics.median(r["peak_rss_delta_mb"] for r in rs),
                      "taps": rs[0]["taps"], "bn_layers": rs[0]["bn_layers"], "runs": rs})
     ratios = {}
     for model_key in MODELS:
-        by = {r["method"]: r for r in rows if r["model"] == model_key}
-        ratios[model_key] = {
-            "cfm_over_sre2l_time": by["cfm"]["s_per_iteration"] / by["sre2l"]["s_per_iteration"],
-            "sre2l_over_ce_time": by["sre2l"]["s_per_iteration"] / by["ce"]["s_per_iteration"],
-            "cfm_over_ce_time": by["cfm"]["s_per_iteration"] / by["ce"]["s_per_iteration"],
-            "cfm_minus_sre2l_peak_rss_mb": by["cfm"]["peak_rss_mb"] - by["sre2l"]["peak_rss_mb"],
-            "cfm_minus_sre2l_loop_rss_mb": by["cfm"]["peak_rss_delta_mb"] - by["sre2l"]["peak_rss_delta_mb"],
-        }
-        ratios[model_key]["time_target_met"] = ratios[model_key]["cfm_over_sre2l_time"] <= 1.10
-        ratios[model_key]["memory_target_met"] = ratios[model_key]["cfm_minus_sre2l_peak_rss_mb"] <= 0
+        for layout in args.layouts:
+            by = {r["method"]: r for r in rows if r["model"] == model_key and r["layout"] == layout}
+            ratio = {
+                "cfm_over_sre2l_time": by["cfm"]["s_per_iteration"] / by["sre2l"]["s_per_iteration"],
+                "sre2l_over_ce_time": by["sre2l"]["s_per_iteration"] / by["ce"]["s_per_iteration"],
+                "cfm_over_ce_time": by["cfm"]["s_per_iteration"] / by["ce"]["s_per_iteration"],
+                "cfm_minus_sre2l_peak_rss_mb": by["cfm"]["peak_rss_mb"] - by["sre2l"]["peak_rss_mb"],
+                "cfm_minus_sre2l_loop_rss_mb": by["cfm"]["peak_rss_delta_mb"] - by["sre2l"]["peak_rss_delta_mb"],
+            }
+            ratio["time_target_met"] = ratio["cfm_over_sre2l_time"] <= 1.10
+            ratio["memory_target_met"] = ratio["cfm_minus_sre2l_peak_rss_mb"] <= 0
+            ratios[f"{model_key}/{layout}"] = ratio
     return {"rows": rows, "ratios": ratios}
 
 
@@ -220,12 +265,15 @@ def part2(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "METHOD", "LAYOUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--make-stats", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--stats", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="repeats of the whole part-1 grid (interleaved)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--ipc", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=50, help="part 2: iterations per batch")
     parser.add_argument("--train-images", type=int, default=3000)
@@ -233,9 +281,12 @@ def main():
     parser.add_argument("--skip-part2", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 warm-up, 2 timed, no part 2")
     args = parser.parse_args()
+    if args.make_stats:
+        make_real_stats(*args.make_stats, threads=args.threads)
+        return
     if args.child:
         print(json.dumps(child(*args.child, images=args.images, warmup=args.warmup, repeats=args.repeats,
-                               threads=args.threads)))
+                               threads=args.threads, stats=args.stats)))
         return
     if args.quick:
         args.rounds, args.warmup, args.repeats, args.skip_part2 = 1, 1, 2, True
@@ -249,7 +300,7 @@ def main():
               f"cfm - sre2l peak RSS {r['cfm_minus_sre2l_peak_rss_mb']:+.0f} MB", flush=True)
     def save(p2):
         return write_result("recover", {
-            "settings": {k: getattr(args, k) for k in ("images", "warmup", "repeats", "rounds", "threads", "ipc",
+            "settings": {k: getattr(args, k) for k in ("images", "warmup", "repeats", "rounds", "threads", "layouts", "ipc",
                                                         "iterations", "train_images", "workers", "quick")},
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "total_s": time.perf_counter() - t0,
             "per_iteration": p1, "workers": p2,

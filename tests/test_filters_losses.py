@@ -22,6 +22,7 @@ from unidd_ray.spectral import (
     resolvent,
     unidd_layer_loss,
 )
+from unidd_ray.spectral.filters import resolvent_in
 
 D = torch.float64
 
@@ -123,6 +124,40 @@ def test_float32_precision_matches_float64_within_float32_rounding():
     with pytest.raises(ValueError, match="precision"):
         make_filter("cfm", precision="bfloat16")
 
+
+
+def test_float32_precision_on_float64_running_averages():
+    """With EMU the synthetic statistics reach the filter as float64 running averages; a float32
+    ``precision`` then computes the resolvent and its gradient products in float32 and hands the
+    gradient back in float64, close to the all-float64 gradient."""
+    c, beta = 48, 0.1
+    real = _spd(c, seed=10)
+    real_signal = torch.randn(c, 1, dtype=D)
+    x = torch.relu(torch.randn(20, c, 6, 6, generator=torch.Generator().manual_seed(11)))
+    emu = EMU({"layer": (c, 1)})
+    first = batch_statistics(torch.relu(torch.randn(20, c, 6, 6, generator=torch.Generator().manual_seed(12))))
+    emu.commit("layer", first.covariance, first.signal, first.columns)
+
+    def run(precision):
+        feats = x.clone().requires_grad_(True)
+        stats = batch_statistics(feats)
+        cov, sig = emu.mix("layer", stats.covariance, stats.signal, stats.columns)
+        assert cov.dtype == D
+        f, s = cfm_layer_loss(real, real_signal, cov, sig, beta, cache=None, precision=precision)
+        (f + s).backward()
+        return f, feats.grad
+
+    f64, g64 = run("float64")
+    f32, g32 = run("float32")
+    assert f32.dtype == torch.float32 and g32.dtype == torch.float32 and torch.isfinite(g32).all()
+    cond = float(torch.linalg.cond(emu.mix("layer", batch_statistics(x).covariance, batch_statistics(x).signal,
+                                           first.columns)[0] + beta * torch.eye(c, dtype=D)))
+    tol = 50 * cond * torch.finfo(torch.float32).eps
+    assert f32.item() == pytest.approx(f64.item(), rel=tol)
+    assert float((g32 - g64).abs().max() / g64.abs().max()) < tol
+    matrix = (real + 0.0).requires_grad_(True)
+    resolvent_in(matrix, beta, dtype=torch.float32).sum().backward()
+    assert matrix.grad.dtype == D  # the gradient comes back in the input's dtype
 
 def test_cfm_layer_loss_gradcheck_on_covariance_and_signal():
     real, real_signal = _spd(3, seed=6), torch.randn(3, 2, dtype=D)

@@ -148,11 +148,40 @@ def test_empty_moments_refuse_statistics():
 
 
 @pytest.mark.parametrize("shape", [(5, 3, 4, 4), (5, 12, 2, 1)])  # H·W ≥ C (batched) and H·W < C (flattened)
-def test_batch_statistics_gram_routes_match_numpy(shape):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])  # channels-last: one (N·H·W, C) matrix
+def test_batch_statistics_gram_routes_match_numpy(shape, layout):
     feats = torch.randn(*shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    if layout == "channels_last":
+        feats = feats.contiguous(memory_format=torch.channels_last)
     stats = batch_statistics(feats)
     x = feats.numpy().transpose(1, 0, 2, 3).reshape(shape[1], -1)  # (C, N·H·W), every position a sample
     np.testing.assert_allclose(stats.sumsq.numpy(), x @ x.T, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(stats.covariance.numpy(), np.cov(x, bias=True), rtol=1e-10, atol=1e-12)
     small = feats[:2, :, :2, :1].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda f: batch_statistics(f).sumsq, (small,))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 3, 2), (3, 5, 2, 1)])  # H·W ≥ C (batched) and H·W < C (flattened)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_statistics_gradients_of_every_output(shape, layout):
+    """gradcheck of the Gram matrix, the position sum, the class signal and a loss mixing them
+    (the hand-written backward must also accumulate the three gradients correctly)."""
+    feats = torch.randn(*shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    if layout == "channels_last":
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([1, 0, 1])
+
+    def outputs(f):
+        stats = batch_statistics(f, labels, signal="class", num_classes=2)
+        mixed = (stats.covariance @ stats.covariance).sum() + stats.signal.pow(3).sum()
+        return stats.sumsq, stats.sum, stats.signal, mixed
+
+    assert torch.autograd.gradcheck(outputs, (feats.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_batch_statistics_refuse_a_non_finite_feature(bad):
+    feats = torch.randn(4, 3, 2, 2)
+    feats[2, 1, 0, 1] = bad  # one position of one channel
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        batch_statistics(feats)

@@ -307,6 +307,28 @@ def test_every_method_runs_through_the_loop(method, digits_data, digits_teacher,
         assert all(np.isfinite(p[k]) for k in expected | {"ce", "total"})
 
 
+
+@pytest.mark.parametrize("method", ["cfm", "sre2l"])
+def test_channels_last_recovers_the_same_images(method, digits_data, digits_teacher, digits_stats):
+    """``channels_last`` is a layout (NHWC teacher and images; one-matmul Gram matrices), not a method
+    change: the same images and loss parts up to float32 rounding."""
+    runs = {}
+    for channels_last in (False, True):
+        cfg = RecoverConfig(ipc=1, iterations=ITERS, lr=0.05, max_roll=1, method=method, classes_per_batch=5,
+                            channels_last=channels_last)
+        stats = digits_stats if method == "cfm" else None
+        _, info, distiller = _build_distiller(_config_dict(digits_data, digits_teacher, stats, cfg), "cpu")
+        conv = [m for m in distiller.teacher.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # C_in > 1
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        plan = make_plan(read_labels(digits_data, "train"), info.num_classes, cfg)
+        runs[channels_last] = recover_in_process(distiller, plan, data_dir=str(digits_data))
+    (nchw, labels, parts), (nhwc, labels_cl, parts_cl) = runs[False], runs[True]
+    assert torch.equal(labels, labels_cl)
+    torch.testing.assert_close(nhwc.contiguous(), nchw, rtol=1e-4, atol=1e-4)
+    for a, b in zip(parts, parts_cl):
+        for k in a.keys() - {"slot", "classes"}:
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), k
+
 # ----------------------------------------------------------------------------- bad input
 def _nothing_written(root: Path):
     assert not (root / "out").exists()

@@ -98,6 +98,9 @@ class RecoverConfig:
     flip: bool = True
     seed: int = 0
     save_beton: bool = False
+    # NHWC teacher and images: faster convolutions on CPUs (oneDNN), and every tap's Gram matrix is one
+    # matmul on an (N·H·W, C) view (benchmarks/recover.py); a layout, so not part of the stage key
+    channels_last: bool = False
     max_failures: int = 2
     fail_at_batch: int | None = None  # fault injection: fail once after this many finished batches
 

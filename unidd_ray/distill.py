@@ -120,6 +120,7 @@ class RecoverSettings:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     max_roll: int | None = None
     flip: bool = True
+    channels_last: bool = False  # NHWC teacher and images (a layout: the same result up to rounding)
 
 
 @dataclass
@@ -153,7 +154,8 @@ class Distiller:
         if settings.method not in METHODS:
             raise ValueError(f"unknown recovery method {settings.method!r}; choose one of {list(METHODS)}")
         self.device = torch.device(device)
-        self.teacher = teacher.to(self.device).eval()
+        self.layout = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.teacher = teacher.to(self.device, memory_format=self.layout).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.s = settings
@@ -210,7 +212,7 @@ class Distiller:
         """
         s = self.s
         reducer = reducer or Reducer()
-        x = init.detach().clone().to(self.device).requires_grad_(True)
+        x = init.detach().to(self.device).clone(memory_format=self.layout).requires_grad_(True)
         labels = labels.to(self.device)
         count = global_count or len(labels)
         optimizer = torch.optim.Adam([x], lr=s.lr, betas=tuple(s.adam_betas))

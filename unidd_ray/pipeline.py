@@ -27,7 +27,7 @@ from unidd_ray.config import Recipe, recipe_to_yaml, section_from, to_dict
 
 PERFORMANCE_KEYS = {
     "stats": {"actors", "cpus_per_actor", "gpus_per_actor", "max_retries", "blocks_per_unit"},
-    "recover": {"cpus_per_worker", "use_gpu", "max_failures", "fail_at_batch", "save_beton"},
+    "recover": {"cpus_per_worker", "use_gpu", "max_failures", "fail_at_batch", "save_beton", "channels_last"},
     "evaluate": {"workers", "cpus_per_worker", "use_gpu", "eval_batch_size", "channels_last"},
     "squeeze": {"cpus_per_worker", "use_gpu", "max_failures"},
     "data": {"num_workers"},

@@ -1,8 +1,9 @@
 """Connecting to Ray: an embedded local instance by default, a cluster through ``RAY_ADDRESS``.
 
-Every worker process runs the torchvision import fix before user code
-(``worker_process_setup_hook``), so tasks and actors may import torchvision
-directly.
+Every worker process runs :func:`setup_worker` before user code
+(``worker_process_setup_hook``): the torchvision import fix, so tasks and actors
+may import torchvision directly, and on the embedded instance a quieter Ray Train
+placement-group cleaner (see there).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 
-SETUP_HOOK = "unidd_ray._torchvision_fix.apply"
+SETUP_HOOK = "unidd_ray.ray_utils.setup_worker"
+EMBEDDED_ENV = "UNIDD_RAY_EMBEDDED"  # set in the workers of an embedded instance
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 _EMBEDDED = False  # this process started its own local Ray, which cannot grow
 
 log = logging.getLogger(__name__)
@@ -38,9 +41,25 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         # cluster an earlier `ray start` on this machine recorded.
         address = "local"
         kwargs.update(include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus)
+        kwargs["runtime_env"]["env_vars"] = {EMBEDDED_ENV: "1"}
     ray.init(address=address, **kwargs)
     global _EMBEDDED
     _EMBEDDED = address == "local"
+
+
+def setup_worker() -> None:
+    """Runs in every Ray worker process before any task or actor code.
+
+    On the embedded instance (started without the dashboard, so without the
+    State API) Ray Train's placement-group cleaner cannot query its controller
+    and warns about it every few seconds for the whole run — hundreds of
+    identical lines in a pipeline's log; there its logger shows errors only.
+    """
+    from unidd_ray import _torchvision_fix
+
+    _torchvision_fix.apply()
+    if os.environ.get(EMBEDDED_ENV) == "1":
+        logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def require_resources(what: str, *, workers: int, cpus: float, gpus: float = 0.0, fix: str | None = None) -> None:

@@ -80,8 +80,10 @@ class _SPDInverse(torch.autograd.Function):
     The value is computed in the factor's dtype.  The backward pass uses the
     saved inverse F directly: for L(F) with F = A⁻¹, ∂L/∂A = −F (∂L/∂F) F
     (F symmetric) — two matrix products instead of differentiating through the
-    factorisation; the gradient is returned, and its products computed, in the
-    dtype of ``shifted`` (float32 features get float32 gradient products).
+    factorisation.  The gradient is returned in the dtype of ``shifted``; its
+    products run in the narrower of that dtype and the factor's (float32
+    features, or a float32 ``precision``, get float32 gradient products even when
+    ``shifted`` is a float64 running average).
     """
 
     @staticmethod
@@ -89,13 +91,14 @@ class _SPDInverse(torch.autograd.Function):
         inverse = torch.cholesky_inverse(factor)
         ctx.save_for_backward(inverse)
         ctx.grad_dtype = shifted.dtype
+        ctx.product_dtype = min(shifted.dtype, factor.dtype, key=lambda d: d.itemsize)
         return inverse
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
-        inverse = inverse.to(ctx.grad_dtype)
-        return -(inverse @ grad.to(ctx.grad_dtype) @ inverse), None
+        inverse = inverse.to(ctx.product_dtype)
+        return -(inverse @ grad.to(ctx.product_dtype) @ inverse).to(ctx.grad_dtype), None
 
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}

@@ -23,7 +23,8 @@ SIGNAL_KINDS = ("mean", "class", "soft")
 _F64 = torch.float64
 
 
-def _check_features(features: Tensor, channels: int | None, what: str = "features") -> Tensor:
+def _check_features(features: Tensor, channels: int | None, what: str = "features", *, finite: bool = True
+                    ) -> Tensor:
     if not isinstance(features, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(features).__name__}")
     if features.dim() == 2:
@@ -35,9 +36,13 @@ def _check_features(features: Tensor, channels: int | None, what: str = "feature
             f"{what} have {features.shape[1]} channels but these moments were built for {channels}; "
             "pass the feature map of the layer the moments belong to"
         )
-    if not torch.isfinite(features).all():
-        raise ValueError(f"{what} contain NaN or Inf values; check the model input and its normalisation")
+    if finite and not torch.isfinite(features).all():
+        raise _non_finite(what)
     return features
+
+
+def _non_finite(what: str) -> ValueError:
+    return ValueError(f"{what} contain NaN or Inf values; check the model input and its normalisation")
 
 
 def _check_labels(labels: Tensor, n: int, num_classes: int) -> Tensor:
@@ -266,6 +271,56 @@ class BatchStatistics:
         return self.signal_sum / self.signal_weight
 
 
+class _GramAndSums(torch.autograd.Function):
+    """``(Σ_n X_n X_nᵀ, X.sum(2))`` of an ``(N, C, L)`` map, with a single-product backward.
+
+    Autograd through ``x @ xᵀ`` treats the two operands separately (two products
+    and a sum of two map-sized gradients), and the per-image sums add a third
+    map-sized gradient.  The Gram matrix is symmetric in its operand, so the
+    whole gradient is one batched product with a broadcast added in place:
+    ``dX_n = (dG + dGᵀ) X_n + dP_n 1ᵀ``.
+
+    Routes: a channels-last map is one ``(N·L, C)`` matrix without a copy, so the
+    Gram is one matmul forward and one backward.  Otherwise a batched matmul on
+    the ``(N, C, L)`` view when ``L ≥ C`` (no copy of the map; an ``(N, C, C)``
+    intermediate), and one matmul on a ``(C, N·L)`` copy when ``L < C`` (deep,
+    small maps, where ``(N, C, C)`` would outgrow the map).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        n, c, length = x.shape
+        if x.stride(1) == 1 and x.stride(2) == c and x.stride(0) == c * length:  # channels-last map
+            ctx.route = "rows"  # one (N·L, C) matrix, a view: every position a row
+            rows = x.transpose(1, 2).reshape(n * length, c)
+            gram = rows.T @ rows
+            ctx.save_for_backward(rows)
+        elif length >= c:
+            ctx.route = "batched"
+            gram = torch.bmm(x, x.transpose(1, 2)).sum(0)
+            ctx.save_for_backward(x)
+        else:
+            ctx.route = "columns"
+            cols = x.transpose(0, 1).reshape(c, n * length)
+            gram = cols @ cols.T
+            ctx.save_for_backward(cols)
+        ctx.shape = (n, c, length)
+        return gram, x.sum(2)
+
+    @staticmethod
+    def backward(ctx, d_gram: Tensor, d_sums: Tensor) -> Tensor:
+        (saved,) = ctx.saved_tensors
+        n, c, length = ctx.shape
+        sym = d_gram + d_gram.T
+        if ctx.route == "rows":
+            grad = (saved @ sym).view(n, length, c)
+            return (grad + d_sums.unsqueeze(1)).transpose(1, 2)  # channels-last again, like the input
+        if ctx.route == "batched":
+            return torch.baddbmm(d_sums.unsqueeze(2).expand(n, c, length), sym.expand(n, c, c), saved)
+        grad = (sym @ saved).view(c, n, length).transpose(0, 1)
+        return grad + d_sums.unsqueeze(2)
+
+
 def batch_statistics(
     features: Tensor,
     labels: Tensor | None = None,
@@ -276,22 +331,17 @@ def batch_statistics(
 ) -> BatchStatistics:
     """Moments and signal of one batch, differentiable in ``features``.
 
-    The Gram matrix uses a batched matmul on the ``(N, C, H·W)`` view of the
-    map when ``H·W ≥ C`` (no copy of the map; an ``(N, C, C)`` intermediate), and
-    one matmul on a ``(C, N·H·W)`` copy when ``H·W < C`` (deep, small maps, where
-    the ``(N, C, C)`` intermediate would be larger than the map itself).
+    The Gram matrix and the per-image sums come from :class:`_GramAndSums`: one
+    product forward and one backward over the map (see there).
     """
-    features = _check_features(features, None)
+    features = _check_features(features, None, finite=False)  # checked on the Gram diagonal below
     n_img, c, h, w = features.shape
-    x = features.reshape(n_img, c, h * w)
+    sumsq, sums = _GramAndSums.apply(features.reshape(n_img, c, h * w))
+    if not torch.isfinite(sumsq.diagonal()).all():  # Σ x_c² is NaN/Inf iff channel c has a NaN/Inf (or overflows)
+        raise _non_finite("features")
     n = torch.tensor(float(n_img * h * w), dtype=features.dtype, device=features.device)
-    pooled = x.mean(2)  # (N, C)
-    total = pooled.sum(0) * (h * w)
-    if h * w >= c:
-        sumsq = torch.bmm(x, x.transpose(1, 2)).sum(0)
-    else:
-        flat = x.transpose(0, 1).reshape(c, n_img * h * w)
-        sumsq = flat @ flat.T
+    total = sums.sum(0)
+    pooled = sums / (h * w)  # (N, C)
     if signal == "mean":
         columns = torch.zeros(1, dtype=torch.long, device=features.device)
         signal_sum = pooled.sum(0)[:, None]

@@ -28,6 +28,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,9 +169,11 @@ class InitImages:
                 self.rounds.append([plan.init_index[k][slot] for k in chunks[j]])
         self.next = 0
         self.cache: dict[int, torch.Tensor] = {}
+        self.remaining = Counter(i for r in self.rounds for i in r)  # uses of each index in rounds[next:]
 
     def __call__(self, indices: list[int]) -> torch.Tensor:
         if self.next < len(self.rounds) and self.rounds[self.next] == list(indices):
+            self.remaining.subtract(self.rounds[self.next])
             self.next += 1
         if any(i not in self.cache for i in indices):
             wanted = list(indices)
@@ -181,9 +184,8 @@ class InitImages:
             wanted = list(dict.fromkeys(wanted))
             self.cache.update(zip(wanted, load_real_images(self.data_dir, wanted, num_workers=self.num_workers)))
         images = torch.stack([self.cache[i] for i in indices])
-        still_needed = {i for later in self.rounds[self.next:] for i in later}
         for i in indices:
-            if i not in still_needed:
+            if self.remaining[i] <= 0:  # no later round asks for it
                 self.cache.pop(i, None)
         return images
 
