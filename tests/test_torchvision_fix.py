@@ -22,3 +22,21 @@ def test_torchvision_imports_inside_a_ray_task(ray_session):
     ray = ray_session
     task = ray.remote(_build_resnet18_in_worker)
     assert ray.get(task.remote(), timeout=120) == 11_689_512
+
+
+def _cleaner_log_level():
+    import logging
+
+    from unidd_ray.ray_utils import _CLEANER_LOGGER
+
+    return logging.getLogger(_CLEANER_LOGGER).getEffectiveLevel()
+
+
+def test_embedded_workers_silence_the_placement_group_cleaner_warning(ray_session):
+    """The embedded instance runs without the dashboard, so Ray Train's placement-group cleaner cannot
+    reach the State API and would warn every second of a run; its workers show that logger's errors only."""
+    import logging
+
+    ray = ray_session
+    assert ray.get(ray.remote(_cleaner_log_level).remote(), timeout=120) == logging.ERROR
+    assert _cleaner_log_level() < logging.ERROR  # the driver's own logging is left alone
