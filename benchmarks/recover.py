@@ -122,7 +122,8 @@ def child(model_key: str, method: str, layout: str, *, images: int, warmup: int,
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     per_iter = [b - a for a, b in zip(stamps, stamps[1:])]
     timed = per_iter[1 + warmup:]  # iteration 0 also builds the real side (once per β)
-    return {"model": model_key, "method": method, "layout": layout, "median_s": statistics.median(timed), "min_s": min(timed),
+    return {"model": model_key, "method": method, "layout": layout, "median_s": statistics.median(timed),
+            "min_s": min(timed),
             "max_s": max(timed), "iterations_s": per_iter, "warmup": 1 + warmup,
             "taps": len(distiller.layers), "bn_layers": len(distiller.bn_layers),
             "peak_rss_mb": rss_peak / 1024, "peak_rss_delta_mb": (rss_peak - rss_before) / 1024,
@@ -300,8 +301,8 @@ def main():
               f"cfm - sre2l peak RSS {r['cfm_minus_sre2l_peak_rss_mb']:+.0f} MB", flush=True)
     def save(p2):
         return write_result("recover", {
-            "settings": {k: getattr(args, k) for k in ("images", "warmup", "repeats", "rounds", "threads", "layouts", "ipc",
-                                                        "iterations", "train_images", "workers", "quick")},
+            "settings": {k: getattr(args, k) for k in ("images", "warmup", "repeats", "rounds", "threads", "layouts",
+                                                        "ipc", "iterations", "train_images", "workers", "quick")},
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "total_s": time.perf_counter() - t0,
             "per_iteration": p1, "workers": p2,
             "targets": {"cfm_over_sre2l_time": "<= 1.10", "cfm_peak_memory": "<= sre2l"},
