@@ -277,8 +277,8 @@ class _GramAndSums(torch.autograd.Function):
     Autograd through ``x @ xᵀ`` treats the two operands separately (two products
     and a sum of two map-sized gradients), and the per-image sums add a third
     map-sized gradient.  The Gram matrix is symmetric in its operand, so the
-    whole gradient is one batched product with a broadcast added in place:
-    ``dX_n = (dG + dGᵀ) X_n + dP_n 1ᵀ``.
+    whole gradient is one product with the sums' gradient broadcast onto its
+    result in place: ``dX_n = (dG + dGᵀ) X_n + dP_n 1ᵀ``.
 
     Routes: a channels-last map is one ``(N·L, C)`` matrix without a copy, so the
     Gram is one matmul forward and one backward.  Otherwise a batched matmul on
@@ -314,11 +314,11 @@ class _GramAndSums(torch.autograd.Function):
         sym = d_gram + d_gram.T
         if ctx.route == "rows":
             grad = (saved @ sym).view(n, length, c)
-            return (grad + d_sums.unsqueeze(1)).transpose(1, 2)  # channels-last again, like the input
+            return grad.add_(d_sums.unsqueeze(1)).transpose(1, 2)  # channels-last again, like the input
         if ctx.route == "batched":
             return torch.baddbmm(d_sums.unsqueeze(2).expand(n, c, length), sym.expand(n, c, c), saved)
         grad = (sym @ saved).view(c, n, length).transpose(0, 1)
-        return grad + d_sums.unsqueeze(2)
+        return grad.add_(d_sums.unsqueeze(2))
 
 
 def batch_statistics(
