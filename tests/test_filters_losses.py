@@ -150,8 +150,9 @@ def test_float32_precision_on_float64_running_averages():
     f64, g64 = run("float64")
     f32, g32 = run("float32")
     assert f32.dtype == torch.float32 and g32.dtype == torch.float32 and torch.isfinite(g32).all()
-    cond = float(torch.linalg.cond(emu.mix("layer", batch_statistics(x).covariance, batch_statistics(x).signal,
-                                           first.columns)[0] + beta * torch.eye(c, dtype=D)))
+    stats = batch_statistics(x)
+    mixed = emu.mix("layer", stats.covariance, stats.signal, stats.columns)[0]
+    cond = float(torch.linalg.cond(mixed + beta * torch.eye(c, dtype=D)))
     tol = 50 * cond * torch.finfo(torch.float32).eps
     assert f32.item() == pytest.approx(f64.item(), rel=tol)
     assert float((g32 - g64).abs().max() / g64.abs().max()) < tol

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unidd_ray.models import bn_layers, layer_channels, resolve_layers, tapped
+from unidd_ray.models import bn_layers, layer_channels, memory_format, resolve_layers, tapped
 from unidd_ray.spectral import (
     EMU,
     RealSideCache,
@@ -154,7 +154,7 @@ class Distiller:
         if settings.method not in METHODS:
             raise ValueError(f"unknown recovery method {settings.method!r}; choose one of {list(METHODS)}")
         self.device = torch.device(device)
-        self.layout = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.layout = memory_format(settings.channels_last)
         self.teacher = teacher.to(self.device, memory_format=self.layout).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unidd_ray.data.augment import crop_resize, sample_crops
+from unidd_ray.models import memory_format
 
 
 @dataclass
@@ -168,7 +169,7 @@ def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: 
     """
     device = torch.device(device)
     torch.manual_seed(seed)
-    layout = torch.channels_last if settings.channels_last else torch.contiguous_format
+    layout = memory_format(settings.channels_last)
     student.to(device, memory_format=layout).train()
     model = wrap_model(student) if wrap_model is not None else student
     images, labels = images.to(device), labels.to(device)

@@ -1,7 +1,14 @@
 """Teacher/student architectures and the feature taps."""
 
 from unidd_ray.models.convnet import ConvNet
-from unidd_ray.models.registry import MODELS, available_models, build_model, load_weights, register_model
+from unidd_ray.models.registry import (
+    MODELS,
+    available_models,
+    build_model,
+    load_weights,
+    memory_format,
+    register_model,
+)
 from unidd_ray.models.taps import bn_layers, default_tap_layers, layer_channels, resolve_layers, tapped
 
 __all__ = [
@@ -13,6 +20,7 @@ __all__ = [
     "default_tap_layers",
     "layer_channels",
     "load_weights",
+    "memory_format",
     "register_model",
     "resolve_layers",
     "tapped",

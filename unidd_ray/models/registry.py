@@ -22,6 +22,12 @@ from torch import nn
 import unidd_ray  # noqa: F401  (applies the torchvision import fix)
 from unidd_ray.models.convnet import ConvNet
 
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout a ``channels_last`` setting asks for (NHWC: faster convolutions on CPUs with oneDNN)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 

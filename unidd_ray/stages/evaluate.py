@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from unidd_ray.config import EvaluateConfig, RecoverConfig, to_dict
+from unidd_ray.models import memory_format
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def _evaluate_loop(config: dict) -> list[dict]:
                 soft = TeacherLabels(teacher, memo_bytes=config.get("memo_bytes", MEMO_BYTES))
             loaded = {j: (images, labels, soft)}
         images, labels, soft = loaded[j]
-        teacher.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        teacher.to(memory_format=memory_format(cfg.channels_last))
 
         def report(seed, epoch, acc, _cfg=cfg, _name=job["name"]):
             if by_seed or rank == 0:
