@@ -160,6 +160,31 @@ def test_float32_precision_on_float64_running_averages():
     resolvent_in(matrix, beta, dtype=torch.float32).sum().backward()
     assert matrix.grad.dtype == D  # the gradient comes back in the input's dtype
 
+
+def test_mixed_precision_keeps_float64_values_and_rounds_only_the_gradient_products():
+    """``precision="mixed"`` (the recovery default): float64 factorisation, values and loss (the
+    same numbers as float64), float32 gradient products: the gradient of a float64 matrix comes
+    back in float64 but only float32-accurate, close to the all-float64 gradient even at a small β."""
+    assert KernelRidge(beta=0.1, precision="mixed").compute_dtype == D
+    c, beta = 48, 1e-3
+    real = _spd(c, seed=12)
+    real_signal = torch.randn(c, 1, dtype=D)
+    x = torch.relu(torch.randn(30, c, 3, 3, generator=torch.Generator().manual_seed(13))).double()
+
+    def run(precision):
+        cov = batch_statistics(x).covariance.clone().requires_grad_(True)
+        signal = torch.randn(c, 1, dtype=D, generator=torch.Generator().manual_seed(14)).requires_grad_(True)
+        f, s = cfm_layer_loss(real, real_signal, cov, signal, beta, cache=None, precision=precision)
+        (f + s).backward()
+        return f, s, cov.grad, signal.grad
+
+    f64, s64, g64, sg64 = run("float64")
+    fm, sm, gm, sgm = run("mixed")
+    assert fm.dtype == D and fm.item() == f64.item() and sm.item() == s64.item()  # forward untouched
+    assert gm.dtype == D and torch.equal(sgm, sg64)  # F Φ's gradient in Φ needs no resolvent product
+    err = float((gm - g64).abs().max() / g64.abs().max())
+    assert 0 < err < 1e-5  # float32 products (not float64: err would be ~1e-16)
+
 def test_cfm_layer_loss_gradcheck_on_covariance_and_signal():
     real, real_signal = _spd(3, seed=6), torch.randn(3, 2, dtype=D)
     cov = _spd(3, seed=7).requires_grad_(True)

@@ -179,6 +179,54 @@ def test_batch_statistics_gradients_of_every_output(shape, layout):
     assert torch.autograd.gradcheck(outputs, (feats.clone().requires_grad_(True),))
 
 
+@pytest.mark.parametrize("shape", [(6, 16, 5, 3), (4, 40, 2, 2)])
+def test_float32_channels_last_gram_by_convolution_matches_float64(shape, monkeypatch):
+    """Float32 channels-last maps on the CPU take the oneDNN 1 x 1 convolution route; its Gram
+    matrix, sums and the whole gradient agree with a float64 reference and with the matmul route."""
+    from unidd_ray.spectral import moments
+
+    assert moments._rows_by_convolution(torch.zeros(1, 2, 3).contiguous()) == torch.backends.mkldnn.is_available()
+    base = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(shape[0]) % 3
+
+    def run(feats):
+        feats = feats.clone(memory_format=torch.channels_last).requires_grad_(True)
+        stats = batch_statistics(feats, labels, signal="class", num_classes=3)
+        g = torch.Generator().manual_seed(10)
+        weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+                   for t in (stats.sumsq, stats.sum, stats.signal)]
+        loss = sum((w * t).sum() for w, t in zip(weights, (stats.sumsq, stats.sum, stats.signal)))
+        loss.backward()
+        return stats.sumsq.detach(), stats.sum.detach(), feats.grad
+
+    reference = run(base.double())
+    by_convolution = run(base)
+    assert by_convolution[2].is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(moments, "_rows_by_convolution", lambda x: False)
+    by_matmul = run(base)
+    for ref, conv, mm in zip(reference, by_convolution, by_matmul):
+        assert conv.dtype == torch.float32
+        assert _rel(conv, ref) < 1e-6 and _rel(mm, ref) < 1e-6
+
+
+@pytest.mark.parametrize("shape, layout, dtype", [
+    ((3, 4, 3, 3), torch.contiguous_format, torch.float64),  # batched
+    ((3, 8, 2, 1), torch.contiguous_format, torch.float64),  # columns
+    ((3, 4, 3, 3), torch.channels_last, torch.float64),  # rows
+    ((3, 4, 3, 3), torch.channels_last, torch.float32),  # rows by convolution (CPU, oneDNN)
+])
+def test_gram_gradient_is_a_fresh_tensor_in_the_input_layout(shape, layout, dtype):
+    """Every route hands back a tensor of its own (not a view) in the map's layout, so autograd can
+    add the tapped layer's own gradient into it in place instead of allocating another map."""
+    feats = torch.randn(*shape, dtype=dtype).contiguous(memory_format=layout).requires_grad_(True)
+    stats = batch_statistics(feats)
+    (grad,) = torch.autograd.grad(stats.sumsq.sum() + stats.sum.sum(), feats)
+    assert grad._base is None and grad.is_contiguous(memory_format=layout)
+    x = feats.detach().double()
+    expected = 2 * torch.einsum("nchw,cd->ndhw", x, torch.ones(shape[1], shape[1], dtype=torch.float64)) + 1
+    assert _rel(grad, expected) < 1e-6
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_batch_statistics_refuse_a_non_finite_feature(bad):
     feats = torch.randn(4, 3, 2, 2)

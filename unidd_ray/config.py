@@ -81,7 +81,7 @@ class RecoverConfig:
     beta_max: float = 0.1  # cfm: start of the schedule; krr: the fixed beta
     schedule: str = "cosine"  # cosine | linear | constant | geometric
     beta_min: float | None = None  # schedule floor: cosine/linear end near it (None: 0), geometric ends at it (None: beta_max / 100)
-    precision: str = "float64"  # cfm/krr resolvent values: float64 | float32 (faster, for GPUs and large C)
+    precision: str = "mixed"  # cfm/krr resolvent: mixed (float64 values, float32 gradient products) | float64 | float32
     mtt_eta: float = 0.1
     mtt_steps: int = 10
     bn_weight: float = 0.01  # sre2l: weight of the BatchNorm statistics loss
@@ -98,9 +98,10 @@ class RecoverConfig:
     flip: bool = True
     seed: int = 0
     save_beton: bool = False
-    # NHWC teacher and images: faster convolutions on CPUs (oneDNN), and every tap's Gram matrix is one
-    # matmul on an (N·H·W, C) view (benchmarks/recover.py); a layout, so not part of the stage key
-    channels_last: bool = False
+    # NHWC teacher and images (default): faster convolutions on CPUs (oneDNN) for every method, and every
+    # tap's Gram matrix is one product on an (N·H·W, C) view (benchmarks/recover.py); a layout, so not
+    # part of the stage key
+    channels_last: bool = True
     max_failures: int = 2
     fail_at_batch: int | None = None  # fault injection: fail once after this many finished batches
 

@@ -111,7 +111,7 @@ class RecoverSettings:
     beta_max: float = 0.1
     schedule: str = "cosine"
     beta_min: float | None = None
-    precision: str = "float64"
+    precision: str = "mixed"
     mtt_eta: float = 0.1
     mtt_steps: int = 10
     bn_weight: float = 0.01
@@ -120,7 +120,7 @@ class RecoverSettings:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     max_roll: int | None = None
     flip: bool = True
-    channels_last: bool = False  # NHWC teacher and images (a layout: the same result up to rounding)
+    channels_last: bool = True  # NHWC teacher and images (a layout: the same result up to rounding)
 
 
 @dataclass

@@ -5,7 +5,8 @@ once in float64 and kept in a small cache keyed by the filter and the identity
 of the real tensors.  On the synthetic side the resolvent's value is computed in
 the filter's ``compute_dtype`` — float64 by default (Ψ_S + βI is ill-conditioned
 for small β; the matrices are only C × C), float32 with ``precision="float32"``
-— while its gradient products run in the dtype of the synthetic statistics.
+— while its gradient products run in the narrower of the synthetic statistics'
+dtype and the precision's product dtype (float32 for ``precision="mixed"``).
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def cfm_layer_loss(
 ) -> tuple[Tensor, Tensor]:
     """CFM layer loss (SPEC §1.2) with F = (Ψ + βI)⁻¹ on both sides:
     ``(‖F_T − F_S‖_F, ‖F_T Φ_T − F_S Φ_S‖_F)``; ``precision="float32"`` computes the
-    synthetic side's resolvent in float32 (the real side stays float64, cast)."""
+    synthetic side's resolvent in float32 (the real side stays float64, cast),
+    ``"mixed"`` only its gradient products."""
     return unidd_layer_loss(
         KernelRidge(beta=float(beta), precision=precision), real_cov, real_signal, syn_cov, syn_signal,
         columns=columns, cache=cache,
