@@ -29,8 +29,10 @@ def test_stage_keys_ignore_a_new_setting_at_its_neutral_default():
     from unidd_ray.config import RecoverConfig, to_dict
     from unidd_ray.pipeline import NEUTRAL_DEFAULTS, stage_key
 
-    settings = to_dict(RecoverConfig())
+    settings = {**to_dict(RecoverConfig()), **NEUTRAL_DEFAULTS["recover"]}  # what the code computed before
     old = {k: v for k, v in settings.items() if k not in NEUTRAL_DEFAULTS["recover"]}
     assert stage_key("recover", settings, teacher="t") == stage_key("recover", old, teacher="t")
-    assert stage_key("recover", {**settings, "precision": "float32"}, teacher="t") != \
-        stage_key("recover", settings, teacher="t")
+    for other in ("float32", "mixed"):  # other arithmetic, another directory (mixed is today's default)
+        assert stage_key("recover", {**settings, "precision": other}, teacher="t") != \
+            stage_key("recover", settings, teacher="t")
+    assert RecoverConfig().precision == "mixed"
