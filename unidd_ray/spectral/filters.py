@@ -62,7 +62,8 @@ def cholesky_factor(matrix: Tensor, beta: float) -> Tensor:
     beta = float(beta)
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta}")
-    shifted = symmetrize(matrix) + beta * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    shifted = symmetrize(matrix)  # a new tensor: β goes onto its diagonal in place
+    shifted.diagonal().add_(beta)
     factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0:
         lam_min = float(torch.linalg.eigvalsh(symmetrize(matrix.detach())).min())
