@@ -278,8 +278,9 @@ def _rows_by_convolution(x: Tensor) -> bool:
 
     ``Σ_p x_p x_pᵀ`` is the weight gradient of a 1 × 1 convolution whose input
     and output gradient are both the map, and ``X S`` is that convolution with
-    weight ``S``.  On the CPU oneDNN runs these shapes (C ≤ 512 columns, up to
-    10⁵ rows) 1.2–1.6× faster than the BLAS ``mm`` (docs/PERFORMANCE.md).
+    weight ``S``.  On the CPU oneDNN runs these tall, narrow shapes faster than
+    the BLAS ``mm``: ResNet-18's 17 taps, forward + backward, 398 → 267 ms
+    (docs/PERFORMANCE.md).
     """
     return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
