@@ -347,7 +347,7 @@ class _GramAndSums(torch.autograd.Function):
             return grad.add_(per_image)
         grad = saved.new_empty((n, c, h, w))
         if ctx.route == "batched":
-            torch.baddbmm(d_sums.to(saved.dtype).unsqueeze(2).expand(n, c, h * w), sym.expand(n, c, c), saved,
+            torch.baddbmm(per_image.view(n, c, 1).expand(n, c, h * w), sym.expand(n, c, c), saved,
                           out=grad.view(n, c, h * w))
             return grad
         by_column = (sym @ saved).view(c, n, h, w).transpose(0, 1)
