@@ -123,8 +123,7 @@ def child(model_key: str, method: str, layout: str, *, images: int, warmup: int,
     per_iter = [b - a for a, b in zip(stamps, stamps[1:])]
     timed = per_iter[1 + warmup:]  # iteration 0 also builds the real side (once per β)
     return {"model": model_key, "method": method, "layout": layout, "median_s": statistics.median(timed),
-            "min_s": min(timed),
-            "max_s": max(timed), "iterations_s": per_iter, "warmup": 1 + warmup,
+            "min_s": min(timed), "max_s": max(timed), "iterations_s": per_iter, "warmup": 1 + warmup,
             "taps": len(distiller.layers), "bn_layers": len(distiller.bn_layers),
             "peak_rss_mb": rss_peak / 1024, "peak_rss_delta_mb": (rss_peak - rss_before) / 1024,
             "rss_before_loop_mb": rss_before / 1024, "threads": torch.get_num_threads(),
