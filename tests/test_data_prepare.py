@@ -305,6 +305,9 @@ def test_to_float_nchw_is_exact_flips_with_a_seed_and_never_overwrites_kept_batc
     mean, std = [0.2, 0.5, 0.7], [0.3, 0.2, 0.1]
     normed = ToFloatNCHW.for_stats(3, mean, std).generate_code()(batch, None)
     torch.testing.assert_close(torch.from_numpy(normed), Normalize(mean, std)(expected))
+    offset, divisor = ((255 * np.asarray(v, dtype=np.float64)).astype(np.float32) for v in (mean, std))
+    per_pixel = (batch.astype(np.float32) - offset) / divisor  # float32 arithmetic, pixel by pixel
+    assert np.array_equal(normed, per_pixel.transpose(0, 3, 1, 2))  # the lookup table changes no bit
     flipped = [ToFloatNCHW.for_stats(3, flip_seed=5).generate_code()(batch, None) for _ in range(2)]
     assert np.array_equal(flipped[0], flipped[1])
     mirrored = [np.array_equal(f, e.flip(-1).numpy()) for f, e in zip(flipped[0], expected)]

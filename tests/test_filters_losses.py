@@ -22,7 +22,7 @@ from unidd_ray.spectral import (
     resolvent,
     unidd_layer_loss,
 )
-from unidd_ray.spectral.filters import resolvent_in
+from unidd_ray.spectral.filters import PRECISIONS, resolvent_in, symmetrize
 
 D = torch.float64
 
@@ -184,6 +184,29 @@ def test_mixed_precision_keeps_float64_values_and_rounds_only_the_gradient_produ
     assert gm.dtype == D and torch.equal(sgm, sg64)  # F Φ's gradient in Φ needs no resolvent product
     err = float((gm - g64).abs().max() / g64.abs().max())
     assert 0 < err < 1e-5  # float32 products (not float64: err would be ~1e-16)
+
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+def test_resolvent_gradient_is_the_gradient_through_the_symmetric_part(precision):
+    """(sym(M) + βI)⁻¹ for a non-symmetric M, weighted by a non-symmetric W: the hand-written
+    backward (−F sym(G) F) against finite differences of the float64 function (gradcheck) and
+    against autograd through the symmetrisation and a general inverse."""
+    c, beta = 4, 0.3
+    m = (_spd(c, seed=20) + 0.2 * torch.randn(c, c, dtype=D, generator=torch.Generator().manual_seed(21)))
+    w = torch.randn(c, c, dtype=D, generator=torch.Generator().manual_seed(22))
+    dtype, products = PRECISIONS[precision]
+
+    def weighted(matrix):
+        return (w * resolvent_in(matrix, beta, dtype=dtype, product_dtype=products)).sum()
+
+    if precision == "float64":
+        assert torch.autograd.gradcheck(weighted, (m.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
+    ours = m.clone().requires_grad_(True)
+    weighted(ours).backward()
+    reference = m.clone().requires_grad_(True)
+    (w * torch.linalg.inv(symmetrize(reference) + beta * torch.eye(c, dtype=D))).sum().backward()
+    tol = 1e-12 if precision == "float64" else 1e-6
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=tol, atol=tol)
+
 
 def test_cfm_layer_loss_gradcheck_on_covariance_and_signal():
     real, real_signal = _spd(3, seed=6), torch.randn(3, 2, dtype=D)
@@ -347,6 +370,35 @@ def test_emu_is_the_running_equal_weight_average_with_gradient_only_through_the_
         emu.commit("l", stats.covariance, stats.signal, cols)
         emu.synchronise()
     assert not emu.synced["l"].cov_sum.requires_grad
+
+
+def test_emu_mix_follows_every_change_of_its_state():
+    """The finished batches' sums are formed once per batch; a commit, a synchronisation and a
+    loaded state must each be seen by the next mix (float32 batches, float64 averages)."""
+    cols = torch.zeros(1, dtype=torch.long)
+    batches = [batch_statistics(_features(s, c=4).float()) for s in range(4)]
+    emu = EMU({"l": (4, 1)})
+    snapshot = None
+    for t, stats in enumerate(batches, start=1):
+        current = stats.covariance.clone().requires_grad_(True)
+        for _ in range(2):  # two iterations on the same batch: the same finished part
+            cov, signal = emu.mix("l", current, stats.signal, cols)
+            assert cov.dtype == torch.float64
+            expected = sum(b.covariance.double() for b in batches[:t]) / t
+            torch.testing.assert_close(cov, expected, rtol=1e-12, atol=1e-12)
+        (grad,) = torch.autograd.grad(cov.sum(), current)
+        assert grad.dtype == torch.float32
+        emu.commit("l", stats.covariance, stats.signal, cols)  # pending only: no synchronisation
+        if t == 2:
+            snapshot = emu.state_dict()
+    emu.mix("l", batches[0].covariance, batches[0].signal, cols)  # four finished batches in use
+    emu.load_state_dict(snapshot)  # back to two
+    first_two = sum(b.covariance.double() for b in batches[:2])
+    cov, _ = emu.mix("l", batches[2].covariance, batches[2].signal, cols)
+    torch.testing.assert_close(cov, (first_two + batches[2].covariance.double()) / 3, rtol=1e-12, atol=1e-12)
+    emu.synchronise(lambda flat: 2 * flat)  # a second worker that finished the same two batches
+    cov, _ = emu.mix("l", batches[3].covariance, batches[3].signal, cols)
+    torch.testing.assert_close(cov, (2 * first_two + batches[3].covariance.double()) / 5, rtol=1e-12, atol=1e-12)
 
 
 def test_emu_states_merge_as_moments_across_workers():

@@ -163,8 +163,9 @@ def test_batch_statistics_gram_routes_match_numpy(shape, layout):
 
 @pytest.mark.parametrize("shape", [(3, 2, 3, 2), (3, 5, 2, 1)])  # H·W ≥ C (batched) and H·W < C (flattened)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_batch_statistics_gradients_of_every_output(shape, layout):
-    """gradcheck of the Gram matrix, the position sum, the class signal and a loss mixing them
+@pytest.mark.parametrize("signal", ["class", "mean"])  # per-image sums / batch sums
+def test_batch_statistics_gradients_of_every_output(shape, layout, signal):
+    """gradcheck of the Gram matrix, the position sum, the signal and a loss mixing them
     (the hand-written backward must also accumulate the three gradients correctly)."""
     feats = torch.randn(*shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     if layout == "channels_last":
@@ -172,7 +173,7 @@ def test_batch_statistics_gradients_of_every_output(shape, layout):
     labels = torch.tensor([1, 0, 1])
 
     def outputs(f):
-        stats = batch_statistics(f, labels, signal="class", num_classes=2)
+        stats = batch_statistics(f, labels, signal=signal, num_classes=2)
         mixed = (stats.covariance @ stats.covariance).sum() + stats.signal.pow(3).sum()
         return stats.sumsq, stats.sum, stats.signal, mixed
 
@@ -180,7 +181,8 @@ def test_batch_statistics_gradients_of_every_output(shape, layout):
 
 
 @pytest.mark.parametrize("shape", [(6, 16, 5, 3), (4, 40, 2, 2)])
-def test_float32_channels_last_gram_by_convolution_matches_float64(shape, monkeypatch):
+@pytest.mark.parametrize("signal", ["class", "mean"])  # mean: the sums' gradient is the convolution's bias
+def test_float32_channels_last_gram_by_convolution_matches_float64(shape, signal, monkeypatch):
     """Float32 channels-last maps on the CPU take the oneDNN 1 x 1 convolution route; its Gram
     matrix, sums and the whole gradient agree with a float64 reference and with the matmul route."""
     from unidd_ray.spectral import moments
@@ -191,7 +193,7 @@ def test_float32_channels_last_gram_by_convolution_matches_float64(shape, monkey
 
     def run(feats):
         feats = feats.clone(memory_format=torch.channels_last).requires_grad_(True)
-        stats = batch_statistics(feats, labels, signal="class", num_classes=3)
+        stats = batch_statistics(feats, labels, signal=signal, num_classes=3)
         g = torch.Generator().manual_seed(10)
         weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
                    for t in (stats.sumsq, stats.sum, stats.signal)]

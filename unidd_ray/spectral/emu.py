@@ -81,10 +81,24 @@ class RunningAverage:
 
 def _mix(parts, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
     """Equal-weight average of the batches summed in ``parts`` and the current batch."""
-    cols = torch.as_tensor(columns, device=parts[0].signal_sum.device)
-    cov = (sum(p.cov_sum for p in parts) + cov_hat.to(_F64)) / (sum(p.batches for p in parts) + 1)
-    signal_sum = sum(p.signal_sum[:, cols] for p in parts) + signal_hat.to(_F64)
-    signal = signal_sum / (sum(p.signal_count[cols] for p in parts) + 1)
+    return _mix_into(_finished(parts), cov_hat, signal_hat, columns)
+
+
+def _finished(parts) -> RunningAverage:
+    """The sums of ``parts`` as one running average."""
+    out = RunningAverage(parts[0].channels, parts[0].columns, device=parts[0].cov_sum.device)
+    for p in parts:
+        for f in RunningAverage._FIELDS:
+            getattr(out, f).add_(getattr(p, f))
+    return out
+
+
+def _mix_into(finished: RunningAverage, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor
+              ) -> tuple[Tensor, Tensor]:
+    cols = torch.as_tensor(columns, device=finished.signal_sum.device)
+    # float64 sums + the current batch: the add promotes the batch's float32 values exactly
+    cov = (finished.cov_sum + cov_hat) / (finished.batches + 1)
+    signal = (finished.signal_sum[:, cols] + signal_hat) / (finished.signal_count[cols] + 1)
     return cov, signal
 
 
@@ -97,15 +111,21 @@ class EMU:
         self.layers = dict(layers)
         self.synced = {k: RunningAverage(c, m, device=device) for k, (c, m) in self.layers.items()}
         self.pending = {k: RunningAverage(c, m, device=device) for k, (c, m) in self.layers.items()}
+        # synced + pending per layer, formed once per batch rather than at every iteration
+        self._finished: dict[str, RunningAverage] = {}
 
     def mix(self, layer: str, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
         if not self.enabled:
             return cov_hat, signal_hat
-        return _mix((self.synced[layer], self.pending[layer]), cov_hat, signal_hat, columns)
+        finished = self._finished.get(layer)
+        if finished is None:
+            finished = self._finished[layer] = _finished((self.synced[layer], self.pending[layer]))
+        return _mix_into(finished, cov_hat, signal_hat, columns)
 
     def commit(self, layer: str, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> None:
         if self.enabled:
             self.pending[layer].commit(cov_hat, signal_hat, columns)
+            self._finished.pop(layer, None)
 
     def synchronise(self, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> None:
         """Fold every worker's pending batches into the synchronised state.
@@ -124,6 +144,7 @@ class EMU:
             self.synced[k] = self.synced[k] + increment
             self.pending[k] = RunningAverage(*self.layers[k], device=flat.device)
             offset += size
+        self._finished.clear()
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {}
@@ -136,3 +157,4 @@ class EMU:
         for k in self.layers:
             self.synced[k].load_flat(torch.as_tensor(state[f"synced/{k}"]))
             self.pending[k].load_flat(torch.as_tensor(state[f"pending/{k}"]))
+        self._finished.clear()

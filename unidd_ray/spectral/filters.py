@@ -62,8 +62,8 @@ def cholesky_factor(matrix: Tensor, beta: float) -> Tensor:
     beta = float(beta)
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta}")
-    shifted = symmetrize(matrix)  # a new tensor: β goes onto its diagonal in place
-    shifted.diagonal().add_(beta)
+    shifted = matrix + matrix.transpose(-1, -2)  # 2·symmetric part, a new tensor: scaled and shifted in place
+    shifted.mul_(0.5).diagonal().add_(beta)
     factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0:
         lam_min = float(torch.linalg.eigvalsh(symmetrize(matrix.detach())).min())
@@ -76,23 +76,24 @@ def cholesky_factor(matrix: Tensor, beta: float) -> Tensor:
 
 
 class _SPDInverse(torch.autograd.Function):
-    """Inverse of a symmetric positive definite matrix from its Cholesky factor.
+    """``(sym(M) + βI)⁻¹`` from the Cholesky factor of ``sym(M) + βI``, differentiable in ``M``.
 
     The value is computed in the factor's dtype.  The backward pass uses the
-    saved inverse F directly: for L(F) with F = A⁻¹, ∂L/∂A = −F (∂L/∂F) F
-    (F symmetric) — two matrix products instead of differentiating through the
-    factorisation.  The gradient is returned in the dtype of ``shifted``; its
+    saved inverse F directly: for L(F) with F = (sym(M) + βI)⁻¹,
+    ∂L/∂M = −F sym(∂L/∂F) F (F symmetric) — two matrix products instead of
+    differentiating through the factorisation, and no symmetrised copy of M in
+    the graph.  The gradient is returned in the dtype of ``matrix``; its
     products run in the narrowest of that dtype, the factor's and
     ``product_dtype`` (float32 features, or a float32/mixed ``precision``, get
-    float32 gradient products even when ``shifted`` is a float64 running average).
+    float32 gradient products even when ``matrix`` is a float64 running average).
     """
 
     @staticmethod
-    def forward(ctx, shifted: Tensor, factor: Tensor, product_dtype: torch.dtype | None) -> Tensor:
+    def forward(ctx, matrix: Tensor, factor: Tensor, product_dtype: torch.dtype | None) -> Tensor:
         inverse = torch.cholesky_inverse(factor)
         ctx.save_for_backward(inverse)
-        ctx.grad_dtype = shifted.dtype
-        candidates = [shifted.dtype, factor.dtype] + ([product_dtype] if product_dtype is not None else [])
+        ctx.grad_dtype = matrix.dtype
+        candidates = [matrix.dtype, factor.dtype] + ([product_dtype] if product_dtype is not None else [])
         ctx.product_dtype = min(candidates, key=lambda d: d.itemsize)
         return inverse
 
@@ -100,7 +101,7 @@ class _SPDInverse(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
         inverse = inverse.to(ctx.product_dtype)
-        return -(inverse @ grad.to(ctx.product_dtype) @ inverse).to(ctx.grad_dtype), None, None
+        return -(inverse @ symmetrize(grad.to(ctx.product_dtype)) @ inverse).to(ctx.grad_dtype), None, None
 
 
 # precision -> (dtype of the resolvent's values and of the loss, dtype of its gradient products)
@@ -139,7 +140,7 @@ def resolvent_in(matrix: Tensor, beta: float, *, dtype: torch.dtype = torch.floa
     products in ``product_dtype`` where that is narrower.
     """
     factor = cholesky_factor(matrix.detach().to(dtype), beta)
-    return _SPDInverse.apply(symmetrize(matrix), factor, product_dtype)
+    return _SPDInverse.apply(matrix, factor, product_dtype)
 
 
 def resolvent(matrix: Tensor, beta: float) -> Tensor:

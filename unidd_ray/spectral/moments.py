@@ -286,13 +286,17 @@ def _rows_by_convolution(x: Tensor) -> bool:
 
 
 class _GramAndSums(torch.autograd.Function):
-    """``(Σ_p x_p x_pᵀ, per-image Σ_p x_p)`` of an ``(N, C, H, W)`` map, with a single-product backward.
+    """``(Σ_p x_p x_pᵀ, Σ_p x_p)`` of an ``(N, C, H, W)`` map, with a single-product backward.
 
+    The sums are per image, ``(N, C)``, with ``per_image=True`` and over the whole
+    batch, ``(C,)``, otherwise (all the ``mean`` signal needs).
     Autograd through ``x @ xᵀ`` treats the two operands separately (two products
-    and a sum of two map-sized gradients), and the per-image sums add a third
+    and a sum of two map-sized gradients), and the sums add a third
     map-sized gradient.  The Gram matrix is symmetric in its operand, so the
     whole gradient is one product with the sums' gradient broadcast onto its
-    result in place: ``dX_n = (dG + dGᵀ) X_n + dP_n 1ᵀ``.  The gradient is a
+    result: ``dX_n = (dG + dGᵀ) X_n + dP_n 1ᵀ``, in place, or, for batch sums on
+    the convolution route, as the convolution's bias (no extra pass over the
+    map).  The gradient is a
     fresh tensor in the input's layout, never a view: the tapped map has other
     consumers (the layer itself, a residual), and autograd adds their gradients
     into a buffer it owns in place, where a view would cost a new map-sized
@@ -307,7 +311,7 @@ class _GramAndSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, per_image: bool) -> tuple[Tensor, Tensor]:
         n, c, h, w = x.shape
         length = h * w
         if x.is_contiguous(memory_format=torch.channels_last):
@@ -331,27 +335,31 @@ class _GramAndSums(torch.autograd.Function):
             gram = cols @ cols.T
             ctx.save_for_backward(cols)
         ctx.shape = (n, c, h, w)
-        return gram, x.sum((2, 3))
+        ctx.per_image = per_image
+        return gram, x.sum((2, 3) if per_image else (0, 2, 3))
 
     @staticmethod
-    def backward(ctx, d_gram: Tensor, d_sums: Tensor) -> Tensor:
+    def backward(ctx, d_gram: Tensor, d_sums: Tensor) -> tuple[Tensor, None]:
         (saved,) = ctx.saved_tensors
         n, c, h, w = ctx.shape
         sym = (d_gram + d_gram.T).to(saved.dtype)
-        per_image = d_sums.to(saved.dtype)[:, :, None, None]
+        d_sums = d_sums.to(saved.dtype)
+        shift = d_sums.view(n if ctx.per_image else 1, c, 1, 1)  # broadcast over the positions
         if ctx.route == "rows-conv":  # (X S) of a channels-last map = a 1 x 1 convolution with weight S = Sᵀ
-            return F.conv2d(saved, sym.view(c, c, 1, 1)).add_(per_image)
+            if ctx.per_image:
+                return F.conv2d(saved, sym.view(c, c, 1, 1)).add_(shift), None
+            return F.conv2d(saved, sym.view(c, c, 1, 1), d_sums), None
         if ctx.route == "rows":
             grad = torch.empty((n, c, h, w), dtype=saved.dtype, device=saved.device, memory_format=torch.channels_last)
             torch.mm(saved, sym, out=grad.permute(0, 2, 3, 1).view(n * h * w, c))
-            return grad.add_(per_image)
+            return grad.add_(shift), None
         grad = saved.new_empty((n, c, h, w))
         if ctx.route == "batched":
-            torch.baddbmm(per_image.view(n, c, 1).expand(n, c, h * w), sym.expand(n, c, c), saved,
+            torch.baddbmm(shift.view(-1, c, 1).expand(n, c, h * w), sym.expand(n, c, c), saved,
                           out=grad.view(n, c, h * w))
-            return grad
+            return grad, None
         by_column = (sym @ saved).view(c, n, h, w).transpose(0, 1)
-        return torch.add(by_column, per_image, out=grad)
+        return torch.add(by_column, shift, out=grad), None
 
 
 def batch_statistics(
@@ -364,22 +372,27 @@ def batch_statistics(
 ) -> BatchStatistics:
     """Moments and signal of one batch, differentiable in ``features``.
 
-    The Gram matrix and the per-image sums come from :class:`_GramAndSums`: one
-    product forward and one backward over the map (see there).
+    The Gram matrix and the sums (per image for the ``class`` and ``soft``
+    signals) come from :class:`_GramAndSums`: one product forward and one
+    backward over the map (see there).
     """
     features = _check_features(features, None, finite=False)  # checked on the Gram diagonal below
     n_img, c, h, w = features.shape
-    sumsq, sums = _GramAndSums.apply(features)
+    if signal not in SIGNAL_KINDS:
+        raise ValueError(f"unknown signal {signal!r}; choose one of {SIGNAL_KINDS}")
+    per_image = signal != "mean"  # the mean signal needs only the batch's sums
+    sumsq, sums = _GramAndSums.apply(features, per_image)
     if not torch.isfinite(sumsq.diagonal()).all():  # Σ x_c² is NaN/Inf iff channel c has a NaN/Inf (or overflows)
         raise _non_finite("features")
     n = torch.tensor(float(n_img * h * w), dtype=features.dtype, device=features.device)
-    total = sums.sum(0)
-    pooled = sums / (h * w)  # (N, C)
     if signal == "mean":
+        total = sums
         columns = torch.zeros(1, dtype=torch.long, device=features.device)
-        signal_sum = pooled.sum(0)[:, None]
+        signal_sum = (sums / (h * w))[:, None]  # Σ over images of the pooled features
         weight = torch.full((1,), float(n_img), dtype=features.dtype, device=features.device)
-    elif signal in ("class", "soft"):
+    else:
+        total = sums.sum(0)
+        pooled = sums / (h * w)  # (N, C)
         if labels is None:
             raise ValueError(f"the {signal!r} signal needs the labels of the synthetic batch")
         k = num_classes if num_classes is not None else int(labels.max()) + 1
@@ -393,6 +406,4 @@ def batch_statistics(
             onehot = probs[:, columns]
         signal_sum = pooled.T @ onehot
         weight = onehot.sum(0)
-    else:
-        raise ValueError(f"unknown signal {signal!r}; choose one of {SIGNAL_KINDS}")
     return BatchStatistics(n=n, sum=total, sumsq=sumsq, signal_sum=signal_sum, signal_weight=weight, columns=columns)
