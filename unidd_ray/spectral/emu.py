@@ -40,7 +40,7 @@ class RunningAverage:
 
     def mix(self, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
         """Running averages including the current batch; differentiable in the current batch only."""
-        return _mix((self,), cov_hat, signal_hat, columns)
+        return _mix(self, cov_hat, signal_hat, columns)
 
     @torch.no_grad()
     def commit(self, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> None:
@@ -79,22 +79,8 @@ class RunningAverage:
         return out
 
 
-def _mix(parts, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
-    """Equal-weight average of the batches summed in ``parts`` and the current batch."""
-    return _mix_into(_finished(parts), cov_hat, signal_hat, columns)
-
-
-def _finished(parts) -> RunningAverage:
-    """The sums of ``parts`` as one running average."""
-    out = RunningAverage(parts[0].channels, parts[0].columns, device=parts[0].cov_sum.device)
-    for p in parts:
-        for f in RunningAverage._FIELDS:
-            getattr(out, f).add_(getattr(p, f))
-    return out
-
-
-def _mix_into(finished: RunningAverage, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor
-              ) -> tuple[Tensor, Tensor]:
+def _mix(finished: RunningAverage, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+    """Equal-weight average of the batches summed in ``finished`` and the current batch."""
     cols = torch.as_tensor(columns, device=finished.signal_sum.device)
     # float64 sums + the current batch: the add promotes the batch's float32 values exactly
     cov = (finished.cov_sum + cov_hat) / (finished.batches + 1)
@@ -119,8 +105,8 @@ class EMU:
             return cov_hat, signal_hat
         finished = self._finished.get(layer)
         if finished is None:
-            finished = self._finished[layer] = _finished((self.synced[layer], self.pending[layer]))
-        return _mix_into(finished, cov_hat, signal_hat, columns)
+            finished = self._finished[layer] = self.synced[layer] + self.pending[layer]
+        return _mix(finished, cov_hat, signal_hat, columns)
 
     def commit(self, layer: str, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> None:
         if self.enabled:

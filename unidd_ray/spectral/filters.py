@@ -43,7 +43,8 @@ def _check_square(matrix: Tensor, what: str = "matrix") -> None:
 
 
 def symmetrize(matrix: Tensor) -> Tensor:
-    return (matrix + matrix.transpose(-1, -2)) / 2
+    """``(M + Mᵀ) / 2`` as a new tensor (one allocation: the halving is in place, same bits)."""
+    return (matrix + matrix.transpose(-1, -2)).mul_(0.5)
 
 
 def apply_filter(matrix: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -62,8 +63,8 @@ def cholesky_factor(matrix: Tensor, beta: float) -> Tensor:
     beta = float(beta)
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta}")
-    shifted = matrix + matrix.transpose(-1, -2)  # 2·symmetric part, a new tensor: scaled and shifted in place
-    shifted.mul_(0.5).diagonal().add_(beta)
+    shifted = symmetrize(matrix)  # a new tensor: β goes onto its diagonal in place
+    shifted.diagonal().add_(beta)
     factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0:
         lam_min = float(torch.linalg.eigvalsh(symmetrize(matrix.detach())).min())

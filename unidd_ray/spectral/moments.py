@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
+from unidd_ray.spectral.filters import symmetrize
+
 COVARIANCE_MODES = ("total", "within_class")
 SIGNAL_KINDS = ("mean", "class", "soft")
 
@@ -213,7 +215,7 @@ class Moments:
             cov = (self.sumsq - between) / self.n
         else:
             raise ValueError(f"unknown covariance mode {mode!r}; choose one of {COVARIANCE_MODES}")
-        return (cov + cov.T) / 2
+        return symmetrize(cov)
 
     @property
     def class_counts(self) -> Tensor:
@@ -266,7 +268,7 @@ class BatchStatistics:
     def covariance(self) -> Tensor:
         mu = self.sum / self.n
         cov = self.sumsq / self.n - torch.outer(mu, mu)
-        return (cov + cov.T) / 2
+        return symmetrize(cov)
 
     @property
     def signal(self) -> Tensor:
