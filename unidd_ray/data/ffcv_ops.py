@@ -31,8 +31,7 @@ def value_table(offset: np.ndarray, divisor: np.ndarray) -> np.ndarray:
     Computed in float32 arithmetic, so looking a pixel up gives the same bits as converting it.
     """
     values = np.arange(256, dtype=np.float32)
-    return ((values[None, :] - offset[:, None].astype(np.float32)) / divisor[:, None].astype(np.float32)
-            ).astype(np.float32)
+    return (values[None, :] - offset[:, None].astype(np.float32)) / divisor[:, None].astype(np.float32)
 
 
 @njit(parallel=True, nogil=True, fastmath=False)
