@@ -78,6 +78,9 @@ class RecoverConfig:
     lr: float = 0.25
     adam_betas: tuple[float, float] = (0.5, 0.9)
     alpha: float = 0.1  # weight of the spectral matching terms
+    # constant: α for every batch | emu: α·t for the t-th batch, which undoes the 1/t weight the EMU mix
+    # gives the current batch, so every slot's matching gradient keeps the first slot's scale
+    alpha_scale: str = "constant"
     beta_max: float = 0.1  # cfm: start of the schedule; krr: the fixed beta
     schedule: str = "cosine"  # cosine | linear | constant | geometric
     beta_min: float | None = None  # schedule floor: cosine/linear end near it (None: 0), geometric ends at it (None: beta_max / 100)

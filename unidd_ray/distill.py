@@ -31,6 +31,7 @@ from unidd_ray.spectral.moments import BatchStatistics, Moments
 
 SPECTRAL_METHODS = ("cfm", "krr", "dc", "dm", "mtt")
 METHODS = SPECTRAL_METHODS + ("sre2l", "ce")
+ALPHA_SCALES = ("constant", "emu")
 
 
 def method_filter(method: str, *, beta_max: float, schedule: str, beta_min: float | None, mtt_eta: float,
@@ -108,6 +109,7 @@ class RecoverSettings:
     lr: float = 0.25
     adam_betas: tuple[float, float] = (0.5, 0.9)
     alpha: float = 0.1
+    alpha_scale: str = "constant"  # constant | emu (α·t for the t-th batch of the EMU mix)
     beta_max: float = 0.1
     schedule: str = "cosine"
     beta_min: float | None = None
@@ -153,6 +155,8 @@ class Distiller:
                  layers: list[str] | None = None, device: str | torch.device = "cpu"):
         if settings.method not in METHODS:
             raise ValueError(f"unknown recovery method {settings.method!r}; choose one of {list(METHODS)}")
+        if settings.alpha_scale not in ALPHA_SCALES:
+            raise ValueError(f"unknown recover.alpha_scale {settings.alpha_scale!r}; choose one of {list(ALPHA_SCALES)}")
         self.device = torch.device(device)
         self.layout = memory_format(settings.channels_last)
         self.teacher = teacher.to(self.device, memory_format=self.layout).eval()
@@ -198,6 +202,17 @@ class Distiller:
     def slot_filter(self, slot: int, ipc: int):
         return None if self.filter is None else self.filter.at_slot(slot, ipc)
 
+    def matching_weight(self, emu: EMU | None) -> float:
+        """The weight of the matching terms for the batch about to be optimised.
+
+        The EMU mix gives the t-th batch's statistics the weight 1/t, so with a constant α the
+        matching gradient on the current images shrinks like 1/t while the cross-entropy's does not;
+        ``alpha_scale: emu`` multiplies α by t to keep every batch's balance that of the first.
+        """
+        if self.s.alpha_scale == "emu" and emu is not None:
+            return self.s.alpha * emu.batch_number()
+        return self.s.alpha
+
     def clamp_(self, x: Tensor) -> None:
         with torch.no_grad():
             torch.maximum(torch.minimum(x, self.pixel_max, out=x), self.pixel_min, out=x)
@@ -218,6 +233,7 @@ class Distiller:
         optimizer = torch.optim.Adam([x], lr=s.lr, betas=tuple(s.adam_betas))
         generator = torch.Generator().manual_seed(int(aug_seed))
         filt = self.slot_filter(slot, ipc)
+        alpha = self.matching_weight(emu)
         captured: dict[str, Tensor] = {}
         hooked = self.layers + self.bn_layers
         parts: dict[str, float] = {}
@@ -237,9 +253,9 @@ class Distiller:
                 if filt is not None:
                     probs = torch.softmax(logits, 1) if s.signal == "soft" else None
                     f_total, s_total, last_stats = self._spectral(captured, labels, probs, filt, emu, reducer)
-                    loss = loss + s.alpha * (f_total + s_total)
+                    loss = loss + alpha * (f_total + s_total)
                     parts.update(filter=_value(f_total), signal=_value(s_total))
-                    spectral = s.alpha * (parts["filter"] + parts["signal"])
+                    spectral = alpha * (parts["filter"] + parts["signal"])
                 elif self.bn_layers:
                     bn = self._bn_loss(captured, reducer)
                     loss = loss + s.bn_weight * bn

@@ -35,7 +35,7 @@ PERFORMANCE_KEYS = {
 # Settings added after stage directories existed: left out of the key while at these values, so that
 # adding a setting keeps every earlier directory valid (a run of the old code computed exactly this).
 NEUTRAL_DEFAULTS = {
-    "recover": {"precision": "float64"},
+    "recover": {"precision": "float64", "alpha_scale": "constant"},
 }
 BASELINES = {"random": False, "random-hard": True}  # real subsets: soft-label and hard-label evaluation
 

@@ -108,6 +108,14 @@ class EMU:
             finished = self._finished[layer] = self.synced[layer] + self.pending[layer]
         return _mix(finished, cov_hat, signal_hat, columns)
 
+    def batch_number(self) -> int:
+        """t for the batch being optimised: the finished batches (this worker's and the synchronised
+        ones) plus one; 1 when the EMU is off (the current batch is then the whole average)."""
+        if not self.enabled or not self.layers:
+            return 1
+        layer = next(iter(self.layers))
+        return int(self.synced[layer].batches.item() + self.pending[layer].batches.item()) + 1
+
     def commit(self, layer: str, cov_hat: Tensor, signal_hat: Tensor, columns: Tensor) -> None:
         if self.enabled:
             self.pending[layer].commit(cov_hat, signal_hat, columns)

@@ -395,7 +395,7 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
     """Every check that can fail, before any work starts; returns (info, labels, plan)."""
     from unidd_ray.data.loading import read_labels
     from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.distill import METHODS, SPECTRAL_METHODS, method_filter
+    from unidd_ray.distill import ALPHA_SCALES, METHODS, SPECTRAL_METHODS, method_filter
     from unidd_ray.models import bn_layers, resolve_layers
     from unidd_ray.spectral import cholesky_factor
     from unidd_ray.stats_io import load_stats
@@ -403,6 +403,8 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
 
     if cfg.method not in METHODS:
         raise ValueError(f"unknown recovery method {cfg.method!r}; choose one of {list(METHODS)}")
+    if cfg.alpha_scale not in ALPHA_SCALES:
+        raise ValueError(f"unknown recover.alpha_scale {cfg.alpha_scale!r}; choose one of {list(ALPHA_SCALES)}")
     if cfg.sync not in ("round", "step"):
         raise ValueError(f"recover.sync must be 'round' or 'step', got {cfg.sync!r}")
     info = read_dataset_info(data_dir)
