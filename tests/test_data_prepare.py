@@ -302,6 +302,14 @@ def test_to_float_nchw_is_exact_flips_with_a_seed_and_never_overwrites_kept_batc
     assert first.shape == (16, 3, 5, 7) and torch.equal(torch.from_numpy(first), expected)
     kept = [plain(batch[::-1].copy(), None) for _ in range(10)]  # more than the pool holds
     assert torch.equal(torch.from_numpy(first), expected) and len({k.ctypes.data for k in kept}) == 10
+    # ... while a batch nobody holds any more lends its memory to the next one (no fresh pages)
+    fresh = ToFloatNCHW.for_stats(3).generate_code()
+    dropped = fresh(batch, None)
+    address = dropped.ctypes.data
+    del dropped
+    held = torch.from_numpy(fresh(batch, None))  # reuses the dropped batch's buffer; a tensor now holds it
+    assert held.data_ptr() == address
+    assert fresh(batch[::-1].copy(), None).ctypes.data != address and torch.equal(held, expected)
     mean, std = [0.2, 0.5, 0.7], [0.3, 0.2, 0.1]
     normed = ToFloatNCHW.for_stats(3, mean, std).generate_code()(batch, None)
     torch.testing.assert_close(torch.from_numpy(normed), Normalize(mean, std)(expected))

@@ -381,6 +381,7 @@ def test_emu_mix_follows_every_change_of_its_state():
     snapshot = None
     for t, stats in enumerate(batches, start=1):
         current = stats.covariance.clone().requires_grad_(True)
+        assert emu.batch_number() == t  # the current batch's weight in the mix is 1/t
         for _ in range(2):  # two iterations on the same batch: the same finished part
             cov, signal = emu.mix("l", current, stats.signal, cols)
             assert cov.dtype == torch.float64
@@ -393,10 +394,12 @@ def test_emu_mix_follows_every_change_of_its_state():
             snapshot = emu.state_dict()
     emu.mix("l", batches[0].covariance, batches[0].signal, cols)  # four finished batches in use
     emu.load_state_dict(snapshot)  # back to two
+    assert emu.batch_number() == 3
     first_two = sum(b.covariance.double() for b in batches[:2])
     cov, _ = emu.mix("l", batches[2].covariance, batches[2].signal, cols)
     torch.testing.assert_close(cov, (first_two + batches[2].covariance.double()) / 3, rtol=1e-12, atol=1e-12)
     emu.synchronise(lambda flat: 2 * flat)  # a second worker that finished the same two batches
+    assert emu.batch_number() == 5
     cov, _ = emu.mix("l", batches[3].covariance, batches[3].signal, cols)
     torch.testing.assert_close(cov, (2 * first_two + batches[3].covariance.double()) / 5, rtol=1e-12, atol=1e-12)
 
@@ -424,3 +427,4 @@ def test_emu_disabled_passes_the_batch_through():
     emu.commit("l", cov, sig, torch.zeros(1, dtype=torch.long))
     out = emu.mix("l", 3 * cov, sig, torch.zeros(1, dtype=torch.long))
     assert torch.equal(out[0], 3 * cov)
+    assert emu.batch_number() == 1  # the current batch is the whole "average"

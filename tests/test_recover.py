@@ -308,6 +308,34 @@ def test_every_method_runs_through_the_loop(method, digits_data, digits_teacher,
 
 
 
+def test_alpha_scale_emu_weights_the_t_th_batch_by_t(digits_data, digits_teacher, digits_stats):
+    """``alpha_scale: emu`` multiplies α by t for the t-th batch (undoing the EMU's 1/t weight of the
+    current batch); the first batch is the same as with a constant α, later ones are not."""
+    runs = {}
+    for scale in ("constant", "emu"):
+        cfg = RecoverConfig(ipc=3, iterations=ITERS, lr=0.05, max_roll=1, alpha=0.5, alpha_scale=scale)
+        _, info, distiller = _build_distiller(_config_dict(digits_data, digits_teacher, digits_stats, cfg), "cpu")
+        plan = make_plan(read_labels(digits_data, "train"), info.num_classes, cfg)
+        runs[scale] = recover_in_process(distiller, plan, data_dir=str(digits_data))
+    for scale, (_, _, parts) in runs.items():
+        assert [p["slot"] for p in parts] == [0, 1, 2]
+        for t, p in enumerate(parts, start=1):
+            weight = 0.5 * (t if scale == "emu" else 1)
+            assert p["total"] == pytest.approx(p["ce"] + weight * (p["filter"] + p["signal"]), rel=1e-9)
+    (const, labels, _), (emu, labels_emu, _) = runs["constant"], runs["emu"]
+    assert torch.equal(labels, labels_emu)
+    first = labels.new_tensor([i for i in range(len(labels)) if i % 3 == 0])  # slot 0 of every class
+    later = labels.new_tensor([i for i in range(len(labels)) if i % 3 != 0])
+    torch.testing.assert_close(emu[first], const[first], rtol=0, atol=0)
+    assert (emu[later] - const[later]).abs().max() > 1e-3
+
+
+def test_refuses_an_unknown_alpha_scale(tmp_path, digits_data, digits_teacher, digits_stats):
+    with pytest.raises(ValueError, match="unknown recover.alpha_scale 'slot'.*'emu'"):
+        _recover(tmp_path, digits_data, digits_teacher, digits_stats, alpha_scale="slot")
+    _nothing_written(tmp_path)
+
+
 @pytest.mark.parametrize("method", ["cfm", "sre2l"])
 def test_channels_last_recovers_the_same_images(method, digits_data, digits_teacher, digits_stats):
     """``channels_last`` is a layout (NHWC teacher and images; one-matmul Gram matrices), not a method

@@ -68,10 +68,13 @@ class BufferPool:
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
         """An array of ``shape`` (a view of a pooled buffer, or a new array when all are in use)."""
         with self._lock:
-            for buffer in self._buffers:
-                # references: the pool's list and getrefcount's argument; anything more means in use
-                if buffer.shape[1:] == shape[1:] and buffer.shape[0] >= shape[0] and sys.getrefcount(buffer) <= 2:
-                    return buffer[:shape[0]]
+            for i in range(len(self._buffers)):
+                # references: the pool's list and getrefcount's argument; anything more (a view, a
+                # tensor, a queue entry -- or a loop variable, hence the index) means in use
+                if sys.getrefcount(self._buffers[i]) <= 2:
+                    buffer = self._buffers[i]
+                    if buffer.shape[1:] == shape[1:] and buffer.shape[0] >= shape[0]:
+                        return buffer[:shape[0]]
             buffer = np.empty(shape, dtype=np.float32)
             if len(self._buffers) < self.capacity:
                 self._buffers.append(buffer)
