@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import yaml
 
 import unidd_ray  # noqa: F401
-from unidd_ray.distill import Reducer, apply_augment, sample_augment
+from unidd_ray.distill import ALPHA_SCALES, Reducer, apply_augment, sample_augment
 from unidd_ray.models import tapped
 from unidd_ray.spectral import EMU
 from unidd_ray.stages.recover import RecoverPlan, _build_distiller, load_real_images
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--stats", type=Path, default=None, help="default: the run's one stats-* directory")
     parser.add_argument("--slots", default=None, help="comma-separated slots (default: 0, 1, 4, 9, ... , IPC-1)")
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--alpha-scale", choices=("constant", "emu"), default=None)
+    parser.add_argument("--alpha-scale", choices=ALPHA_SCALES, default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
