@@ -23,7 +23,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SETTINGS = ["recover.iterations=5", "recover.classes_per_batch=2", "evaluate.epochs=50", "squeeze.epochs=3",
-            "evaluate.seeds=1", "methods=[random, cfm]"]
+            "evaluate.seeds=1", "methods=[random, dm, cfm]", "parallel_recoveries=2"]
 TIMEOUT = 900
 
 
@@ -104,10 +104,11 @@ def test_pipeline_results(first):
     run, log, seconds, results = first
     assert results["recipe"] == "digits"
     methods = [r["method"] for r in results["rows"]]
-    assert methods == ["teacher (full data)", "random", "cfm"]
+    assert methods == ["teacher (full data)", "random", "dm", "cfm"]
+    assert "[pipeline] 2 recoveries, 2 at a time" in log  # dm and cfm side by side
     teacher = results["rows"][0]
     assert 50 < teacher["top1_mean"] <= 100 and teacher["ipc"] is None
-    for method in ("random", "cfm"):
+    for method in ("random", "dm", "cfm"):
         row = _row(results, method)
         assert row["ipc"] == 2 and row["seeds"] == 1 and row["labels"] == "soft"
         assert len(row["top1"]) == 1 and row["top1_mean"] == row["top1"][0] and row["top1_std"] == 0.0
@@ -121,20 +122,21 @@ def test_pipeline_results(first):
 
     md = (run / "results.md").read_text()
     assert "| method | IPC | labels | top-1 (%) | seeds | wall time (s) |" in md
-    for method in ("random", "cfm"):
+    for method in ("random", "dm", "cfm"):
         assert re.search(rf"\| {method} \| 2 \| soft \| {_row(results, method)['top1_mean']:.2f} ± 0.00 \| 1 \|", md)
 
     html = (run / "report.html").read_text()
     refs = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", html)
     assert refs and all((run / r).is_file() and (run / r).stat().st_size > 0 for r in refs)
     report = json.loads((run / "report.json").read_text())
-    assert set(report["methods"]) == {"random-ipc2", "cfm-ipc2"}
+    assert set(report["methods"]) == {"random-ipc2", "dm-ipc2", "cfm-ipc2"}
     assert "[pipeline] done in" in log
 
 
 # ----------------------------------------------------------------------------- content-addressed reuse
-STAGE_LINES = ["prepare: reusing", "squeeze: reusing", "stats: reusing", "recover cfm IPC 2: reusing",
-               "evaluate random IPC 2: reusing", "evaluate cfm IPC 2: reusing"]
+STAGE_LINES = ["prepare: reusing", "squeeze: reusing", "stats: reusing", "recover dm IPC 2: reusing",
+               "recover cfm IPC 2: reusing", "evaluate random IPC 2: reusing", "evaluate dm IPC 2: reusing",
+               "evaluate cfm IPC 2: reusing"]
 
 
 def test_second_run_reuses_every_stage(first):

@@ -149,6 +149,9 @@ class Recipe:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     methods: list[str] = field(default_factory=lambda: ["random", "dm", "sre2l", "cfm"])
     ipcs: list[int] = field(default_factory=lambda: [10])
+    # recoveries the pipeline runs at the same time, each its own Ray Train run (None: as many as the
+    # Ray cluster's CPUs and GPUs hold side by side; 1: one after another)
+    parallel_recoveries: int | None = None
     ray_address: str | None = None  # None: RAY_ADDRESS or an embedded local Ray
     storage_path: str | None = None  # shared storage for Ray Train/Tune (None: <out>/ray)
 

@@ -8,7 +8,11 @@ recover continue from their Ray Train checkpoints, evaluation keeps every
 finished seed).  Changing one method's settings therefore redoes only that
 method's recovery and evaluation.  All recoveries run first; then every set
 still lacking a ``summary.json`` is evaluated in a single Ray Train run, so the
-worker group (process start, imports, teacher load) is set up once.
+worker group (process start, imports, teacher load) is set up once.  Recoveries run
+side by side when the cluster holds several of their worker groups at once
+(``parallel_recoveries``): on a small CPU machine one thread per recovery does
+nearly the work of two, so two one-CPU recoveries take about half the time of
+two two-CPU ones in turn.
 Settings that only affect speed (actor and worker CPU counts, retries, fault
 injection, memory layout) are left out of the keys; thread counts and memory
 layout change floating-point summation order, not the computation.
@@ -18,9 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from unidd_ray.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_json
 from unidd_ray.config import Recipe, recipe_to_yaml, section_from, to_dict
@@ -37,6 +45,7 @@ PERFORMANCE_KEYS = {
 NEUTRAL_DEFAULTS = {
     "recover": {"precision": "float64", "alpha_scale": "constant"},
 }
+T = TypeVar("T")
 BASELINES = {"random": False, "random-hard": True}  # real subsets: soft-label and hard-label evaluation
 
 
@@ -117,6 +126,71 @@ def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Pa
     return stats_dir, key
 
 
+@dataclass(frozen=True)
+class _Recovery:
+    method: str
+    ipc: int
+    cfg: object  # RecoverConfig
+    out: Path
+    stats_dir: Path | None
+
+
+def recovery_concurrency(recipe: Recipe) -> int:
+    """How many recoveries run at once: ``recipe.parallel_recoveries``, or as many of the recovery's
+    worker groups (``recover.workers`` × ``cpus_per_worker`` CPUs, one GPU per worker with
+    ``use_gpu``) as the Ray cluster holds side by side now; at least one."""
+    if recipe.parallel_recoveries is not None:
+        return recipe.parallel_recoveries
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    have = ray.cluster_resources()
+    cfg = recipe.recover
+    fits = int(have.get("CPU", 0) // (cfg.workers * cfg.cpus_per_worker)) if cfg.cpus_per_worker > 0 else 1
+    if cfg.use_gpu:
+        fits = min(fits, int(have.get("GPU", 0) // cfg.workers))
+    return max(1, fits)
+
+
+def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
+    """Call every task, at most ``at_once`` at a time, and return their results in order.
+
+    Several at a time: daemon threads each take the next task until none is left, so a Ctrl-C in
+    the driver ends the process at once (every recovery resumes from its checkpoints).  After a
+    task fails no new task starts; those running finish, then the first error is raised.
+    """
+    if at_once <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    results: list = [None] * len(tasks)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    queue = iter(range(len(tasks)))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(queue, None)
+            if i is None:
+                return
+            try:
+                results[i] = tasks[i]()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                with lock:
+                    errors.append(e)
+
+    threads = [threading.Thread(target=worker, daemon=True, name=f"pipeline-{k}")
+               for k in range(min(at_once, len(tasks)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)
+    if errors:
+        raise errors[0]
+    return results
+
+
 def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS
     from unidd_ray.stages.evaluate import EvalJob, run_evaluations, write_real_subset
@@ -125,6 +199,9 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
     if unknown:
         raise ValueError(f"unknown methods {unknown} in the recipe; choose from {list(BASELINES) + list(METHODS)}")
+    if recipe.parallel_recoveries is not None and recipe.parallel_recoveries < 1:
+        raise ValueError(f"parallel_recoveries must be at least 1 (or null: as many as the cluster holds), "
+                         f"got {recipe.parallel_recoveries}")
     started = time.perf_counter()
     run = recipe.run_dir.resolve()
     if recipe.ray_address or os.environ.get("RAY_ADDRESS"):
@@ -141,43 +218,65 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         stats_dir, stats_key = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
         stages["stats"] = str(stats_dir)
 
-    # ---- recover (or take the real subset) for every IPC and method
+    # ---- take the real subsets and plan the recoveries (every IPC and method)
     rows = [{"method": "teacher (full data)", "ipc": None, "top1_mean": tinfo.val_top1, "top1_std": None,
              "seeds": None, "seconds": None}]
-    planned = []  # (method, ipc, eval_dir, EvalJob, seconds spent on the set)
+    sets = []  # (method, ipc, distilled directory)
+    seconds: dict[tuple[str, int], float] = {}  # time spent producing each set in this run
+    recoveries = []  # the recoveries still to run
     for ipc in recipe.ipcs:
         for method in recipe.methods:
-            t0 = time.perf_counter()
-            hard = BASELINES.get(method, False)
             if method in BASELINES:
                 key = stage_key("random", {"ipc": ipc, "seed": recipe.recover.seed}, dataset=info.fingerprint)
                 distilled = run / f"random-ipc{ipc}-{key}"
+                t0 = time.perf_counter()
                 if not _complete_distilled(distilled):
                     _log(f"random real subset, IPC {ipc} -> {distilled}")
                     write_real_subset(data_dir, distilled, ipc=ipc, seed=recipe.recover.seed,
                                       num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml)
+                seconds[method, ipc] = time.perf_counter() - t0
             else:
                 cfg = section_from(recipe, "recover", {"method": method, "ipc": ipc})
+                spectral = method in SPECTRAL_METHODS
                 key = stage_key("recover", to_dict(cfg), teacher=tinfo.sha256, dataset=info.fingerprint,
-                                stats=stats_key if method in SPECTRAL_METHODS else None)
+                                stats=stats_key if spectral else None)
                 distilled = run / f"{method}-ipc{ipc}-{key}"
                 if _complete_distilled(distilled):
                     _log(f"recover {method} IPC {ipc}: reusing {distilled}")
+                    seconds[method, ipc] = 0.0
                 else:
-                    resume = (distilled.parent / f"{distilled.name}.partial" / "plan.json").is_file()
-                    _log(f"recover {method} IPC {ipc} -> {distilled}" + (" (resuming)" if resume else ""))
-                    run_recover(data_dir, teacher_dir, stats_dir if method in SPECTRAL_METHODS else None, distilled,
-                                cfg, storage_path=_storage(distilled, recipe), resume=resume,
-                                num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml)
+                    recoveries.append(_Recovery(method, ipc, cfg, distilled, stats_dir if spectral else None))
+            sets.append((method, ipc, distilled))
             stages[f"{method}-ipc{ipc}"] = str(distilled)
-            eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
-            distilled_id = read_manifest(distilled, "distilled", verify=False)["files"]
-            eval_dir = run / ("eval-" + f"{method}-ipc{ipc}-" + stage_key("evaluate", to_dict(eval_cfg),
-                                                                          teacher=tinfo.sha256,
-                                                                          distilled=sha256_json(distilled_id)))
-            job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
-            planned.append((method, ipc, eval_dir, job, time.perf_counter() - t0))
-            stages[f"eval-{method}-ipc{ipc}"] = str(eval_dir)
+
+    # ---- recover, several at once when the cluster holds their worker groups side by side
+    at_once = min(len(recoveries), recovery_concurrency(recipe)) if recoveries else 0
+    if at_once > 1:
+        _log(f"{len(recoveries)} recoveries, {at_once} at a time")
+
+    def recover(job: _Recovery) -> float:
+        t0 = time.perf_counter()
+        resume = (job.out.parent / f"{job.out.name}.partial" / "plan.json").is_file()
+        _log(f"recover {job.method} IPC {job.ipc} -> {job.out}" + (" (resuming)" if resume else ""))
+        run_recover(data_dir, teacher_dir, job.stats_dir, job.out, job.cfg, storage_path=_storage(job.out, recipe),
+                    resume=resume, num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml)
+        _log(f"recover {job.method} IPC {job.ipc}: done in {time.perf_counter() - t0:.0f}s")
+        return time.perf_counter() - t0
+
+    for job, spent in zip(recoveries, run_at_most(at_once, [partial(recover, job) for job in recoveries])):
+        seconds[job.method, job.ipc] = spent
+
+    planned = []  # (method, ipc, eval_dir, EvalJob, seconds spent on the set)
+    for method, ipc, distilled in sets:
+        hard = BASELINES.get(method, False)
+        eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
+        distilled_id = read_manifest(distilled, "distilled", verify=False)["files"]
+        eval_dir = run / ("eval-" + f"{method}-ipc{ipc}-" + stage_key("evaluate", to_dict(eval_cfg),
+                                                                      teacher=tinfo.sha256,
+                                                                      distilled=sha256_json(distilled_id)))
+        job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
+        planned.append((method, ipc, eval_dir, job, seconds[method, ipc]))
+        stages[f"eval-{method}-ipc{ipc}"] = str(eval_dir)
 
     # ---- evaluate every set that has no summary yet, in one worker group
     todo = [job for _, _, eval_dir, job, _ in planned if not (eval_dir / "summary.json").is_file()]

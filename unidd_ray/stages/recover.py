@@ -376,7 +376,7 @@ def _recover_loop(config: dict) -> None:
             # a log record, not print(): Ray Train V2 patches print() in its workers to write the line to
             # stdout *and* to the root logger's console handler, so every printed line reached the driver twice
             parts = "  ".join(f"{k} {v:.4g}" for k, v in (result.parts.items() if result else []))
-            log.info(f"[recover] round {r + 1}/{plan.rounds} (slot {slot + 1}/{plan.ipc}, chunk {j + 1}) "
+            log.info(f"[recover {cfg.method}] round {r + 1}/{plan.rounds} (slot {slot + 1}/{plan.ipc}, chunk {j + 1}) "
                      f"{time.perf_counter() - started:.1f}s  {parts}")
         with tempfile.TemporaryDirectory() as d:
             ckpt = None

@@ -1,0 +1,89 @@
+"""The pipeline's recovery scheduling: ``run_at_most`` (tasks side by side, in order, stopping after a
+failure), ``recovery_concurrency`` (how many worker groups the cluster holds) and the
+``parallel_recoveries`` check.  No Ray cluster is started."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from unidd_ray.config import Recipe, RecoverConfig
+from unidd_ray.pipeline import recovery_concurrency, run_at_most, run_pipeline
+
+
+class _Meter:
+    """Counts the tasks running at the same moment."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now = self.peak = 0
+        self.started: list[int] = []
+        self.threads: set[str] = set()
+
+    def task(self, i: int, seconds: float = 0.05, fail: bool = False):
+        def run():
+            with self.lock:
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+                self.started.append(i)
+                self.threads.add(threading.current_thread().name)
+            time.sleep(seconds)
+            with self.lock:
+                self.now -= 1
+            if fail:
+                raise RuntimeError(f"task {i} failed")
+            return i * i
+
+        return run
+
+
+@pytest.mark.parametrize("at_once", [2, 3])
+def test_run_at_most_keeps_order_and_limit(at_once):
+    meter = _Meter()
+    results = run_at_most(at_once, [meter.task(i, seconds=0.02 * (7 - i)) for i in range(7)])
+    assert results == [i * i for i in range(7)]  # in task order, although later tasks finish first
+    assert meter.peak == at_once
+    assert sorted(meter.started) == list(range(7))
+
+
+def test_run_at_most_one_runs_in_the_calling_thread():
+    meter = _Meter()
+    assert run_at_most(1, [meter.task(i, seconds=0.0) for i in range(3)]) == [0, 1, 4]
+    assert meter.peak == 1 and meter.started == [0, 1, 2]
+    assert meter.threads == {threading.current_thread().name}
+
+
+def test_run_at_most_starts_nothing_after_a_failure_and_raises_it():
+    meter = _Meter()
+    tasks = [meter.task(0, seconds=0.3), meter.task(1, seconds=0.05, fail=True)]
+    tasks += [meter.task(i, seconds=0.0) for i in range(2, 6)]
+    with pytest.raises(RuntimeError, match="task 1 failed"):
+        run_at_most(2, tasks)
+    # task 0 was running when task 1 failed: it finished; nothing after the failure started
+    assert sorted(meter.started) == [0, 1] and meter.now == 0
+
+
+def test_recovery_concurrency(monkeypatch):
+    import ray
+
+    recipe = Recipe(recover=RecoverConfig(workers=1, cpus_per_worker=1))
+    assert recovery_concurrency(replace(recipe, parallel_recoveries=3)) == 3  # the setting wins
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert recovery_concurrency(recipe) == 1  # no cluster yet: one at a time
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert recovery_concurrency(recipe) == 8
+    assert recovery_concurrency(replace(recipe, recover=RecoverConfig(workers=2, cpus_per_worker=1.5))) == 2
+    assert recovery_concurrency(replace(recipe, recover=RecoverConfig(workers=1, cpus_per_worker=2,
+                                                                      use_gpu=True))) == 2  # the GPUs bind
+    assert recovery_concurrency(replace(recipe, recover=RecoverConfig(workers=3, cpus_per_worker=4))) == 1
+
+
+def test_parallel_recoveries_below_one_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="parallel_recoveries must be at least 1"):
+        run_pipeline(Recipe(out=str(out), parallel_recoveries=0))
+    assert not out.exists()
