@@ -87,3 +87,30 @@ def test_parallel_recoveries_below_one_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="parallel_recoveries must be at least 1"):
         run_pipeline(Recipe(out=str(out), parallel_recoveries=0))
     assert not out.exists()
+
+
+def test_bad_input_of_any_recovery_fails_before_the_first_starts(tmp_path, monkeypatch):
+    """The pipeline checks every pending recovery's inputs before starting any (they may run side by side)."""
+    from types import SimpleNamespace
+
+    import unidd_ray.pipeline as pipeline
+    import unidd_ray.stages.recover as recover
+
+    info = SimpleNamespace(fingerprint="f" * 64, name="fake")
+    tinfo = SimpleNamespace(sha256="t" * 64, val_top1=90.0, arch="convnet")
+    monkeypatch.setattr(pipeline, "prepare_stage", lambda recipe, run: (run / "data", info))
+    monkeypatch.setattr(pipeline, "teacher_stage", lambda recipe, run, *a, **k: (run / "teacher", tinfo))
+    monkeypatch.setattr(pipeline, "stats_stage", lambda recipe, run, *a, **k: (run / "stats", "s" * 12))
+    checked, started = [], []
+
+    def validate(data_dir, teacher_dir, stats_dir, cfg):
+        checked.append(cfg.method)
+        if cfg.method == "sre2l":
+            raise ValueError("sre2l matches BatchNorm running statistics, but the teacher has no BatchNorm2d layer")
+
+    monkeypatch.setattr(recover, "validate_inputs", validate)
+    monkeypatch.setattr(recover, "run_recover", lambda *a, **k: started.append(a))
+    recipe = Recipe(out=str(tmp_path / "run"), methods=["dm", "cfm", "sre2l"], parallel_recoveries=1)
+    with pytest.raises(ValueError, match="no BatchNorm2d layer"):
+        run_pipeline(recipe, report=False)
+    assert checked == ["dm", "cfm", "sre2l"] and started == []

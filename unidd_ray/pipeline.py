@@ -194,7 +194,7 @@ def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
 def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS
     from unidd_ray.stages.evaluate import EvalJob, run_evaluations, write_real_subset
-    from unidd_ray.stages.recover import run_recover
+    from unidd_ray.stages.recover import run_recover, validate_inputs
 
     unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
     if unknown:
@@ -249,7 +249,10 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
             sets.append((method, ipc, distilled))
             stages[f"{method}-ipc{ipc}"] = str(distilled)
 
-    # ---- recover, several at once when the cluster holds their worker groups side by side
+    # ---- recover, several at once when the cluster holds their worker groups side by side; every
+    # recovery's inputs are checked first, so bad input fails before any of them starts
+    for job in recoveries:
+        validate_inputs(data_dir, teacher_dir, job.stats_dir, job.cfg)
     at_once = min(len(recoveries), recovery_concurrency(recipe)) if recoveries else 0
     if at_once > 1:
         _log(f"{len(recoveries)} recoveries, {at_once} at a time")
