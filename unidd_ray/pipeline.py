@@ -10,9 +10,9 @@ method's recovery and evaluation.  All recoveries run first; then every set
 still lacking a ``summary.json`` is evaluated in a single Ray Train run, so the
 worker group (process start, imports, teacher load) is set up once.  Recoveries run
 side by side when the cluster holds several of their worker groups at once
-(``parallel_recoveries``): on a small CPU machine one thread per recovery does
-nearly the work of two, so two one-CPU recoveries take about half the time of
-two two-CPU ones in turn.
+(``parallel_recoveries``): on a small CPU machine one thread does ~0.8× the work
+of two on a small batch, so one-thread recoveries side by side get 1.3–1.4× the
+throughput of two-thread ones in turn (benchmarks/parallel_recoveries.py).
 Settings that only affect speed (actor and worker CPU counts, retries, fault
 injection, memory layout) are left out of the keys; thread counts and memory
 layout change floating-point summation order, not the computation.
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from unidd_ray.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_json
-from unidd_ray.config import Recipe, recipe_to_yaml, section_from, to_dict
+from unidd_ray.config import Recipe, RecoverConfig, recipe_to_yaml, section_from, to_dict
 
 PERFORMANCE_KEYS = {
     "stats": {"actors", "cpus_per_actor", "gpus_per_actor", "max_retries", "blocks_per_unit"},
@@ -130,7 +130,7 @@ def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Pa
 class _Recovery:
     method: str
     ipc: int
-    cfg: object  # RecoverConfig
+    cfg: RecoverConfig
     out: Path
     stats_dir: Path | None
 
