@@ -67,6 +67,16 @@ def timeit(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, sync:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": times}
 
 
+def stage_dir(run: Path, prefix: str) -> Path:
+    """The one finished ``<prefix>-*`` stage directory of a pipeline run directory (staging
+    ``.partial`` directories are ignored); exits naming what was found otherwise."""
+    found = [p for p in sorted(Path(run).glob(f"{prefix}-*")) if p.is_dir() and not p.name.endswith(".partial")]
+    if len(found) != 1:
+        raise SystemExit(f"expected one {prefix}-* directory in {run}, found {[p.name for p in found]}: pass the "
+                         f"stage directories explicitly, or run `unidd-ray pipeline --set out={run}` first")
+    return found[0]
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -39,15 +39,7 @@ from unidd_ray.spectral import EMU
 from unidd_ray.stages.recover import RecoverPlan, _build_distiller, load_real_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result
-
-
-def _one(run: Path, pattern: str) -> Path:
-    found = sorted(run.glob(pattern))
-    if len(found) != 1:
-        raise SystemExit(f"expected one {pattern} in {run}, found {[p.name for p in found]}: pass the stage "
-                         "directories explicitly")
-    return found[0]
+from _common import stage_dir, write_result
 
 
 def emu_after(distiller, final: dict, batches: int) -> EMU | None:
@@ -102,9 +94,9 @@ def main() -> None:
     recover = yaml.safe_load((args.recovery / "config.yaml").read_text())["recover"]
     if args.alpha_scale:
         recover["alpha_scale"] = args.alpha_scale
-    teacher = args.teacher or _one(args.run, "teacher-*")
-    stats = args.stats or _one(args.run, "stats-*")
-    config = {"recover": recover, "data_dir": str(_one(args.run, "data-*")), "teacher_dir": str(teacher),
+    teacher = args.teacher or stage_dir(args.run, "teacher")
+    stats = args.stats or stage_dir(args.run, "stats")
+    config = {"recover": recover, "data_dir": str(stage_dir(args.run, "data")), "teacher_dir": str(teacher),
               "stats_dir": str(stats)}
     _, _, distiller = _build_distiller(config, "cpu")
     plan = RecoverPlan(**json.loads((args.recovery / "plan.json").read_text()))

@@ -34,16 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import write_result  # noqa: E402
-
-
-def _one(run: Path, prefix: str) -> Path:
-    found = sorted(run.glob(f"{prefix}-*"))
-    found = [p for p in found if p.is_dir() and not p.name.endswith((".partial", ".ray"))]
-    if len(found) != 1:
-        raise SystemExit(f"{run} must hold exactly one {prefix}-* directory (found {[p.name for p in found]}); "
-                         f"run `unidd-ray pipeline --set out={run}` first")
-    return found[0]
+from _common import stage_dir, write_result  # noqa: E402
 
 
 def child(args) -> None:
@@ -58,7 +49,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    data, teacher, stats = (str(_one(run, p)) for p in ("data", "teacher", "stats"))
+    data, teacher, stats = (str(stage_dir(run, p)) for p in ("data", "teacher", "stats"))
     recipe = load_recipe(args.recipe)
     cfg = section_from(recipe, "recover", {"method": args.method, "iterations": args.iterations, "ipc": args.slots})
     config = {"recover": to_dict(cfg), "data_dir": data, "teacher_dir": teacher,
@@ -113,6 +104,8 @@ def main() -> None:
         return child(args)
     if args.slots < 2:
         raise SystemExit("--slots must be at least 2 (the first slot is warm-up)")
+    for prefix in ("data", "teacher", "stats"):  # fail here, not in every child
+        stage_dir(Path(args.run), prefix)
     methods = args.methods.split(",")
     results = []
     for spec in args.configs.split(","):
