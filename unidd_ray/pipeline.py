@@ -45,7 +45,6 @@ PERFORMANCE_KEYS = {
 NEUTRAL_DEFAULTS = {
     "recover": {"precision": "float64", "alpha_scale": "constant"},
 }
-T = TypeVar("T")
 BASELINES = {"random": False, "random-hard": True}  # real subsets: soft-label and hard-label evaluation
 
 
@@ -153,6 +152,9 @@ def recovery_concurrency(recipe: Recipe) -> int:
     return max(1, fits)
 
 
+T = TypeVar("T")
+
+
 def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
     """Call every task, at most ``at_once`` at a time, and return their results in order.
 
@@ -251,22 +253,23 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
 
     # ---- recover, several at once when the cluster holds their worker groups side by side; every
     # recovery's inputs are checked first, so bad input fails before any of them starts
-    for job in recoveries:
-        validate_inputs(data_dir, teacher_dir, job.stats_dir, job.cfg)
+    checked = [validate_inputs(data_dir, teacher_dir, job.stats_dir, job.cfg) for job in recoveries]
     at_once = min(len(recoveries), recovery_concurrency(recipe)) if recoveries else 0
     if at_once > 1:
         _log(f"{len(recoveries)} recoveries, {at_once} at a time")
 
-    def recover(job: _Recovery) -> float:
+    def recover(job: _Recovery, inputs: tuple) -> float:
         t0 = time.perf_counter()
         resume = (job.out.parent / f"{job.out.name}.partial" / "plan.json").is_file()
         _log(f"recover {job.method} IPC {job.ipc} -> {job.out}" + (" (resuming)" if resume else ""))
         run_recover(data_dir, teacher_dir, job.stats_dir, job.out, job.cfg, storage_path=_storage(job.out, recipe),
-                    resume=resume, num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml)
-        _log(f"recover {job.method} IPC {job.ipc}: done in {time.perf_counter() - t0:.0f}s")
-        return time.perf_counter() - t0
+                    resume=resume, num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml, checked=inputs)
+        spent = time.perf_counter() - t0
+        _log(f"recover {job.method} IPC {job.ipc}: done in {spent:.0f}s")
+        return spent
 
-    for job, spent in zip(recoveries, run_at_most(at_once, [partial(recover, job) for job in recoveries])):
+    tasks = [partial(recover, job, inputs) for job, inputs in zip(recoveries, checked)]
+    for job, spent in zip(recoveries, run_at_most(at_once, tasks)):
         seconds[job.method, job.ipc] = spent
 
     planned = []  # (method, ipc, eval_dir, EvalJob, seconds spent on the set)

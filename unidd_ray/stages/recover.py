@@ -434,15 +434,21 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
 
 
 def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *, storage_path, resume=False,
-                num_workers: int = 1, recipe_yaml: str | None = None, progress: bool = True) -> Path:
-    """Recover the distilled set into ``out_dir`` (written as a whole only when complete)."""
+                num_workers: int = 1, recipe_yaml: str | None = None, progress: bool = True,
+                checked: tuple | None = None) -> Path:
+    """Recover the distilled set into ``out_dir`` (written as a whole only when complete).
+
+    ``checked``: what :func:`validate_inputs` returned for these same inputs, when the caller has
+    already checked them (the pipeline checks every recovery before starting any); else they are
+    checked here.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from unidd_ray.artifacts import atomic_write_json
 
     out_dir = Path(out_dir).resolve()
-    info, _, plan = validate_inputs(data_dir, teacher_dir, stats_dir, cfg)
+    info, _, plan = checked if checked is not None else validate_inputs(data_dir, teacher_dir, stats_dir, cfg)
     staging = out_dir.parent / f"{out_dir.name}.partial"
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
