@@ -117,6 +117,41 @@ def test_any_registry_model_works_as_student(small_set, digits_data, teacher):
     assert len(accs) == 2 and all(0 <= a <= 100 for a in accs)
 
 
+def test_instance_norm_convnet_normalises_each_image_channel_over_its_positions():
+    """`norm: instance` (the ConvNet-IN student of docs/RESULTS.md): each image's channel is
+    standardised over its own H x W positions, in train and eval mode alike, so an image's output
+    does not depend on the rest of the batch (a BatchNorm student's does, in training)."""
+    from unidd_ray.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=10, in_channels=1, resolution=16, width=8, depth=2, norm="instance")
+    norm = model.features[1]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(4, 8, 16, 16) * torch.linspace(0.1, 5, 8).view(1, 8, 1, 1) + 3.0
+    x64 = x.double()
+    mean = x64.mean(dim=(2, 3), keepdim=True)
+    var = x64.var(dim=(2, 3), unbiased=False, keepdim=True)
+    expected = (x64 - mean) / torch.sqrt(var + norm.eps) * norm.weight.double().view(1, 8, 1, 1) \
+        + norm.bias.double().view(1, 8, 1, 1)
+    for mode in (True, False):
+        norm.train(mode)
+        torch.testing.assert_close(norm(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+    images = torch.randn(6, 1, 16, 16)
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            alone = model(images[:1])
+            in_batch = model(torch.cat([images[:1], 5 * images[1:] + 2]))[:1]
+        torch.testing.assert_close(alone, in_batch, rtol=1e-5, atol=1e-5)
+    batch_model = build_model("convnet", num_classes=10, in_channels=1, resolution=16, width=8, depth=2).train()
+    with torch.no_grad():
+        assert not torch.allclose(batch_model(images[:1].repeat(2, 1, 1, 1))[:1],
+                                  batch_model(torch.cat([images[:1], 5 * images[1:] + 2]))[:1], atol=1e-3)
+
+
 def test_seeds_are_reproducible_and_distinct(small_set, digits_data, teacher):
     _, tinfo = teacher
     images, labels, _ = _load(small_set, tinfo)
