@@ -140,16 +140,14 @@ def test_instance_norm_convnet_normalises_each_image_channel_over_its_positions(
         torch.testing.assert_close(norm(x).double(), expected, rtol=1e-5, atol=1e-5)
 
     images = torch.randn(6, 1, 16, 16)
+    crowd = torch.cat([images[:1], 5 * images[1:] + 2])  # the first image among differently scaled ones
     for mode in (True, False):
         model.train(mode)
         with torch.no_grad():
-            alone = model(images[:1])
-            in_batch = model(torch.cat([images[:1], 5 * images[1:] + 2]))[:1]
-        torch.testing.assert_close(alone, in_batch, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(images[:1]), model(crowd)[:1], rtol=1e-5, atol=1e-5)
     batch_model = build_model("convnet", num_classes=10, in_channels=1, resolution=16, width=8, depth=2).train()
     with torch.no_grad():
-        assert not torch.allclose(batch_model(images[:1].repeat(2, 1, 1, 1))[:1],
-                                  batch_model(torch.cat([images[:1], 5 * images[1:] + 2]))[:1], atol=1e-3)
+        assert not torch.allclose(batch_model(images[:1].repeat(2, 1, 1, 1))[:1], batch_model(crowd)[:1], atol=1e-3)
 
 
 def test_seeds_are_reproducible_and_distinct(small_set, digits_data, teacher):
