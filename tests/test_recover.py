@@ -486,3 +486,17 @@ def test_refuses_more_workers_than_classes_and_missing_stats(tmp_path, digits_da
     with pytest.raises(ValueError, match="recover.sync"):
         _recover(tmp_path, digits_data, digits_teacher, None, method="sre2l", sync="always")
     _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"iterations": 0}, "recover.iterations must be at least 1, got 0"),
+    ({"lr": 0.0}, "recover.lr must be positive, got 0.0"),
+    ({"alpha": -0.1}, "recover.alpha must be 0 or more"),
+    ({"crop_scale": (0.0, 1.0)}, r"recover.crop_scale must be \[low, high\]"),
+    ({"crop_scale": (0.9, 0.5)}, r"recover.crop_scale must be \[low, high\]"),
+    ({"method": "dm", "schedule": "cosin"}, "unknown recover.schedule 'cosin'"),
+])
+def test_refuses_bad_settings_before_any_work(setting, message, tmp_path, digits_data, digits_teacher, digits_stats):
+    with pytest.raises(ValueError, match=message):
+        _recover(tmp_path, digits_data, digits_teacher, digits_stats, **setting)
+    _nothing_written(tmp_path)

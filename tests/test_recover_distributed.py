@@ -157,3 +157,43 @@ def test_killed_command_resumes_to_the_same_output(reference, ray_session, digit
             assert rec["executions"] == 1, (b, rec)  # registered rounds are not redone
         else:
             assert rec["executions"] in (1, 2), (b, rec)
+
+
+def test_crash_while_finalizing_resumes_to_the_same_output(reference, ray_session, digits_data, digits_teacher,
+                                                           digits_stats, tmp_path, monkeypatch):
+    """Every batch finished, the driver dies in ``finalize`` after writing the manifest and before moving the
+    staging directory into place (and a crash cut a line of an executions log): ``--resume`` completes the
+    same output without redoing any batch, and an older output at ``out`` is replaced only then."""
+    import unidd_ray.stages.recover as recover
+    from unidd_ray.artifacts import read_manifest
+
+    out, storage = tmp_path / "out", tmp_path / "ray"
+    out.mkdir()
+    (out / "stale.txt").write_text("an earlier output")
+    cfg = RecoverConfig(**CFG)
+
+    class Crash(Exception):
+        pass
+
+    def crash(src, dst):
+        raise Crash("simulated crash before the rename")
+
+    monkeypatch.setattr(recover, "replace_directory", crash)
+    with pytest.raises(Crash):
+        run_recover(digits_data, digits_teacher, digits_stats, out, cfg, storage_path=storage, progress=False)
+    monkeypatch.undo()
+    staging = tmp_path / "out.partial"
+    assert (out / "stale.txt").exists()  # the earlier output is untouched until the new one replaces it
+    assert (staging / "manifest.json").exists() and (staging / recover.RECORDS).is_dir()
+    assert not any(name.startswith(".") for name in read_manifest(staging)["files"])
+    log = next((staging / recover.RECORDS).glob(f"{recover.EXECUTIONS}-*.jsonl"))
+    with open(log, "a") as f:
+        f.write('{"batch": 3, "ro')  # an append cut short
+
+    resumed = run_recover(digits_data, digits_teacher, digits_stats, out, cfg, storage_path=storage, resume=True,
+                          progress=False)
+    _assert_same_output(resumed, reference)
+    assert all(b["executions"] == 1 for b in _batches(resumed).values())
+    assert not (out / "stale.txt").exists() and not staging.exists()
+    assert not (out / recover.RECORDS).exists() and not list(tmp_path.glob(".out.*"))
+    read_manifest(out)  # every recorded checksum verifies

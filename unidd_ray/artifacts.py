@@ -113,11 +113,15 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
 
 
 def write_manifest(directory: str | Path, kind: str, files: list[str] | None = None, **meta) -> dict:
-    """Record the sha256 of ``files`` (default: every file but the manifest) in ``manifest.json``."""
+    """Record the sha256 of ``files`` in ``manifest.json``.
+
+    Default: every file but the manifest, leaving out hidden ones (a name or folder starting with a dot:
+    temporary files, working records).
+    """
     directory = Path(directory)
     if files is None:
-        files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                       if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+        files = sorted(str(rel) for rel in (p.relative_to(directory) for p in directory.rglob("*") if p.is_file())
+                       if str(rel) != MANIFEST and not any(part.startswith(".") for part in rel.parts))
     manifest = {
         "kind": kind,
         "format_version": FORMAT_VERSION,

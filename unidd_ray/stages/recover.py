@@ -138,12 +138,18 @@ def image_path(cls: int, slot: int) -> str:
     return f"{IMAGES}/{cls:04d}/{slot:04d}.png"
 
 
-def load_real_images(data_dir: str, indices: list[int], *, num_workers: int = 1) -> torch.Tensor:
-    """Normalised eval-pipeline images of the given train indices, in the given order."""
+def load_real_images(data_dir: str, indices: list[int], *, num_workers: int = 1, resolution: int | None = None,
+                     batch_size: int = 256) -> torch.Tensor:
+    """Normalised eval-pipeline images of the given train indices, in the given order.
+
+    ``resolution``: output side (default: the stored one; the recovery asks for its teacher's);
+    ``batch_size``: images per loader batch, which bounds the loader's buffers.
+    """
     from unidd_ray.data.loading import make_loader
 
-    loader = make_loader(data_dir, "train", batch_size=max(1, len(indices)), num_workers=num_workers,
-                         indices=sorted(set(indices)), train=False, order="sequential")
+    unique = sorted(set(indices))
+    loader = make_loader(data_dir, "train", batch_size=max(1, min(batch_size, len(unique))), num_workers=num_workers,
+                         indices=unique, train=False, order="sequential", resolution=resolution)
     rows = {}
     for images, _, index in loader:
         for i, img in zip(index.tolist(), images):
@@ -158,8 +164,8 @@ class InitImages:
     while ImageNet-sized ones are read a few rounds at a time."""
 
     def __init__(self, data_dir: str, plan: RecoverPlan, rank: int, *, image_bytes: int, num_workers: int = 1,
-                 start_round: int = 0, budget_bytes: int = 256 << 20):
-        self.data_dir, self.num_workers = data_dir, num_workers
+                 start_round: int = 0, budget_bytes: int = 256 << 20, resolution: int | None = None):
+        self.data_dir, self.num_workers, self.resolution = data_dir, num_workers, resolution
         self.per_load = max(1, budget_bytes // max(1, image_bytes))
         chunks = plan.chunks[rank]
         self.rounds = []  # the index lists this worker will ask for, in order
@@ -182,7 +188,8 @@ class InitImages:
                     break
                 wanted += ahead
             wanted = list(dict.fromkeys(wanted))
-            self.cache.update(zip(wanted, load_real_images(self.data_dir, wanted, num_workers=self.num_workers)))
+            self.cache.update(zip(wanted, load_real_images(self.data_dir, wanted, num_workers=self.num_workers,
+                                                           resolution=self.resolution)))
         images = torch.stack([self.cache[i] for i in indices])
         for i in indices:
             if self.remaining[i] <= 0:  # no later round asks for it
@@ -265,7 +272,8 @@ def run_round(distiller, plan: RecoverPlan, r: int, *, rank: int, emu, reducer, 
         if classes:
             indices = [plan.init_index[k][slot] for k in classes]
             init = (init_images(indices) if init_images is not None
-                    else load_real_images(data_dir, indices, num_workers=num_workers))
+                    else load_real_images(data_dir, indices, num_workers=num_workers,
+                                          resolution=distiller.resolution))
         else:
             side = distiller.resolution
             init = torch.zeros(0, len(distiller.pixel_min.flatten()), side, side)
@@ -298,7 +306,8 @@ def recover_in_process(distiller, plan: RecoverPlan, *, data_dir: str, emu_enabl
     if plan.workers != 1:
         raise ValueError("recover_in_process runs a one-worker plan; use run_recover for several workers")
     emu = EMU(distiller.emu_layers(), enabled=emu_enabled, device=device) if distiller.layers else None
-    init_images = InitImages(data_dir, plan, 0, image_bytes=_image_bytes(distiller), num_workers=num_workers)
+    init_images = InitImages(data_dir, plan, 0, image_bytes=_image_bytes(distiller), num_workers=num_workers,
+                             resolution=distiller.resolution)
     found: dict[tuple[int, int], torch.Tensor] = {}
     parts = []
     for r in range(plan.rounds):
@@ -319,7 +328,7 @@ def _recover_loop(config: dict) -> None:
     import ray.train.torch
 
     import unidd_ray  # noqa: F401
-    from unidd_ray.artifacts import atomic_write_bytes, atomic_write_json, sha256_bytes
+    from unidd_ray.artifacts import atomic_file, atomic_write_bytes, atomic_write_json, sha256_bytes
     from unidd_ray.spectral import EMU
 
     ctx = ray.train.get_context()
@@ -340,7 +349,8 @@ def _recover_loop(config: dict) -> None:
             if emu is not None:
                 emu.load_state_dict(torch.load(Path(d) / "emu.pt", map_location=device, weights_only=True))
     init_images = InitImages(config["data_dir"], plan, rank, image_bytes=_image_bytes(distiller),
-                             num_workers=config["num_workers"], start_round=start_round)
+                             num_workers=config["num_workers"], start_round=start_round,
+                             resolution=distiller.resolution)
     for r in range(start_round, plan.rounds):
         slot, j = divmod(r, plan.rounds_per_slot)
         started = time.perf_counter()
@@ -387,7 +397,8 @@ def _recover_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
     if rank == 0 and emu is not None:
-        torch.save(emu.state_dict(), staging / "emu_state.pt")
+        with atomic_file(staging / "emu_state.pt") as tmp:
+            torch.save(emu.state_dict(), tmp)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -397,7 +408,7 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
     from unidd_ray.data.prepare import read_dataset_info
     from unidd_ray.distill import ALPHA_SCALES, METHODS, SPECTRAL_METHODS, method_filter
     from unidd_ray.models import bn_layers, resolve_layers
-    from unidd_ray.spectral import cholesky_factor
+    from unidd_ray.spectral import SCHEDULES, cholesky_factor
     from unidd_ray.stats_io import load_stats
     from unidd_ray.teacher import load_teacher
 
@@ -407,6 +418,20 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
         raise ValueError(f"unknown recover.alpha_scale {cfg.alpha_scale!r}; choose one of {list(ALPHA_SCALES)}")
     if cfg.sync not in ("round", "step"):
         raise ValueError(f"recover.sync must be 'round' or 'step', got {cfg.sync!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown recover.schedule {cfg.schedule!r}; choose one of {list(SCHEDULES)}")
+    if cfg.iterations < 1:
+        raise ValueError(f"recover.iterations must be at least 1, got {cfg.iterations}")
+    if not cfg.lr > 0:
+        raise ValueError(f"recover.lr must be positive, got {cfg.lr}")
+    if not cfg.alpha >= 0:
+        raise ValueError(f"recover.alpha must be 0 or more (the weight of the matching terms), got {cfg.alpha}")
+    low, high = cfg.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"recover.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                         f"got {list(cfg.crop_scale)}")
+    if cfg.workers < 1:
+        raise ValueError(f"recover.workers must be at least 1, got {cfg.workers}")
     info = read_dataset_info(data_dir)
     teacher, tinfo = load_teacher(teacher_dir)
     if tinfo.dataset_fingerprint != info.fingerprint:
@@ -503,9 +528,13 @@ def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: Recover
     executions: dict[int, int] = {}
     for path in sorted((staging / RECORDS).glob(f"{EXECUTIONS}-*.jsonl")):
         for line in path.read_text().splitlines():
-            if line.strip():
+            try:
                 b = int(json.loads(line)["batch"])
-                executions[b] = executions.get(b, 0) + 1
+            except (ValueError, KeyError, TypeError):
+                # blank, or cut short by a crash mid-append (the next append then shares its line): the log
+                # only counts executions, and every finished batch also has its own atomically written record
+                continue
+            executions[b] = executions.get(b, 0) + 1
     for b in batches:
         b["executions"] = executions.get(b["batch"], 1)
     keys = [(r["class"], r["slot"]) for r in rows]
@@ -542,14 +571,26 @@ def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: Recover
                                                                                  sort_keys=False))
     if cfg.save_beton:
         write_distilled_beton(staging, rows, channels=info.channels)
-    shutil.rmtree(staging / RECORDS)
     (staging / FAULT_MARKER).unlink(missing_ok=True)
+    # The per-batch records stay in the staging directory until it has replaced ``out_dir``: every step up to
+    # that rename can be redone from them, so a crash anywhere in here leaves a run that ``--resume`` finishes
+    # (the manifest lists the output files only; dot-names such as RECORDS are not part of it).
     write_manifest(staging, "distilled", method=cfg.method, ipc=plan.ipc,
                    dataset_fingerprint=info.fingerprint)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    replace_directory(staging, out_dir)
+    shutil.rmtree(out_dir / RECORDS, ignore_errors=True)
     return out_dir
+
+
+def replace_directory(src: Path, dst: Path) -> None:
+    """Move the finished directory ``src`` to ``dst``; an existing ``dst`` is removed only once it is replaced."""
+    if not dst.exists():
+        src.rename(dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    dst.rename(old / dst.name)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 BETON = "distilled.beton"
