@@ -23,14 +23,25 @@ class _Meter:
         self.started: list[int] = []
         self.threads: set[str] = set()
 
-    def task(self, i: int, seconds: float = 0.05, fail: bool = False):
+    def task(self, i: int, seconds: float = 0.05, fail: bool = False, barrier: threading.Barrier | None = None,
+             wait_for: threading.Event | None = None, done: threading.Event | None = None):
+        """A task that records itself; ``barrier``: wait there for the other tasks sharing it (so they
+        are running at the same moment); ``wait_for``: start its sleep once that event is set;
+        ``done``: set just before it returns or raises."""
+
         def run():
             with self.lock:
                 self.now += 1
                 self.peak = max(self.peak, self.now)
                 self.started.append(i)
                 self.threads.add(threading.current_thread().name)
+            if barrier is not None:
+                barrier.wait(timeout=30)  # BrokenBarrierError if the tasks do not run side by side
+            if wait_for is not None:
+                assert wait_for.wait(timeout=30)
             time.sleep(seconds)
+            if done is not None:
+                done.set()
             with self.lock:
                 self.now -= 1
             if fail:
@@ -43,7 +54,9 @@ class _Meter:
 @pytest.mark.parametrize("at_once", [2, 3])
 def test_run_at_most_keeps_order_and_limit(at_once):
     meter = _Meter()
-    results = run_at_most(at_once, [meter.task(i, seconds=0.02 * (7 - i)) for i in range(7)])
+    first = threading.Barrier(at_once)  # the first ``at_once`` tasks must run side by side to get past it
+    results = run_at_most(at_once, [meter.task(i, seconds=0.02 * (7 - i), barrier=first if i < at_once else None)
+                                    for i in range(7)])
     assert results == [i * i for i in range(7)]  # in task order, although later tasks finish first
     assert meter.peak == at_once
     assert sorted(meter.started) == list(range(7))
@@ -58,7 +71,9 @@ def test_run_at_most_one_runs_in_the_calling_thread():
 
 def test_run_at_most_starts_nothing_after_a_failure_and_raises_it():
     meter = _Meter()
-    tasks = [meter.task(0, seconds=0.3), meter.task(1, seconds=0.05, fail=True)]
+    failed = threading.Event()
+    # task 0 is still running when task 1 fails: it ends 0.2 s after task 1 has raised
+    tasks = [meter.task(0, seconds=0.2, wait_for=failed), meter.task(1, seconds=0.0, fail=True, done=failed)]
     tasks += [meter.task(i, seconds=0.0) for i in range(2, 6)]
     with pytest.raises(RuntimeError, match="task 1 failed"):
         run_at_most(2, tasks)
@@ -96,8 +111,8 @@ def test_bad_input_of_any_recovery_fails_before_the_first_starts(tmp_path, monke
     import unidd_ray.pipeline as pipeline
     import unidd_ray.stages.recover as recover
 
-    info = SimpleNamespace(fingerprint="f" * 64, name="fake")
-    tinfo = SimpleNamespace(sha256="t" * 64, val_top1=90.0, arch="convnet")
+    info = SimpleNamespace(fingerprint="f" * 64, name="fake", storage="raw", resolution=28)
+    tinfo = SimpleNamespace(sha256="t" * 64, val_top1=90.0, arch="convnet", resolution=28)
     monkeypatch.setattr(pipeline, "prepare_stage", lambda recipe, run: (run / "data", info))
     monkeypatch.setattr(pipeline, "teacher_stage", lambda recipe, run, *a, **k: (run / "teacher", tinfo))
     monkeypatch.setattr(pipeline, "stats_stage", lambda recipe, run, *a, **k: (run / "stats", "s" * 12))

@@ -56,6 +56,7 @@ class SqueezeConfig:
     use_gpu: bool = False
     max_failures: int = 2  # automatic restarts after a worker failure
     seed: int = 0
+    eval_batch_size: int = 1024  # the per-epoch val pass (eval mode: a performance setting only)
 
 
 @dataclass

@@ -37,7 +37,7 @@ PERFORMANCE_KEYS = {
     "stats": {"actors", "cpus_per_actor", "gpus_per_actor", "max_retries", "blocks_per_unit"},
     "recover": {"cpus_per_worker", "use_gpu", "max_failures", "fail_at_batch", "save_beton", "channels_last"},
     "evaluate": {"workers", "cpus_per_worker", "use_gpu", "eval_batch_size", "channels_last"},
-    "squeeze": {"cpus_per_worker", "use_gpu", "max_failures"},
+    "squeeze": {"cpus_per_worker", "use_gpu", "max_failures", "eval_batch_size"},
     "data": {"num_workers"},
 }
 # Settings added after stage directories existed: left out of the key while at these values, so that
@@ -53,6 +53,19 @@ def stage_key(kind: str, settings: dict, **inputs) -> str:
     neutral = NEUTRAL_DEFAULTS.get(kind, {})
     relevant = {k: v for k, v in settings.items() if k not in drop and not (k in neutral and v == neutral[k])}
     return sha256_json({"kind": kind, "settings": relevant, "inputs": inputs})[:12]
+
+
+def lossy_storage(info) -> dict:
+    """Stage-key inputs for how a prepared dataset was stored, when that changes its pixels.
+
+    Raw storage is a function of the source alone (its fingerprint is in every key already); JPEG
+    storage also depends on the size cap and quality, so a teacher, statistics or evaluation made on
+    one JPEG copy is not reused for another.
+    """
+    if info.storage == "raw":
+        return {}
+    return {"storage": {"storage": info.storage, "max_resolution": info.max_resolution,
+                        "jpeg_quality": info.jpeg_quality, "write_mode": info.write_mode}}
 
 
 def _storage(stage_dir: Path, recipe: Recipe) -> Path:
@@ -96,7 +109,8 @@ def teacher_stage(recipe: Recipe, run: Path, data_dir: Path, info, recipe_yaml: 
     from unidd_ray.teacher import load_teacher, read_teacher_info
 
     teacher_dir = run / ("teacher-" + stage_key("squeeze", {**to_dict(recipe.squeeze), **to_dict(recipe.teacher)},
-                                                dataset=info.fingerprint, resolution=recipe.data.resolution))
+                                                dataset=info.fingerprint, resolution=recipe.data.resolution,
+                                                **lossy_storage(info)))
     try:
         load_teacher(teacher_dir)
         _log(f"squeeze: reusing {teacher_dir}")
@@ -113,7 +127,8 @@ def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Pa
     """The real statistics under the teacher (reused when complete); returns (directory, key)."""
     from unidd_ray.stages.stats import run_stats
 
-    key = stage_key("stats", to_dict(recipe.stats), teacher=tinfo.sha256, dataset=info.fingerprint)
+    key = stage_key("stats", to_dict(recipe.stats), teacher=tinfo.sha256, dataset=info.fingerprint,
+                    **lossy_storage(info))
     stats_dir = run / f"stats-{key}"
     try:
         read_manifest(stats_dir, "stats")
@@ -226,22 +241,27 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     sets = []  # (method, ipc, distilled directory)
     seconds: dict[tuple[str, int], float] = {}  # time spent producing each set in this run
     recoveries = []  # the recoveries still to run
+    # real subsets are written at the teacher's side, like the recovered sets (a key input only when it
+    # differs from the stored side, so that earlier directories keep their keys)
+    resolution_input = {} if tinfo.resolution == info.resolution else {"resolution": tinfo.resolution}
     for ipc in recipe.ipcs:
         for method in recipe.methods:
             if method in BASELINES:
-                key = stage_key("random", {"ipc": ipc, "seed": recipe.recover.seed}, dataset=info.fingerprint)
+                key = stage_key("random", {"ipc": ipc, "seed": recipe.recover.seed}, dataset=info.fingerprint,
+                                **lossy_storage(info), **resolution_input)
                 distilled = run / f"random-ipc{ipc}-{key}"
                 t0 = time.perf_counter()
                 if not _complete_distilled(distilled):
                     _log(f"random real subset, IPC {ipc} -> {distilled}")
                     write_real_subset(data_dir, distilled, ipc=ipc, seed=recipe.recover.seed,
-                                      num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml)
+                                      num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml,
+                                      resolution=tinfo.resolution)
                 seconds[method, ipc] = time.perf_counter() - t0
             else:
                 cfg = section_from(recipe, "recover", {"method": method, "ipc": ipc})
                 spectral = method in SPECTRAL_METHODS
                 key = stage_key("recover", to_dict(cfg), teacher=tinfo.sha256, dataset=info.fingerprint,
-                                stats=stats_key if spectral else None)
+                                stats=stats_key if spectral else None, **lossy_storage(info))
                 distilled = run / f"{method}-ipc{ipc}-{key}"
                 if _complete_distilled(distilled):
                     _log(f"recover {method} IPC {ipc}: reusing {distilled}")
@@ -277,9 +297,14 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         hard = BASELINES.get(method, False)
         eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
         distilled_id = read_manifest(distilled, "distilled", verify=False)["files"]
+        # the worker count is a performance setting when each worker trains its own seeds, but with
+        # ``split: data`` it shards every batch (and each worker's BatchNorm sees its shard only)
+        sharded = ({"data_parallel_workers": eval_cfg.workers}
+                   if eval_cfg.split == "data" and eval_cfg.workers > 1 else {})
         eval_dir = run / ("eval-" + f"{method}-ipc{ipc}-" + stage_key("evaluate", to_dict(eval_cfg),
                                                                       teacher=tinfo.sha256,
-                                                                      distilled=sha256_json(distilled_id)))
+                                                                      distilled=sha256_json(distilled_id),
+                                                                      **lossy_storage(info), **sharded))
         job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
         planned.append((method, ipc, eval_dir, job, seconds[method, ipc]))
         stages[f"eval-{method}-ipc{ipc}"] = str(eval_dir)

@@ -139,10 +139,14 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    # shapes first: load_state_dict raises a RuntimeError on a shape mismatch even with strict=False
+    own = model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and hasattr(v, "shape") and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"weights in {path} have other shapes than the model (file vs model): {mismatched[:5]}; "
+                         "check the architecture and its options (width, depth, stem, number of classes)")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    mismatched = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
     if strict and (missing or unexpected):
         raise ValueError(f"weights in {path} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if mismatched:
-        raise ValueError(f"weights in {path} have other shapes for {mismatched[:5]}")
     return model

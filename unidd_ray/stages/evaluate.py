@@ -57,34 +57,41 @@ def load_distilled(distilled_dir: str | Path, *, mean, std) -> tuple[torch.Tenso
 
 
 def write_real_subset(data_dir: str | Path, out_dir: str | Path, *, ipc: int, seed: int,
-                      num_workers: int = 1, recipe_yaml: str | None = None) -> Path:
-    """The random-real-subset baseline: IPC seeded real images per class, in the distilled format."""
+                      num_workers: int = 1, recipe_yaml: str | None = None, resolution: int | None = None,
+                      group_images: int = 4096) -> Path:
+    """The random-real-subset baseline: IPC seeded real images per class, in the distilled format.
+
+    ``resolution``: side of the written images (default: the stored one; the pipeline passes its
+    teacher's, the side of the recovered sets); ``group_images``: how many images are read and held at
+    once at most (whole classes; a class larger than this is read on its own).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text, sha256_bytes, \
-        write_manifest
+    from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text, write_manifest
     from unidd_ray.data.loading import read_labels
     from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.stages.recover import image_path, load_real_images, make_plan, to_png_bytes
+    from unidd_ray.stages.recover import load_real_images, make_plan
 
     info = read_dataset_info(data_dir)
     labels = read_labels(str(data_dir), "train")
     plan = make_plan(labels, info.num_classes, RecoverConfig(ipc=ipc, seed=seed))
     with atomic_directory(out_dir) as tmp:
         rows = []
-        every = [i for k in range(info.num_classes) for i in plan.init_index[k]]
-        loaded = iter(load_real_images(str(data_dir), every, num_workers=num_workers))  # one loader for all
+        # one loader per group of classes holding up to ``group_images`` images (one for all of a small
+        # set; ImageNet at IPC 50 is 50,000 images, ~30 GB as float32 at 224 px)
+        groups, group = [], []
         for k in range(info.num_classes):
-            images = [next(loaded) for _ in plan.init_index[k]]
-            for slot, image in enumerate(images):
-                data = to_png_bytes(image, info.mean, info.std)
-                rel = image_path(k, slot)
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).write_bytes(data)
-                rows.append({"class": k, "class_name": info.class_names[k], "slot": slot, "path": rel,
-                             "sha256": sha256_bytes(data), "source_index": plan.init_index[k][slot],
-                             "method": "random", "seed": seed})
+            if group and (len(group) + 1) * ipc > group_images:
+                groups.append(group)
+                group = []
+            group.append(k)
+        groups.append(group)
+        for classes in groups:
+            every = [i for k in classes for i in plan.init_index[k]]
+            loaded = iter(load_real_images(str(data_dir), every, num_workers=num_workers, resolution=resolution))
+            for k in classes:
+                _write_class(tmp, k, [next(loaded) for _ in plan.init_index[k]], rows, plan, info, seed)
         pq.write_table(pa.Table.from_pylist(rows), tmp / "manifest.parquet")
         atomic_write_json(tmp / "summary.json", {"method": "random", "ipc": ipc, "seed": seed,
                                                  "images": len(rows), "dataset_fingerprint": info.fingerprint})
@@ -92,6 +99,20 @@ def write_real_subset(data_dir: str | Path, out_dir: str | Path, *, ipc: int, se
             atomic_write_text(tmp / "config.yaml", recipe_yaml)
         write_manifest(tmp, "distilled", method="random", ipc=ipc, dataset_fingerprint=info.fingerprint)
     return Path(out_dir)
+
+
+def _write_class(directory: Path, k: int, images: list[torch.Tensor], rows: list[dict], plan, info, seed: int):
+    from unidd_ray.artifacts import sha256_bytes
+    from unidd_ray.stages.recover import image_path, to_png_bytes
+
+    for slot, image in enumerate(images):
+        data = to_png_bytes(image, info.mean, info.std)
+        rel = image_path(k, slot)
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_bytes(data)
+        rows.append({"class": k, "class_name": info.class_names[k], "slot": slot, "path": rel,
+                     "sha256": sha256_bytes(data), "source_index": plan.init_index[k][slot],
+                     "method": "random", "seed": seed})
 
 
 def _settings(cfg: EvaluateConfig):

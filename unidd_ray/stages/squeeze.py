@@ -81,8 +81,9 @@ def _train_loop(config: dict) -> None:
 
     def evaluate_and_report(epoch: int, loss_sum: float, seen: int) -> None:
         val_indices = np.arange(rank, n_val, world)
-        correct, total = evaluate_top1(model, data_dir, batch_size=1024, num_workers=data_cfg.num_workers,
-                                       device=device, indices=val_indices, resolution=resolution)
+        correct, total = evaluate_top1(model, data_dir, batch_size=cfg.eval_batch_size,
+                                       num_workers=data_cfg.num_workers, device=device, indices=val_indices,
+                                       resolution=resolution)
         counts = torch.tensor([correct, total, loss_sum, seen], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(counts)
@@ -139,11 +140,20 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
     require_resources("squeeze", workers=squeeze_cfg.workers, cpus=squeeze_cfg.cpus_per_worker,
                       gpus=1 if squeeze_cfg.use_gpu else 0)
     info = read_dataset_info(data_dir)
+    resolution = data_cfg.resolution or info.resolution
+    # the model and its starting weights are checked here, before any worker starts: inside the workers a
+    # bad option would only surface after FailureConfig's restarts, as a worker error
+    from unidd_ray.models import build_model, load_weights
+
+    probe = build_model(model_cfg.arch, num_classes=info.num_classes, in_channels=info.channels,
+                        resolution=resolution, **model_cfg.options)
+    if model_cfg.weights:
+        load_weights(probe, model_cfg.weights)
+    del probe
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run: never pick up the checkpoints of an earlier one
-    resolution = data_cfg.resolution or info.resolution
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"squeeze": to_dict(squeeze_cfg), "model": to_dict(model_cfg), "data": to_dict(data_cfg),
