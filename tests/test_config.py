@@ -36,3 +36,38 @@ def test_stage_keys_ignore_a_new_setting_at_its_neutral_default():
         assert stage_key("recover", {**settings, "precision": other}, teacher="t") != \
             stage_key("recover", settings, teacher="t")
     assert RecoverConfig().precision == "mixed"
+
+
+def test_cli_refuses_a_recipe_name_together_with_a_config_file(tmp_path, capsys):
+    from unidd_ray.cli import main
+
+    config = tmp_path / "mine.yaml"
+    config.write_text("name: mine\nrecover: {ipc: 3}\n")
+    assert main(["stats", "--recipe", "digits", "--config", str(config), "--inspect", str(tmp_path)]) == 2
+    assert "either a recipe name or a config file, not both" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_source_option_without_a_value(tmp_path, capsys):
+    from unidd_ray.cli import main
+
+    assert main(["prepare", "--dataset", "digits", "--out", str(tmp_path / "d"), "--option", "val_fraction"]) == 2
+    assert "--option 'val_fraction': write it as KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_stage_keys_follow_lossy_storage_only():
+    """A JPEG copy's size cap and quality change its pixels, so they are part of every key made from it;
+    raw storage adds nothing (its keys are the ones computed before this input existed)."""
+    from types import SimpleNamespace
+
+    from unidd_ray.pipeline import lossy_storage, stage_key
+
+    raw = SimpleNamespace(storage="raw", max_resolution=256, jpeg_quality=90, write_mode="raw")
+    assert lossy_storage(raw) == {}
+    jpeg = SimpleNamespace(storage="jpeg", max_resolution=256, jpeg_quality=90, write_mode="proportion")
+    keys = {stage_key("stats", {}, teacher="t", dataset="d", **lossy_storage(info))
+            for info in (raw, jpeg, SimpleNamespace(**{**vars(jpeg), "jpeg_quality": 95}),
+                         SimpleNamespace(**{**vars(jpeg), "max_resolution": 512}))}
+    assert len(keys) == 4
+    assert stage_key("stats", {}, teacher="t", dataset="d", **lossy_storage(raw)) == \
+        stage_key("stats", {}, teacher="t", dataset="d")

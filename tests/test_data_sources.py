@@ -320,6 +320,14 @@ def test_npz_with_explicit_val_and_names(tmp_path):
     source = load_source("npz", str(path))
     assert source.name == "toy" and source.class_names == ["a", "b", "c"] and source.channels == 1
     np.testing.assert_array_equal(source.val.images[..., 0], x_val)
+    # a split option cannot apply to a file with its own val arrays: refused, not ignored
+    with pytest.raises(ValueError, match=r"has its own val split.*\['val_fraction'\] would be ignored"):
+        load_source("npz", str(path), val_fraction="0.3")
+
+
+def test_digits_refuse_a_root():
+    with pytest.raises(ValueError, match="ship with scikit-learn; remove data.root"):
+        load_source("digits", "/data/digits")
 
 
 def test_npz_seeded_split_of_rgb_arrays(tmp_path):

@@ -323,10 +323,33 @@ def test_covariance_report_rejects_non_psd():
     m = Moments(2, 2)
     m.update(torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1]))
     rep = covariance_report(m, [0.1])
-    assert rep["total"]["asymmetry"] == 0 and rep["total"]["eig_min"] > 0
+    assert rep["asymmetry"] == 0 and rep["total"]["eig_min"] > 0  # float64 Σxxᵀ accumulates symmetric
     m.sumsq[0, 0] = -10.0  # corrupt: negative second moment
     with pytest.raises(ArtifactError, match="not positive semi-definite"):
         covariance_report(m)
+
+
+def test_covariance_report_rejects_asymmetric_second_moments():
+    from unidd_ray.stats_io import covariance_report
+
+    m = Moments(3, 2)
+    m.update(torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1]))
+    m.sumsq[0, 1] += 1e-6 * float(m.sumsq.abs().max())  # the covariance would be symmetrised, hiding this
+    with pytest.raises(ArtifactError, match=r"not symmetric \(relative asymmetry 1\.0\d*e-06\)"):
+        covariance_report(m)
+
+
+def test_load_refuses_corrupt_statistics_naming_the_layer(stats_copy):
+    from unidd_ray import stats_io
+
+    stats = stats_io.load_stats(stats_copy)
+    meta = stats_io.read_stats_metadata(stats_copy)
+    layer = sorted(stats)[-1]
+    stats[layer].sumsq[1, 0] += 1.0
+    stats_io.write_stats(stats_copy, stats, teacher_sha256=meta["teacher_sha256"],
+                         dataset_fingerprint=meta["dataset_fingerprint"])
+    with pytest.raises(ArtifactError, match=f"layer '{layer}'.*not symmetric.*recompute"):
+        stats_io.load_stats(stats_copy)
 
 
 # ----------------------------------------------------------------------------- stats --inspect

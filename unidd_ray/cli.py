@@ -18,7 +18,7 @@ from unidd_ray.config import ConfigError, Recipe, available_recipes, load_recipe
 
 def _recipe(args, extra: list[str] | None = None) -> Recipe:
     overrides = list(args.set or []) + list(extra or [])
-    return load_recipe(args.recipe if args.config is None else None, config=args.config, overrides=overrides)
+    return load_recipe(args.recipe, config=args.config, overrides=overrides)  # refuses --recipe with --config
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +57,12 @@ def cmd_prepare(args) -> int:
     from unidd_ray.data.prepare import prepare_dataset
     from unidd_ray.data.sources import load_source
 
-    options = dict(kv.split("=", 1) for kv in (args.option or []))
+    options = {}
+    for kv in args.option or []:
+        if "=" not in kv:
+            raise ConfigError(f"--option {kv!r}: write it as KEY=VALUE, e.g. --option val_fraction=0.1")
+        key, value = kv.split("=", 1)
+        options[key] = value
     source = load_source(args.dataset, args.root, **options)
     info = prepare_dataset(source, args.out, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
                            num_workers=args.workers)

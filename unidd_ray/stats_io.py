@@ -109,24 +109,41 @@ def load_stats(path: str | Path, *, teacher_sha256: str | None = None, dataset_f
         shapes = {"n": (), "sum": (c,), "sumsq": (c, c), "class_n": (k,), "class_sum": (k, c), "image_n": (k,),
                   "pooled_sum": (k, c), "soft_weight": (k,), "soft_sum": (k, c)}
         state = {f: torch.from_numpy(np.asarray(row[f], dtype=np.float64).reshape(shapes[f])) for f in shapes}
-        out[row["layer"]] = Moments.from_state_dict(state)
+        moments = Moments.from_state_dict(state)
+        try:
+            covariance_report(moments)  # SPEC §1.4: symmetric second moments, PSD covariances
+        except ArtifactError as exc:
+            raise ArtifactError(f"layer {row['layer']!r} of {directory / STATS_FILE}: {exc}; recompute them with "
+                                "`unidd-ray stats`") from None
+        out[row["layer"]] = moments
     return out
 
 
+ASYMMETRY_TOLERANCE = 1e-9  # relative to the largest |Σxxᵀ| entry; float64 sums of symmetric products are exact
+
+
 def covariance_report(moments: Moments, betas: list[float] | None = None) -> dict:
-    """Symmetry/PSD check and eigenvalue ranges of one layer's covariances (SPEC §1.4)."""
-    report = {"channels": moments.channels, "count": moments.count}
+    """Symmetry/PSD check and eigenvalue ranges of one layer's covariances (SPEC §1.4).
+
+    ``asymmetry``: the largest |Σxxᵀ − (Σxxᵀ)ᵀ| of the accumulated second moments relative to their
+    largest entry (the covariances are symmetrised when formed, so they are checked before that).
+    """
+    scale = float(moments.sumsq.abs().max()) or 1.0
+    asym = float((moments.sumsq - moments.sumsq.T).abs().max()) / scale
+    if asym > ASYMMETRY_TOLERANCE:
+        raise ArtifactError(f"the accumulated second moments are not symmetric (relative asymmetry {asym:.3e}); "
+                            "the statistics are corrupt")
+    report = {"channels": moments.channels, "count": moments.count, "asymmetry": asym}
     for mode in ("total", "within_class"):
         cov = moments.covariance(mode)
-        asym = float((cov - cov.T).abs().max())
         eig = torch.linalg.eigvalsh(cov)
         lam_min, lam_max = float(eig[0]), float(eig[-1])
         tol = 1e-9 * max(abs(lam_max), 1e-300)
         if lam_min < -tol:
             raise ArtifactError(f"the {mode} covariance is not positive semi-definite (smallest eigenvalue "
                                 f"{lam_min:.3e}); the statistics are corrupt")
-        report[mode] = {"trace": float(torch.trace(cov)), "eig_min": lam_min, "eig_max": lam_max,
-                        "asymmetry": asym}
+        report[mode] = {"trace": float(torch.trace(cov)), "eig_min": lam_min, "eig_max": lam_max}
         if betas:
             report[mode]["condition"] = {f"{b:.6g}": (lam_max + b) / (max(lam_min, 0.0) + b) for b in betas}
     return report
+

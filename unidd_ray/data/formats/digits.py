@@ -9,13 +9,17 @@ from __future__ import annotations
 import numpy as np
 
 from unidd_ray.data.hashing import Fingerprint
-from unidd_ray.data.source_types import SourceDataset, Split, validate_source
+from unidd_ray.data.source_types import SourceDataset, SourceError, Split, validate_source
 from unidd_ray.data.splitting import stratified_split
 
 
 def load(root: str | None = None, *, val_fraction: float = 0.2, seed: int = 0) -> SourceDataset:
-    """Read the digits (``root`` is ignored: the data ships with scikit-learn)."""
+    """Read the digits (they ship with scikit-learn, so there is no ``root``)."""
     from sklearn.datasets import load_digits
+
+    if root is not None:
+        raise SourceError(f"digits: got root {root!r}, but the digits ship with scikit-learn; remove data.root "
+                          "(--root)")
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]

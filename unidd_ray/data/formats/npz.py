@@ -39,8 +39,12 @@ def _labels(array: np.ndarray, key: str, path: Path, count: int) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def load(root: str | None = None, *, val_fraction: float = 0.2, seed: int = 0) -> SourceDataset:
-    """Read the ``.npz`` file at ``root``."""
+def load(root: str | None = None, *, val_fraction: float | None = None, seed: int | None = None) -> SourceDataset:
+    """Read the ``.npz`` file at ``root``.
+
+    Without ``x_val``/``y_val`` arrays, a seeded stratified split takes ``val_fraction`` (default 0.2,
+    ``seed`` default 0) of every class into val; with them, the two options do not apply and are refused.
+    """
     if root is None:
         raise FileNotFoundError("npz: no file given; pass --root FILE.npz holding arrays 'x' and 'y'")
     path = Path(root)
@@ -66,7 +70,13 @@ def load(root: str | None = None, *, val_fraction: float = 0.2, seed: int = 0) -
         y_val = _labels(arrays["y_val"], "y_val", path, len(x_val))
         if x_val.shape[1:] != x.shape[1:]:
             raise SourceError(f"{path}: 'x_val' images {x_val.shape[1:]} differ from 'x' images {x.shape[1:]}")
+        given = [name for name, value in (("val_fraction", val_fraction), ("seed", seed)) if value is not None]
+        if given:
+            raise SourceError(f"{path} has its own val split ('x_val', 'y_val'), so {given} would be ignored; "
+                              "remove the option(s), or the val arrays to split 'x' instead")
     else:
+        val_fraction = 0.2 if val_fraction is None else val_fraction
+        seed = 0 if seed is None else seed
         options = {"val_fraction": val_fraction, "seed": seed}
         train_ix, val_ix = stratified_split(y, val_fraction, seed)
         x, y, x_val, y_val = x[train_ix], y[train_ix], x[val_ix], y[val_ix]
