@@ -63,7 +63,7 @@ def main():
     path = write_result("evaluate", {"ipc": args.ipc, "images": n, "epochs": args.epochs, "repeats": args.repeats,
                                      "threads": args.threads, "s_per_epoch": rows, "speedup_vs_nchw": speedups,
                                      "two_seed_speedup": 2 * rows["nchw"] / (rows["nhwc"] + rows["nhwc+memo"])})
-    print(f"speed-ups over nchw: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items()))
+    print("speed-ups over nchw: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items()))
     print(f"wrote {path}")
 
 

@@ -112,9 +112,11 @@ def test_soft_labels_match_or_beat_hard_labels(small_set, digits_data, teacher):
 def test_any_registry_model_works_as_student(small_set, digits_data, teacher):
     _, tinfo = teacher
     images, labels, _ = _load(small_set, tinfo)
-    accs = _evaluate(images, labels, teacher, digits_data, _cfg(student="resnet18", student_options={}, epochs=2),
+    # a ResNet-18 student (CIFAR stem at 8 px) learns from the ConvNet teacher's soft labels on 20 images:
+    # 75 % and 77 % after 30 epochs when written; chance is 10 %
+    accs = _evaluate(images, labels, teacher, digits_data, _cfg(student="resnet18", student_options={}, epochs=30),
                      seeds=[0, 1])
-    assert len(accs) == 2 and all(0 <= a <= 100 for a in accs)
+    assert len(accs) == 2 and min(accs) > 50, accs
 
 
 def test_instance_norm_convnet_normalises_each_image_channel_over_its_positions():

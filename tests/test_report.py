@@ -349,7 +349,7 @@ def test_high_frequency_fraction():
     assert high_frequency_fraction(psd) == pytest.approx(7 / 10)
 
 
-def test_intra_class_cosine_matches_numpy():
+def test_intra_class_cosine_function_matches_numpy():
     from unidd_ray.analysis import intra_class_cosine
 
     rng = np.random.default_rng(1)

@@ -69,8 +69,9 @@ def spectral_demo(images: int = 64, beta_max: float = 0.1, ipc: int = 10) -> dic
         responses = {(k if f.has_filter_term else f"{k} (signal)"):
                      (f.filter_response(probe) if f.has_filter_term else f.signal_response(probe)).tolist()
                      for k, f in filters.items()}
+        cfm = make_filter("cfm", beta_max=beta_max, schedule="cosine")
         for slot in (0, ipc - 1):
-            responses[f"cfm slot {slot}"] = (1 / (probe + betas[slot])).tolist()
+            responses[f"cfm slot {slot}"] = cfm.at_slot(slot, ipc).filter_response(probe).tolist()
         result["layers"][layer] = {"channels": len(eig), "eig_min": float(eig[0]), "eig_max": float(eig[-1]),
                                    "responses": responses}
         print(f"\n{layer}: C={len(eig)}  λ ∈ [{float(eig[0]):.3g}, {float(eig[-1]):.3g}]")

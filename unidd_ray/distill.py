@@ -63,7 +63,7 @@ class AugmentParams:
 
 
 def default_max_roll(resolution: int) -> int:
-    """Up to 4 px at 32 px, scaled with the resolution (28 px → 3, 224 px → 28)."""
+    """Up to 4 px at 32 px, scaled with the resolution (28 px → 4, 224 px → 28)."""
     return max(1, round(4 * resolution / 32))
 
 

@@ -37,9 +37,9 @@ from pathlib import Path
 import yaml
 
 from unidd_ray.config import ConfigError, Recipe, apply_overrides, from_dict, to_dict
+from unidd_ray.spectral.schedules import SCHEDULES
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
-SCHEDULES = ("cosine", "linear", "constant", "geometric")
 METRICS = ("top1",)  # what every trial reports
 ASHA_OPTIONS = ("grace_period", "reduction_factor", "brackets", "stop_last_trials")
 # recipe keys that the trial section controls (trial_recipe sets them for every trial)

@@ -22,9 +22,15 @@ import torch
 
 from unidd_ray.analysis.metrics import covariance_spectrum, high_frequency_fraction, intra_class_cosine, \
     radial_power_spectrum
-from unidd_ray.artifacts import atomic_write_json, atomic_write_text
+from unidd_ray.artifacts import atomic_file, atomic_write_json, atomic_write_text
 
 FIG_DIR = "report"
+
+
+def _save_figure(fig, path: Path, *, dpi: int) -> None:
+    """Write a figure under a temporary name and rename it: a crash leaves no half-written PNG."""
+    with atomic_file(path, suffix=".png") as tmp:  # the extension tells matplotlib the format
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
 
 
 def _denormalise(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -145,7 +151,7 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
                               vmin=0, vmax=1)
         fig.suptitle(f"{key}: classes × slots")
         name = f"grid_{key}.png"
-        fig.savefig(out / name, dpi=80, bbox_inches="tight")
+        _save_figure(fig, out / name, dpi=80)
         plt.close(fig)
         figs[f"grid:{key}"] = f"{FIG_DIR}/{name}"
 
@@ -156,7 +162,7 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
     ax.set_ylabel("power")
     ax.set_title("radially averaged power spectral density")
     ax.legend(fontsize=7)
-    fig.savefig(out / "psd.png", dpi=90, bbox_inches="tight")
+    _save_figure(fig, out / "psd.png", dpi=90)
     plt.close(fig)
     figs["psd"] = f"{FIG_DIR}/psd.png"
 
@@ -165,7 +171,7 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
     ax.bar(range(len(keys)), [report["methods"][k]["intra_class_cosine"] for k in keys])
     ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("intra-class cosine similarity")
-    fig.savefig(out / "similarity.png", dpi=90, bbox_inches="tight")
+    _save_figure(fig, out / "similarity.png", dpi=90)
     plt.close(fig)
     figs["similarity"] = f"{FIG_DIR}/similarity.png"
 
@@ -192,7 +198,7 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
             twin.set_ylabel("filter response")
             twin.legend(fontsize=6, loc="lower right")
         ax.legend(fontsize=6, loc="upper right")
-    fig.savefig(out / "spectra.png", dpi=90, bbox_inches="tight")
+    _save_figure(fig, out / "spectra.png", dpi=90)
     plt.close(fig)
     figs["spectra"] = f"{FIG_DIR}/spectra.png"
 
@@ -213,7 +219,7 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
         ax.legend(fontsize=6)
     else:  # a run without recovered sets (random subsets only)
         ax.text(0.5, 0.5, "no recovery losses in this run", ha="center", va="center", transform=ax.transAxes)
-    fig.savefig(out / "losses.png", dpi=90, bbox_inches="tight")
+    _save_figure(fig, out / "losses.png", dpi=90)
     plt.close(fig)
     figs["losses"] = f"{FIG_DIR}/losses.png"
     return figs
