@@ -146,4 +146,3 @@ def covariance_report(moments: Moments, betas: list[float] | None = None) -> dic
         if betas:
             report[mode]["condition"] = {f"{b:.6g}": (lam_max + b) / (max(lam_min, 0.0) + b) for b in betas}
     return report
-

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unidd_ray.artifacts import replace_directory
 from unidd_ray.config import RecoverConfig, to_dict
 
 RUN_NAME = "recover"
@@ -580,17 +581,6 @@ def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: Recover
     replace_directory(staging, out_dir)
     shutil.rmtree(out_dir / RECORDS, ignore_errors=True)
     return out_dir
-
-
-def replace_directory(src: Path, dst: Path) -> None:
-    """Move the finished directory ``src`` to ``dst``; an existing ``dst`` is removed only once it is replaced."""
-    if not dst.exists():
-        src.rename(dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    dst.rename(old / dst.name)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 BETON = "distilled.beton"
