@@ -428,3 +428,107 @@ def test_emu_disabled_passes_the_batch_through():
     out = emu.mix("l", 3 * cov, sig, torch.zeros(1, dtype=torch.long))
     assert torch.equal(out[0], 3 * cov)
     assert emu.batch_number() == 1  # the current batch is the whole "average"
+
+
+def _pooled_class_means(x: np.ndarray, labels: list[int], classes: list[int], weights=None) -> np.ndarray:
+    """(C, len(classes)) weighted means of the spatially pooled features, by a plain loop."""
+    pooled = x.mean((2, 3))
+    cols = []
+    for k in classes:
+        w = np.array([1.0 if y == k else 0.0 for y in labels]) if weights is None else weights[:, k]
+        cols.append((w[:, None] * pooled).sum(0) / w.sum())
+    return np.stack(cols, 1)
+
+
+def _numpy_cfm(real, real_signal, x, syn_signal, beta):
+    c = real.shape[0]
+    pos = x.transpose(0, 2, 3, 1).reshape(-1, c)
+    f_t = np.linalg.inv(real + beta * np.eye(c))
+    f_s = np.linalg.inv(np.cov(pos.T, bias=True) + beta * np.eye(c))
+    return np.linalg.norm(f_t - f_s), np.linalg.norm(f_t @ real_signal - f_s @ syn_signal)
+
+
+@pytest.mark.parametrize("signal", ["class", "soft"])
+def test_class_and_soft_signal_losses_match_numpy_on_a_subset_of_classes(signal):
+    """The synthetic batch holds classes 0 and 2 of 5: its signal columns must be matched with the
+    real signal's columns 0 and 2, each a (probability-)weighted mean of the pooled features."""
+    real, real_signal = _spd(4, seed=6), torch.randn(4, 5, dtype=D)
+    labels = [2, 0, 2]
+    x = _features(7)
+    probs = torch.softmax(torch.randn(3, 5, dtype=D, generator=torch.Generator().manual_seed(8)), 1)
+    stats = batch_statistics(x, torch.tensor(labels), signal=signal, num_classes=5,
+                             probs=probs if signal == "soft" else None)
+    assert stats.columns.tolist() == [0, 2]
+    f, s = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, beta=0.1, columns=stats.columns,
+                          cache=None)
+    syn = _pooled_class_means(x.numpy(), labels, [0, 2], probs.numpy() if signal == "soft" else None)
+    f_np, s_np = _numpy_cfm(real.numpy(), real_signal.numpy()[:, [0, 2]], x.numpy(), syn, 0.1)
+    assert f.item() == pytest.approx(f_np, rel=1e-10)
+    assert s.item() == pytest.approx(s_np, rel=1e-10)
+
+
+def test_emu_class_signal_averages_each_class_over_the_batches_that_held_it():
+    """Batch 1 holds classes 0 and 2, batch 2 classes 2 and 3: in the mix class 2 is the mean of
+    two batches' signals, class 3 only the current batch's, and Ψ the mean of both batches."""
+    x1, x2 = _features(10), _features(11)
+    b1 = batch_statistics(x1, torch.tensor([0, 0, 2]), signal="class", num_classes=5)
+    b2 = batch_statistics(x2, torch.tensor([3, 2, 3]), signal="class", num_classes=5)
+    emu = EMU({"l": (4, 5)})
+    emu.commit("l", b1.covariance, b1.signal, b1.columns)
+    emu.synchronise()
+    cov, sig = emu.mix("l", b2.covariance, b2.signal, b2.columns)
+    s1 = _pooled_class_means(x1.numpy(), [0, 0, 2], [0, 2])
+    s2 = _pooled_class_means(x2.numpy(), [3, 2, 3], [2, 3])
+    expected = np.stack([(s1[:, 1] + s2[:, 0]) / 2, s2[:, 1]], 1)
+    np.testing.assert_allclose(sig.numpy(), expected, rtol=1e-12)
+    covs = [np.cov(x.numpy().transpose(0, 2, 3, 1).reshape(-1, 4).T, bias=True) for x in (x1, x2)]
+    np.testing.assert_allclose(cov.numpy(), (covs[0] + covs[1]) / 2, rtol=1e-12, atol=1e-14)
+
+
+def test_rank_deficient_float32_maps_keep_the_covariance_positive_semidefinite():
+    """A deep tap of a small batch has fewer positions than channels (ResNet-18's layer4 with 10
+    images at 224 px: 490 < 512), so Ψ_S is singular.  From a float32 map its moments must still
+    give float64's covariance -- rounding an uncentred float32 Gram leaves eigenvalues of
+    order -1e-4, below a late slot's -β -- and the loss at such a β must match numpy."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(10, 512, 4, 4, generator=g) + 2.5)  # 160 positions, channel means ~2.5
+    stats = batch_statistics(x)
+    x64 = x.double().numpy()
+    expected = np.cov(x64.transpose(0, 2, 3, 1).reshape(-1, 512).T, bias=True)
+    cov = stats.covariance.double().numpy()
+    np.testing.assert_allclose(cov, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    assert np.linalg.eigvalsh(cov).min() > -1e-10
+    beta, real, real_signal = 3e-5, _spd(512, seed=1), torch.randn(512, 1, dtype=D)
+    f, s = cfm_layer_loss(real, real_signal, stats.covariance, stats.signal, beta=beta, cache=None)
+    f_np, s_np = _numpy_cfm(real.numpy(), real_signal.numpy(), x64, x64.mean((0, 2, 3))[:, None], beta)
+    assert f.item() == pytest.approx(f_np, rel=1e-6)
+    assert s.item() == pytest.approx(s_np, rel=1e-6)
+    leaf = x.clone().requires_grad_(True)
+    batch_statistics(leaf).covariance.sum().backward()
+    assert leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()
+
+
+def test_a_class_missing_from_the_real_statistics_is_refused_by_name():
+    """Class means of classes without real images are NaN: matching one must be an error naming
+    the class, not a NaN loss that turns the images into NaN."""
+    real, real_signal = _spd(4, seed=12), torch.randn(4, 5, dtype=D)
+    real_signal[:, 3] = float("nan")
+    seen = batch_statistics(_features(13), torch.tensor([0, 2, 2]), signal="class", num_classes=5)
+    f, s = cfm_layer_loss(real, real_signal, seen.covariance, seen.signal, 0.1, columns=seen.columns, cache=None)
+    assert torch.isfinite(f) and torch.isfinite(s)  # class 3 not in this batch: fine
+    unseen = batch_statistics(_features(13), torch.tensor([0, 3, 2]), signal="class", num_classes=5)
+    with pytest.raises(ValueError, match=r"column\(s\) \[3\].*no images"):
+        cfm_layer_loss(real, real_signal, unseen.covariance, unseen.signal, 0.1, columns=unseen.columns, cache=None)
+
+
+def test_beta_min_is_refused_where_it_has_no_meaning():
+    from unidd_ray.distill import method_filter
+
+    with pytest.raises(ValueError, match="constant schedule has no floor"):
+        beta_schedule("constant", 0.1, 3, beta_min=0.01)
+    with pytest.raises(ValueError, match="constant schedule has no floor"):
+        make_filter("cfm", beta_max=0.1, schedule="constant", beta_min=0.01)
+    common = dict(beta_max=0.1, schedule="cosine", mtt_eta=0.01, mtt_steps=2)
+    with pytest.raises(ValueError, match="krr uses one fixed beta"):
+        method_filter("krr", beta_min=0.01, **common)
+    assert method_filter("krr", beta_min=None, **common).beta == 0.1

@@ -40,6 +40,9 @@ def method_filter(method: str, *, beta_max: float, schedule: str, beta_min: floa
     if method == "cfm":
         return make_filter("cfm", beta_max=beta_max, schedule=schedule, beta_min=beta_min, precision=precision)
     if method == "krr":
+        if beta_min is not None:
+            raise ValueError(f"krr uses one fixed beta (beta_max), but beta_min={beta_min} was given; leave "
+                             "beta_min unset, or use the cfm method for a schedule")
         return make_filter("krr", beta=beta_max, precision=precision)
     if method == "mtt":
         return make_filter("mtt", eta=mtt_eta, steps=mtt_steps)
@@ -171,7 +174,6 @@ class Distiller:
         self.filter = method_filter(settings.method, beta_max=settings.beta_max, schedule=settings.schedule,
                                     beta_min=settings.beta_min, mtt_eta=settings.mtt_eta,
                                     mtt_steps=settings.mtt_steps, precision=settings.precision)
-        self.cache = RealSideCache()
         self.layers: list[str] = []
         self.real_cov: dict[str, Tensor] = {}
         self.real_signal: dict[str, Tensor] = {}
@@ -191,6 +193,8 @@ class Distiller:
                                      f"the teacher has {channels[name]}/{num_classes}")
                 self.real_cov[name] = m.covariance(settings.covariance).to(self.device)
                 self.real_signal[name] = m.signal(settings.signal).to(self.device)
+        # one slot uses one filter per layer: older slots' real sides are never read again
+        self.cache = RealSideCache(maxsize=max(1, len(self.layers)))
         self.bn_layers = bn_layers(self.teacher) if settings.method == "sre2l" else []
         if settings.method == "sre2l" and not self.bn_layers:
             raise ValueError("sre2l matches BatchNorm running statistics, but the teacher has no BatchNorm2d layer")
@@ -280,13 +284,16 @@ class Distiller:
         stats = batch_statistics(feats, labels, signal=s.signal, probs=probs, num_classes=self.num_classes)
         if type(reducer) is Reducer:
             return stats
-        # sync: step — sum the moments over workers; class columns are scattered to all K first
+        # sync: step — sum the moments over workers; class columns are scattered to all K first.  They
+        # are summed in float64: a worker with a small batch holds float64 moments (see
+        # batch_statistics), and every worker must send the same dtype.
         k = self.num_classes if s.signal in ("class", "soft") else 1
-        sig_sum = feats.new_zeros(feats.shape[1], k).index_copy(1, stats.columns, stats.signal_sum)
-        sig_w = feats.new_zeros(k).index_copy(0, stats.columns, stats.signal_weight)
-        n = reducer.sum_differentiable(stats.n.reshape(1)).reshape(())
-        total = reducer.sum_differentiable(stats.sum)
-        sumsq = reducer.sum_differentiable(stats.sumsq)
+        f64 = torch.float64
+        sig_sum = feats.new_zeros(feats.shape[1], k, dtype=f64).index_copy(1, stats.columns, stats.signal_sum.to(f64))
+        sig_w = feats.new_zeros(k, dtype=f64).index_copy(0, stats.columns, stats.signal_weight.to(f64))
+        n = reducer.sum_differentiable(stats.n.reshape(1).to(f64)).reshape(())
+        total = reducer.sum_differentiable(stats.sum.to(f64))
+        sumsq = reducer.sum_differentiable(stats.sumsq.to(f64))
         sig_sum = reducer.sum_differentiable(sig_sum)
         sig_w = reducer.sum_differentiable(sig_w)
         present = torch.nonzero(sig_w.detach() > 0).flatten()

@@ -116,6 +116,11 @@ def unidd_layer_loss(
     real_signal_f = real_signal_f.to(syn_cov.device, compute)
     if columns is not None:
         real_signal_f = real_signal_f[:, torch.as_tensor(columns, device=real_signal_f.device)]
+    bad = ~torch.isfinite(real_signal_f).all(0)
+    if bad.any():  # the class means of classes the statistics saw no image of are NaN
+        ids = bad.nonzero().flatten().tolist() if columns is None else torch.as_tensor(columns).cpu()[bad.cpu()].tolist()
+        raise ValueError(f"the real signal of column(s) {ids} is not finite: the real statistics hold no images of "
+                         "those classes; compute the statistics over data that has them, or leave them out")
     syn_filtered, syn_signal_f = filt.filter_and_signal(syn_cov, syn_signal)
     signal_loss = torch.linalg.matrix_norm(real_signal_f - syn_signal_f.to(compute))
     if real_filtered is None:

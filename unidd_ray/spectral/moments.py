@@ -383,6 +383,11 @@ def batch_statistics(
     if signal not in SIGNAL_KINDS:
         raise ValueError(f"unknown signal {signal!r}; choose one of {SIGNAL_KINDS}")
     per_image = signal != "mean"  # the mean signal needs only the batch's sums
+    if features.dtype == torch.float32 and n_img * h * w < c:
+        # Fewer positions than channels: Ψ_S is singular, and rounding a float32 Gram of uncentred
+        # features leaves "zero" eigenvalues of order 1e-4 -- as large as a late slot's β, enough to
+        # make Ψ_S + βI indefinite.  Such maps are small, so their moments are taken in float64.
+        features = features.double()
     sumsq, sums = _GramAndSums.apply(features, per_image)
     if not torch.isfinite(sumsq.diagonal()).all():  # Σ x_c² is NaN/Inf iff channel c has a NaN/Inf (or overflows)
         raise _non_finite("features")

@@ -50,6 +50,9 @@ def beta_schedule(kind: str, beta_max: float, ipc: int, *, beta_min: float | Non
             shape = [1 - b / ipc for b in range(ipc)]
         return [floor + (beta_max - floor) * w for w in shape]
     if kind == "constant":
+        if beta_min is not None:
+            raise ValueError(f"the constant schedule has no floor, but beta_min={beta_min} was given; leave "
+                             "beta_min unset, or choose a cosine, linear or geometric schedule")
         return [beta_max] * ipc
     low = beta_max / 100 if beta_min is None else float(beta_min)
     if not (0 < low <= beta_max):
