@@ -128,8 +128,8 @@ class EMU:
         """
         names = sorted(self.layers)
         flat = torch.cat([self.pending[k].flat() for k in names])
-        if all_reduce_sum is not None:
-            flat = all_reduce_sum(flat)
+        if all_reduce_sum is not None:  # a reducer may hand back its result on another device
+            flat = all_reduce_sum(flat).to(flat.device)
         offset = 0
         for k in names:
             size = self.pending[k].flat().numel()
