@@ -49,18 +49,51 @@ def cifar_batch(images: np.ndarray, labels: list[int], label_key: bytes) -> dict
             b"filenames": [f"img_{i}.png".encode() for i in range(len(images))]}
 
 
-def write_cifar10(root: Path, *, per_batch: int = 10, seed: int = 0) -> dict:
-    """``root/cifar-10-batches-py`` with five train batches, a test batch and ``batches.meta``."""
+def _py2_pickle_body(obj) -> bytes:
+    if isinstance(obj, bytes):  # a Python 2 str: SHORT_BINSTRING or BINSTRING
+        return (b"U" + bytes([len(obj)]) if len(obj) < 256 else b"T" + struct.pack("<i", len(obj))) + obj
+    if isinstance(obj, int):
+        return b"K" + bytes([obj]) if 0 <= obj < 256 else b"J" + struct.pack("<i", obj)
+    if isinstance(obj, list):
+        return b"]" + (b"(" + b"".join(map(_py2_pickle_body, obj)) + b"e" if obj else b"")
+    if isinstance(obj, dict):
+        return b"}(" + b"".join(_py2_pickle_body(k) + _py2_pickle_body(v) for k, v in obj.items()) + b"u"
+    if isinstance(obj, np.ndarray) and obj.dtype == np.uint8 and obj.ndim == 2:
+        shape = b"".join(_py2_pickle_body(n) for n in obj.shape) + b"\x86"
+        dtype = (b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
+                 b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+        return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+                b"(K\x01" + shape + dtype + b"\x89" + _py2_pickle_body(obj.tobytes()) + b"tb")
+    raise TypeError(f"no Python 2 pickle form for {type(obj).__name__} here")
+
+
+def py2_pickle(obj) -> bytes:
+    """``obj`` (a dict/list of bytes, small ints and 2-D uint8 arrays) pickled the way Python 2's cPickle
+    (protocol 2) and numpy 1.x wrote the official CIFAR batches: byte strings as ``str`` opcodes, the
+    dtype built from ``('u1', 0, 1)`` with byte order ``'|'`` as a Python 2 ``str``."""
+    return b"\x80\x02" + _py2_pickle_body(obj) + b"."
+
+
+def _pickle_py2(path: Path, obj) -> None:
+    path.write_bytes(py2_pickle(obj))
+
+
+def write_cifar10(root: Path, *, per_batch: int = 10, seed: int = 0, python2: bool = False) -> dict:
+    """``root/cifar-10-batches-py`` with five train batches, a test batch and ``batches.meta``.
+
+    ``python2``: write every file in the byte form of the official Python 2 pickles (:func:`py2_pickle`).
+    """
+    dump = _pickle_py2 if python2 else _pickle
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    _pickle(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+    dump(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072})
     out = {"train": [], "val": []}
     for file_name, split in [(f"data_batch_{i}", "train") for i in range(1, 6)] + [("test_batch", "val")]:
         images = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
         labels = [int(k) for k in rng.permutation(np.arange(per_batch) % 10)]
-        _pickle(folder / file_name, cifar_batch(images, labels, b"labels"))
+        dump(folder / file_name, cifar_batch(images, labels, b"labels"))
         out[split].append((images, labels))
     return out
 

@@ -13,7 +13,9 @@ from test_data_fakes import write_imagefolder
 import unidd_ray  # noqa: F401  (applies the torchvision import fix first)
 from unidd_ray.data import prepare as prepare_module
 from unidd_ray.data.augment import Normalize, RandomResizedCropFlip, center_crop_resize
+from unidd_ray.data.beton import plan_storage, writer_geometry
 from unidd_ray.data.dataset_info import read_dataset_info, verify_dataset
+from unidd_ray.data.hashing import stored_fingerprint
 from unidd_ray.data.image_files import decode_rgb
 from unidd_ray.data.loading import make_loader, read_labels
 from unidd_ray.data.prepare import prepare_dataset
@@ -218,6 +220,51 @@ def test_jpeg_aspect_preserving_storage_and_pipelines(jpeg_folder, tmp_path):
                                                 resolution=32))
     assert train.shape == (9, 3, 32, 32) and sorted(index.tolist()) == list(range(9))
     np.testing.assert_array_equal(labels.numpy(), source.train.labels[index.numpy()])
+
+
+# ----------------------------------------------------------------------------- fingerprints
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _recorded_fingerprint(source, max_resolution: int) -> str:
+    """The fingerprint ``prepare_dataset`` records for ``source`` at ``max_resolution`` (nothing is written)."""
+    plan = plan_storage(source, write_mode="auto", max_resolution=max_resolution, jpeg_quality=90,
+                        compress_probability=0.5)
+    return stored_fingerprint(source.fingerprint, writer_geometry(source, plan))
+
+
+def test_a_side_chosen_by_the_writer_is_in_the_fingerprint(tmp_path):
+    root = tmp_path / "folder"
+    write_imagefolder(root, per_class=(2, 1), sizes=((20, 26), (30, 18)))
+    source = load_source("imagefolder", str(root))  # keeps each file's size: max_resolution decides the side
+    infos = {cap: prepare_dataset(source, tmp_path / f"cap{cap}", max_resolution=cap, num_workers=1, progress=False)
+             for cap in (16, 32)}
+    assert [(info.storage, info.resolution) for info in infos.values()] == [("raw", 16), ("raw", 32)]
+    assert len({infos[16].fingerprint, infos[32].fingerprint, source.fingerprint}) == 3
+    for cap, info in infos.items():
+        assert read_dataset_info(tmp_path / f"cap{cap}") == info and info.source["fingerprint"] == source.fingerprint
+    fixed = load_source("imagefolder", str(root), resolution=16)  # the source fixes the side
+    for cap in (16, 32):
+        info = prepare_dataset(fixed, tmp_path / f"fixed{cap}", max_resolution=cap, num_workers=1, progress=False)
+        assert (info.storage, info.resolution, info.fingerprint) == ("raw", 16, fixed.fingerprint)
+
+
+def test_jpeg_caps_below_the_source_side_are_in_the_fingerprint(jpeg_folder):
+    free = load_source("imagefolder", str(jpeg_folder))
+    assert len({_recorded_fingerprint(free, cap) for cap in (100, 128, 256)} | {free.fingerprint}) == 4
+    fixed = load_source("imagefolder", str(jpeg_folder), resolution=80)
+    assert _recorded_fingerprint(fixed, 80) == _recorded_fingerprint(fixed, 256) == fixed.fingerprint
+    assert len({_recorded_fingerprint(fixed, 64), _recorded_fingerprint(fixed, 48), fixed.fingerprint}) == 3
+    digits = load_source("digits")
+    assert _recorded_fingerprint(digits, 8) == _recorded_fingerprint(digits, 256) == digits.fingerprint
+
+
+@pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_native_size_fashion_mnist_keeps_its_recorded_fingerprint():
+    # the fingerprint in dataset.json of the Fashion-MNIST data behind docs/RESULTS.md (recipe: max_resolution 256)
+    recorded = "0fbcd853f3a04cae45b56464f21375eb9f3d5642a13dab5ee7274abe9f372e0d"
+    source = load_source("fashion-mnist")
+    assert _recorded_fingerprint(source, 256) == source.fingerprint == recorded
 
 
 # ----------------------------------------------------------------------------- atomicity

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,11 @@ from test_data_fakes import (
 )
 
 import unidd_ray  # noqa: F401  (applies the torchvision import fix first)
+from unidd_ray.data import safe_pickle
 from unidd_ray.data.image_files import decode_rgb
 from unidd_ray.data.safe_pickle import load_restricted_pickle
-from unidd_ray.data.sources import available_sources, load_source
+from unidd_ray.data.source_types import SourceDataset, Split, validate_source
+from unidd_ray.data.sources import SourceError, available_sources, load_source
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -165,6 +169,32 @@ def test_cifar_class_without_samples_is_named(tmp_path):
         load_source("cifar10", str(tmp_path))
 
 
+@pytest.mark.parametrize("bad, shown", [(3.7, "float 3.7"), (True, "bool True"), ("4", "str '4'"),
+                                        (np.float64(2.0), "float64 np.float64(2.0)")])
+def test_cifar_non_integer_labels_are_refused_naming_the_file(tmp_path, bad, shown):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    batch[b"labels"][6] = bad
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(SourceError, match=rf"data_batch_4: 'labels' must be a list of integers, but entry 6 is "
+                                          rf"{re.escape(shown)}; the file is corrupt"):
+        load_source("cifar10", str(tmp_path))
+
+
+def test_cifar_label_arrays_must_hold_integers(tmp_path):
+    written = write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    batch[b"labels"] = np.asarray(batch[b"labels"], dtype=np.uint8)  # an integer array is fine
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    np.testing.assert_array_equal(load_source("cifar10", str(tmp_path)).val.labels, written["val"][0][1])
+    batch[b"labels"] = batch[b"labels"].astype(np.float32)
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(SourceError, match="test_batch: 'labels' must hold integers, got an array of float32"):
+        load_source("cifar10", str(tmp_path))
+
+
 class _Exploit:
     def __init__(self, target: str):
         self.target = target
@@ -197,6 +227,118 @@ def test_cifar_batch_with_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="data_batch_1 cannot be loaded safely"):
         load_source("cifar10", str(tmp_path))
     assert not marker.exists()
+
+
+class _Reduced:
+    """Pickles as ``callable(*args)``, followed by ``BUILD state`` when a state is given."""
+
+    def __init__(self, callable_, args, state=None):
+        self.reduced = (callable_, args) if state is None else (callable_, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+_PLAIN = (None, None, None, -1, -1, 0)  # subarray, names, fields, elsize, alignment, flags of u1/i8/f8...
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's own _reconstruct, pickled by its module path
+
+
+def _forged_payloads() -> dict:
+    """Pickled objects whose dtype (or array dtype) numpy must not build from a file's bytes."""
+    object_array = _Reduced(_RECONSTRUCT, (np.ndarray, (0,), b"b"),
+                            (1, (2,), _Reduced(np.dtype, ("O8", False, True)), False, [1, None]))
+    return {
+        "object dtype, flags 0": _Reduced(np.dtype, ("O8", False, True), (3, "|", *_PLAIN)),
+        "object dtype, numpy's flags": np.dtype("O"),
+        "structured dtype with an object field": np.dtype([("a", "<i4"), ("b", "O")]),
+        "object array": object_array,
+        "uint8 dtype claiming to hold objects": _Reduced(np.dtype, ("u1", False, True),
+                                                         (3, "|", None, None, None, -1, -1, 63)),
+        "uint8 dtype given fields": _Reduced(np.dtype, ("u1", False, True),
+                                             (3, "|", None, ("a",), {"a": (np.dtype("u1"), 0)}, 1, 1, 0)),
+        "uint8 dtype with a byte order": _Reduced(np.dtype, ("u1", False, True), (3, ">", *_PLAIN)),
+        "void dtype": np.dtype("V8"),
+        "datetime array": np.zeros(2, dtype="M8[s]"),
+        "array given a dict state": _Reduced(_RECONSTRUCT, (np.ndarray, (0,), b"b"), {"x": 1}),
+        "state on bytes": _Reduced(codecs.encode, ("abc", "latin1"), {"x": 1}),
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("what", list(_forged_payloads()))
+def test_restricted_unpickler_refuses_forged_dtypes(tmp_path, what, protocol):
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({b"data": _forged_payloads()[what]}, protocol=protocol))
+    with pytest.raises(SourceError, match=r"batch cannot be loaded safely \(refusing"):
+        load_restricted_pickle(path)
+
+
+@pytest.mark.parametrize("what", ["object dtype, flags 0", "object dtype, numpy's flags",
+                                  "structured dtype with an object field", "object array"])
+def test_build_checks_refuse_object_dtypes_without_the_dtype_allow_list(tmp_path, monkeypatch, what):
+    """The BUILD checks alone stop object dtypes, even if numpy.dtype itself were let through."""
+    monkeypatch.setattr(safe_pickle, "_dtype", np.dtype)
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({b"data": _forged_payloads()[what]}, protocol=2))
+    with pytest.raises(SourceError, match=r"batch cannot be loaded safely \(refusing (the|a numpy \w+) state"):
+        load_restricted_pickle(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_restricted_unpickler_keeps_plain_dtypes_and_byte_orders(tmp_path, protocol):
+    names = ("|b1", "u1", "<i2", ">i8", "<f4", ">f8", "<c16", ">c8", "S5", "<U3", ">U3")
+    arrays = {name: np.arange(6).astype(name).reshape(2, 3) for name in names}
+    path = tmp_path / "arrays"
+    path.write_bytes(pickle.dumps({"arrays": arrays, "dtypes": [np.dtype(n) for n in names]}, protocol=protocol))
+    loaded = load_restricted_pickle(path)
+    reference = pickle.loads(path.read_bytes())  # numpy's own unpickling (it may load arrays in native order)
+    assert [d.str for d in loaded["dtypes"]] == [np.dtype(n).str for n in names]
+    for name, array in arrays.items():
+        assert loaded["arrays"][name].dtype == reference["arrays"][name].dtype
+        np.testing.assert_array_equal(loaded["arrays"][name], array)
+
+
+def test_cifar10_official_python2_pickles_load(tmp_path):
+    written = write_cifar10(tmp_path, python2=True)
+    raw = (tmp_path / "cifar-10-batches-py" / "data_batch_2").read_bytes()
+    assert b"U\x01|NNN" in raw and b"X" not in raw[:200]  # Python 2 str opcodes, no Python 3 unicode ones
+    source = load_source("cifar10", str(tmp_path))
+    assert source.class_names[-1] == "truck"
+    np.testing.assert_array_equal(source.train.images[10:20], written["train"][1][0])
+    np.testing.assert_array_equal(source.val.images, written["val"][0][0])
+    np.testing.assert_array_equal(source.train.labels[40:], written["train"][4][1])
+
+
+# ----------------------------------------------------------------------------- validate_source
+def _two_class_source(tmp_path, train_files: bool, val_files: bool, channels: int = 3) -> SourceDataset:
+    labels = np.array([0, 1, 0, 1], dtype=np.int64)
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"img_{i}.png"))
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(paths[-1])
+    images = np.zeros((4, 8, 8, channels), dtype=np.uint8)
+
+    def split(files: bool) -> Split:
+        return Split(labels=labels.copy(), paths=list(paths)) if files else Split(labels=labels.copy(), images=images)
+
+    return SourceDataset(name="mixed", class_names=["a", "b"], channels=channels, resolution=8,
+                         train=split(train_files), val=split(val_files), fingerprint="0" * 64, origin=str(tmp_path))
+
+
+@pytest.mark.parametrize("train_files, val_files", [(False, True), (True, False)])
+def test_validate_source_refuses_an_array_split_beside_a_file_split(tmp_path, train_files, val_files):
+    source = _two_class_source(tmp_path, train_files, val_files)
+    kinds = {True: r"image files \(paths=\)", False: r"arrays \(images=\)"}
+    with pytest.raises(SourceError, match=rf"mixed source at .*: the train split holds {kinds[train_files]} but the "
+                                          rf"val split holds {kinds[val_files]}; both splits must be"):
+        validate_source(source)
+
+
+def test_validate_source_file_backed_needs_three_channels(tmp_path):
+    assert validate_source(_two_class_source(tmp_path, True, True)).file_backed
+    assert not validate_source(_two_class_source(tmp_path, False, False, channels=1)).file_backed
+    with pytest.raises(SourceError, match="decoded to RGB, so a file-backed source must declare channels=3, got 1"):
+        validate_source(_two_class_source(tmp_path, True, True, channels=1))
 
 
 # ----------------------------------------------------------------------------- imagefolder

@@ -52,10 +52,10 @@ def _write_set(src: Path, out: Path, method: str, transform, per_slot: dict) -> 
 
 def _noisy(a: np.ndarray, i: int) -> np.ndarray:
     rng = np.random.default_rng(i)
-    # stripes at the Nyquist frequency (the radial PSD stops at the Nyquist radius, so a checkerboard,
-    # whose frequency lies in the corner of the spectrum, would not count) plus white noise
-    stripes = (np.indices(a.shape)[1] % 2) * 2 - 1
-    return np.clip(a.astype(np.int32) + 60 * stripes * rng.choice([-1, 1]) + rng.integers(-40, 41, a.shape),
+    # a checkerboard (all its power in the corner of the spectrum, beyond the radial PSD's last ring, which
+    # the high-frequency share must still count) plus white noise
+    checkerboard = (np.indices(a.shape)[:2].sum(axis=0) % 2) * 2 - 1
+    return np.clip(a.astype(np.int32) + 60 * checkerboard * rng.choice([-1, 1]) + rng.integers(-40, 41, a.shape),
                    0, 255).astype(np.uint8)
 
 
@@ -120,6 +120,15 @@ def _numpy_psd(x: np.ndarray) -> np.ndarray:
     radius = np.rint(np.hypot(yy - h // 2, xx - w // 2)).astype(int)
     r_max = min(h, w) // 2
     return np.array([power[radius == r].mean() for r in range(r_max + 1)])
+
+
+def _numpy_high_frequency_fraction(x: np.ndarray, cutoff: float = 0.5) -> float:
+    """Power of the full 2-D spectrum above ``cutoff`` × min(H, W) / 2 cycles per image over all non-zero frequencies."""
+    x = x - x.mean(axis=(-2, -1), keepdims=True)
+    h, w = x.shape[-2:]
+    power = (np.abs(np.fft.fft2(x)) ** 2).sum(axis=(0, 1))
+    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(h) * h, np.fft.fftfreq(w) * w, indexing="ij"))
+    return float(power[radius > cutoff * min(h, w) / 2].sum() / power[radius > 0].sum())
 
 
 def _numpy_intra_class_cosine(features: np.ndarray, labels: np.ndarray) -> dict[int, float]:
@@ -225,14 +234,13 @@ def test_report_json_accuracy_table(run_dir, report):
 
 
 def test_psd_matches_numpy(report):
-    for key, entry in report["methods"].items():
+    for entry in report["methods"].values():
         pixels, _ = _pixels(Path(entry["path"]))
         psd = _numpy_psd(pixels)
         assert entry["radii"] == list(range(len(psd)))
         np.testing.assert_allclose(entry["psd"], psd, rtol=1e-4, atol=1e-7 * psd.max())
-        hf = psd[np.arange(len(psd)) > 0.5 * (len(psd) - 1)].sum() / psd[1:].sum()
-        assert entry["high_frequency_fraction"] == pytest.approx(hf, rel=1e-4)
-    # the noisy set has more power at high frequencies than the real images it was made from
+        assert entry["high_frequency_fraction"] == pytest.approx(_numpy_high_frequency_fraction(pixels), rel=1e-4)
+    # the checkerboard-and-noise set has more power at high frequencies than the real images it was made from
     assert report["methods"][f"cfm-ipc{IPC}"]["high_frequency_fraction"] > \
         report["methods"][f"random-ipc{IPC}"]["high_frequency_fraction"] + 0.1
 
@@ -328,25 +336,59 @@ def test_radial_power_spectrum_matches_numpy():
     from unidd_ray.analysis import radial_power_spectrum
 
     x = np.random.default_rng(0).random((5, 3, 12, 10))
-    radii, psd = radial_power_spectrum(torch.from_numpy(x))
+    _, psd = radial_power_spectrum(torch.from_numpy(x))
     np.testing.assert_allclose(psd.numpy(), _numpy_psd(x), rtol=1e-10, atol=1e-20)
     with pytest.raises(ValueError):
         radial_power_spectrum(torch.zeros(3, 8, 8))
 
 
-def test_high_frequency_fraction():
-    from unidd_ray.analysis import high_frequency_fraction, radial_power_spectrum
+def test_high_frequency_fraction_closed_forms():
+    from unidd_ray.analysis import high_frequency_fraction
 
     n = 8
     yy, xx = np.mgrid[0:n, 0:n]
     constant = torch.full((2, 1, n, n), 0.7, dtype=torch.float64)
-    assert high_frequency_fraction(radial_power_spectrum(constant)[1]) == 0.0
-    stripes = torch.from_numpy(0.5 + 0.5 * np.cos(np.pi * xx))[None, None]  # the Nyquist frequency
-    assert high_frequency_fraction(radial_power_spectrum(stripes)[1]) == pytest.approx(1.0)
-    slow = torch.from_numpy(0.5 + 0.5 * np.cos(2 * np.pi * xx / n))[None, None]  # radius 1
-    assert high_frequency_fraction(radial_power_spectrum(slow)[1]) == pytest.approx(0.0, abs=1e-12)
-    psd = torch.tensor([9.0, 1.0, 2.0, 3.0, 4.0])  # r_max 4: radii 3 and 4 are above half of it
-    assert high_frequency_fraction(psd) == pytest.approx(7 / 10)
+    assert high_frequency_fraction(constant) == 0.0
+    checkerboard = 0.5 + 0.5 * np.cos(np.pi * (yy + xx))  # all power at the corner frequency (n/2, n/2)
+    assert high_frequency_fraction(torch.from_numpy(checkerboard)[None, None]) == pytest.approx(1.0, abs=1e-12)
+    stripes = torch.from_numpy(0.5 + 0.5 * np.cos(np.pi * xx))[None, None]  # the Nyquist frequency along x
+    assert high_frequency_fraction(stripes) == pytest.approx(1.0, abs=1e-12)
+    slow = torch.from_numpy(0.5 + 0.5 * np.cos(2 * np.pi * xx / n))[None, None]  # the lowest frequency, 1 cycle
+    assert high_frequency_fraction(slow) == pytest.approx(0.0, abs=1e-12)
+    # a checkerboard of amplitude a beside the lowest frequency at amplitude b: mean powers a² and b²/2
+    a, b = 0.1, 0.3
+    mixed = 0.5 + a * np.cos(np.pi * (yy + xx)) + b * np.cos(2 * np.pi * xx / n)
+    assert high_frequency_fraction(torch.from_numpy(mixed)[None, None]) == pytest.approx(a**2 / (a**2 + b**2 / 2),
+                                                                                      rel=1e-12)
+    assert high_frequency_fraction(torch.from_numpy(mixed)[None, None], cutoff=0.0) == pytest.approx(1.0, rel=1e-12)
+    with pytest.raises(ValueError, match="cutoff"):
+        high_frequency_fraction(constant, cutoff=-0.1)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        high_frequency_fraction(constant[0])
+
+
+def test_high_frequency_fraction_of_white_noise_is_the_share_of_bins():
+    """White noise spreads its power evenly over the frequency bins, so its fraction is the share of non-zero
+    bins above the cutoff: on a 16 x 12 grid of frequencies (cycles per image) against min(16, 12) / 2 = 6."""
+    from unidd_ray.analysis import high_frequency_fraction
+
+    h, w = 16, 12
+    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(h) * h, np.fft.fftfreq(w) * w, indexing="ij"))
+    noise = torch.from_numpy(np.random.default_rng(3).normal(size=(400, 3, h, w)))
+    for cutoff in (0.25, 0.5, 1.0, 1.2):
+        share = (radius > cutoff * 6).sum() / (radius > 0).sum()
+        assert high_frequency_fraction(noise, cutoff) == pytest.approx(share, abs=0.005), cutoff
+
+
+def test_high_frequency_fraction_matches_numpy():
+    from unidd_ray.analysis import high_frequency_fraction
+
+    rng = np.random.default_rng(4)
+    for shape in ((5, 3, 12, 10), (2, 1, 9, 14), (3, 2, 8, 8)):
+        x = np.cumsum(rng.random(shape), axis=-1) / shape[-1]  # a red spectrum: most power at low frequencies
+        for cutoff in (0.3, 0.5, 0.9):
+            got = high_frequency_fraction(torch.from_numpy(x), cutoff)
+            assert got == pytest.approx(_numpy_high_frequency_fraction(x, cutoff), rel=1e-10), (shape, cutoff)
 
 
 def test_intra_class_cosine_function_matches_numpy():

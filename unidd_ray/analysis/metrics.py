@@ -6,20 +6,29 @@ import torch
 from torch import Tensor
 
 
+def _mean_power(images: Tensor) -> Tensor:
+    """|F|² / (H·W) of each mean-subtracted channel of ``images`` (N, C, H, W), averaged over channels
+    and images: an (H, W) float64 array in FFT order (zero frequency at [0, 0])."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    x = images.double()
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    h, w = x.shape[-2:]
+    return (torch.fft.fft2(x).abs() ** 2 / (h * w)).mean(dim=(0, 1))
+
+
 def radial_power_spectrum(images: Tensor) -> tuple[Tensor, Tensor]:
     """Radially averaged power spectral density of ``images`` (N, C, H, W) in [0, 1].
 
     Each channel is mean-subtracted, transformed with a 2-D FFT, and its power
     |F|² / (H·W) averaged over rings of integer radius around the zero frequency;
     the result is averaged over channels and images.  Returns (radii, psd) with
-    radius in cycles per image, from 0 to min(H, W) // 2.
+    radius in cycles per image, from 0 to min(H, W) // 2 (the corners of the
+    spectrum beyond that radius are left out of this plot-oriented curve; they are
+    counted by :func:`high_frequency_fraction`).
     """
-    if images.dim() != 4:
-        raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
-    x = images.double()
-    x = x - x.mean(dim=(-2, -1), keepdim=True)
-    h, w = x.shape[-2:]
-    power = torch.fft.fftshift(torch.fft.fft2(x).abs() ** 2 / (h * w), dim=(-2, -1)).mean(dim=(0, 1))
+    power = torch.fft.fftshift(_mean_power(images), dim=(-2, -1))
+    h, w = power.shape
     yy, xx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
     radius = torch.sqrt(yy.double() ** 2 + xx.double() ** 2).round().long()
     r_max = min(h, w) // 2
@@ -30,13 +39,26 @@ def radial_power_spectrum(images: Tensor) -> tuple[Tensor, Tensor]:
     return torch.arange(r_max + 1), sums / counts
 
 
-def high_frequency_fraction(psd: Tensor, cutoff: float = 0.5) -> float:
-    """Share of the spectral power (excluding the DC ring) at radii above ``cutoff`` × the Nyquist radius."""
-    r_max = len(psd) - 1
-    radii = torch.arange(len(psd))
-    body = psd[1:]
-    high = psd[radii > cutoff * r_max]
-    return float(high.sum() / body.sum()) if body.sum() > 0 else 0.0
+def high_frequency_fraction(images: Tensor, cutoff: float = 0.5) -> float:
+    """Share of the spectral power of ``images`` (N, C, H, W) above ``cutoff`` × the Nyquist frequency.
+
+    Computed on the full 2-D power spectrum (the one :func:`radial_power_spectrum` averages over rings,
+    corners included), every frequency bin weighted by its own power.  With f = (f_y, f_x) in cycles per
+    image and r = |f|, the reference is the Nyquist frequency of the shorter side, r_ref = min(H, W) / 2,
+    and the fraction is P[r > cutoff · r_ref].sum() / P[r > 0].sum(): the zero frequency (each channel's
+    mean) is left out.  White noise scores the share of non-zero frequency bins above the cutoff, a
+    checkerboard (all power at the corner frequency (H/2, W/2)) scores 1, and constant images 0.0.
+    """
+    if cutoff < 0:
+        raise ValueError(f"cutoff must be a non-negative multiple of the Nyquist frequency, got {cutoff}")
+    power = _mean_power(images)
+    h, w = power.shape
+    fy = torch.fft.fftfreq(h, d=1.0 / h, dtype=torch.float64)
+    fx = torch.fft.fftfreq(w, d=1.0 / w, dtype=torch.float64)
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    body = power[radius > 0].sum()
+    high = power[radius > cutoff * min(h, w) / 2].sum()
+    return float(high / body) if body > 0 else 0.0
 
 
 def intra_class_cosine(features: Tensor, labels: Tensor) -> tuple[float | None, dict[int, float]]:

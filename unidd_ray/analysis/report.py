@@ -5,7 +5,8 @@ Writes ``report.html`` (PNG figures next to it, under ``report/``) and
 
 - image grids per method (rows: classes, columns: IPC slots);
 - the radially averaged power spectral density of each method's images and of
-  real images, with the share of power above half the Nyquist radius;
+  real images, with the share of the full 2-D spectrum's power (corners included)
+  at frequencies above half the Nyquist frequency of the shorter side;
 - the intra-class cosine similarity of the teacher's penultimate features;
 - per-layer eigenvalue spectra of the real and synthetic covariances, with the
   CFM filter responses 1/(λ + β_b) of the recipe's schedule;
@@ -104,7 +105,8 @@ def analyse_run(run_dir: str | Path) -> dict:
         feats = penultimate_features(teacher, images)
         sim, per_class = intra_class_cosine(feats, labels)
         entry = {"method": method, "ipc": int(ipc), "path": str(path), "images": len(images),
-                 "psd": psd.tolist(), "radii": radii.tolist(), "high_frequency_fraction": high_frequency_fraction(psd),
+                 "psd": psd.tolist(), "radii": radii.tolist(),
+                 "high_frequency_fraction": high_frequency_fraction(pixels),
                  "intra_class_cosine": sim, "intra_class_cosine_per_class": per_class}
         syn = synthetic_moments(teacher, images, labels, layers, tinfo.num_classes)
         entry["eigenvalues"] = {name: covariance_spectrum(m.covariance()).tolist() for name, m in syn.items()}

@@ -116,6 +116,20 @@ def plan_storage(source: SourceDataset, *, write_mode: str, max_resolution: int,
     return StoragePlan("jpeg", 3, fixed, cap, jpeg_quality, write_mode, compress_probability)
 
 
+def writer_geometry(source: SourceDataset, plan: StoragePlan) -> dict | None:
+    """The stored geometry when :func:`plan_storage` chose it rather than the source, else ``None``.
+
+    The source fixes it when its images are stored at their own side (``plan.side ==
+    source.resolution``: Fashion-MNIST, CIFAR, image folders read with ``resolution=N``).  Otherwise
+    the side of small image files or the JPEG cap came from ``max_resolution``, and
+    ``{"side", "max_resolution"}`` goes into the recorded fingerprint
+    (:func:`~unidd_ray.data.hashing.stored_fingerprint`).
+    """
+    if source.resolution is not None and plan.side == source.resolution:
+        return None
+    return {"side": plan.side, "max_resolution": plan.max_resolution}
+
+
 def pixel_moments(images: np.ndarray, pixels_per_chunk: int = 1 << 22) -> np.ndarray:
     """Exact ``[count, sum_c..., sumsq_c...]`` (int64) over every pixel of ``(N, H, W, C)`` uint8 images."""
     channels = images.shape[-1]

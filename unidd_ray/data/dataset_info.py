@@ -9,8 +9,10 @@ A prepared directory holds ``train.beton``, ``val.beton``, ``labels.npz`` and ``
 arrays or ``"jpeg"`` FFCV RGB images), ``write_mode`` (``"raw"``, or FFCV's ``"jpg"`` /
 ``"proportion"`` for JPEG storage), ``max_resolution`` and ``jpeg_quality`` (JPEG storage),
 ``eval_crop_ratio`` (the centre-crop ratio of the eval pipeline for JPEG storage), ``fingerprint``
-(the source's), ``source`` (origin and reader options), ``format_version`` and ``files``
-(``{file name: {"sha256", "bytes"}}`` for the two ``.beton`` files and ``labels.npz``).
+(the source's, extended by the stored geometry when the writer chose it: see
+:func:`unidd_ray.data.hashing.stored_fingerprint`), ``source`` (origin, reader options and the
+source's own fingerprint), ``format_version`` and ``files`` (``{file name: {"sha256", "bytes"}}``
+for the two ``.beton`` files and ``labels.npz``).
 """
 
 from __future__ import annotations

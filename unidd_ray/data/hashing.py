@@ -1,8 +1,12 @@
 """Fingerprints of dataset sources: sha256 over the source's bytes, in a fixed order.
 
-A fingerprint covers the data files *and* the reader options that decide which sample lands in
-which split (a seeded split fraction, a label file), so two sources with equal fingerprints
-produce the same ``.beton`` files.
+A source fingerprint covers the data files *and* the reader options that decide which sample lands
+in which split (a seeded split fraction, a label file) or how it is resized (``resolution``), so two
+sources with equal fingerprints hold the same samples.  The writer may still choose the stored
+geometry itself (the side of small image files without a ``resolution`` option, the cap of JPEG
+storage); :func:`stored_fingerprint` folds that choice in, and it is what ``dataset.json`` records,
+so two raw-stored datasets with equal recorded fingerprints have the same ``.beton`` files.  JPEG
+quality and write mode are recorded beside the fingerprint in ``dataset.json``.
 """
 
 from __future__ import annotations
@@ -64,3 +68,14 @@ class Fingerprint:
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
+
+
+def stored_fingerprint(source_fingerprint: str, geometry: dict | None) -> str:
+    """The fingerprint of a prepared dataset: the source's when the source fixed the stored geometry
+    (``geometry`` is ``None``), else a sha256 over the source's fingerprint and ``geometry``, the
+    stored side and size cap the writer chose (see :func:`unidd_ray.data.beton.writer_geometry`)."""
+    if geometry is None:
+        return source_fingerprint
+    digest = hashlib.sha256(f"unidd_ray stored {source_fingerprint}\n".encode())
+    digest.update(json.dumps(geometry, sort_keys=True).encode())
+    return digest.hexdigest()

@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from unidd_ray.data.beton import (ArraySamples, ErrorLog, FileSamples, StoragePlan, mean_std, page_size_for,
-                                  pixel_moments, plan_storage)
+                                  pixel_moments, plan_storage, writer_geometry)
 from unidd_ray.data.dataset_info import (BETON_FILES, FORMAT_VERSION, INFO_FILE, LABELS_FILE, DatasetInfo,
                                          read_dataset_info, verify_dataset)
-from unidd_ray.data.hashing import file_sha256
+from unidd_ray.data.hashing import file_sha256, stored_fingerprint
 from unidd_ray.data.source_types import SPLITS, SourceDataset, validate_source
 
 OWN_FILES = frozenset({*BETON_FILES.values(), LABELS_FILE, INFO_FILE})
@@ -168,11 +168,11 @@ def prepare_dataset(source: SourceDataset, out_dir: str | os.PathLike, *, max_re
             name=source.name, num_classes=source.num_classes, class_names=list(source.class_names),
             splits={s: _split_summary(source.split(s).labels, source.num_classes) for s in SPLITS},
             resolution=plan.output_resolution, channels=plan.channels, mean=mean, std=std, storage=plan.storage,
-            fingerprint=source.fingerprint,
+            fingerprint=stored_fingerprint(source.fingerprint, writer_geometry(source, plan)),
             files={n: {"sha256": file_sha256(staging / n), "bytes": (staging / n).stat().st_size} for n in names},
             format_version=FORMAT_VERSION, write_mode=plan.ffcv_write_mode or "raw",
             max_resolution=plan.max_resolution, jpeg_quality=plan.jpeg_quality, eval_crop_ratio=plan.eval_crop_ratio,
-            source={"origin": source.origin, "options": dict(source.options)})
+            source={"origin": source.origin, "options": dict(source.options), "fingerprint": source.fingerprint})
         (staging / INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
         _publish(staging, out, names)
     finally:

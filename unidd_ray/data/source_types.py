@@ -97,8 +97,9 @@ def validate_source(source: SourceDataset) -> SourceDataset:
     """Check the invariants of a :class:`SourceDataset`; returns it unchanged.
 
     Raises :class:`SourceError` naming the source and what is wrong: label dtype/shape, labels out of
-    range, a class without samples, arrays of the wrong dtype/shape, or a split with both/neither
-    of ``images`` and ``paths``.
+    range, a class without samples, arrays of the wrong dtype/shape, a split with both/neither of
+    ``images`` and ``paths``, one split of arrays beside one of files, or image files declared with
+    other than 3 channels (they are always decoded to RGB).
     """
     where = f"{source.name} source at {source.origin}" if source.origin else f"{source.name} source"
     if source.channels not in (1, 3):
@@ -122,4 +123,13 @@ def validate_source(source: SourceDataset) -> SourceDataset:
             raise SourceError(f"{where}: the {name} split has {len(split.paths)} files but {len(labels)} labels")
         check_label_range(labels, source.num_classes, name, where)
         check_nonempty_classes(labels, source.class_names, name, where)
+    if (source.train.paths is None) != (source.val.paths is None):
+        kinds = {name: "image files (paths=)" if source.split(name).paths is not None else "arrays (images=)"
+                 for name in SPLITS}
+        raise SourceError(f"{where}: the train split holds {kinds['train']} but the val split holds {kinds['val']}; "
+                          "both splits must be arrays or both image files (load the files of one split into an "
+                          "array, or write the arrays of the other as image files)")
+    if source.file_backed and source.channels != 3:
+        raise SourceError(f"{where}: image files are always decoded to RGB, so a file-backed source must declare "
+                          f"channels=3, got {source.channels}")
     return source

@@ -50,6 +50,25 @@ def _field(batch: dict, key: str, path: Path):
     return batch[key]
 
 
+def _integer_labels(labels, path: Path, key: str) -> np.ndarray:
+    """``labels`` (a list of ints, or an integer array) as int64; floats, bools and other values are refused."""
+    if isinstance(labels, np.ndarray):
+        if labels.dtype.kind not in "iu":
+            raise SourceError(f"{path}: {key!r} must hold integers, got an array of {labels.dtype}; the file is corrupt")
+    elif isinstance(labels, list):
+        for i, value in enumerate(labels):
+            if type(value) is not int and not isinstance(value, np.integer):  # bool is an int subclass: refused
+                raise SourceError(f"{path}: {key!r} must be a list of integers, but entry {i} is "
+                                  f"{type(value).__name__} {value!r}; the file is corrupt")
+    else:
+        raise SourceError(f"{path}: {key!r} must be a list of integers, got a {type(labels).__name__}; the file is "
+                          "corrupt")
+    try:
+        return np.asarray(labels, dtype=np.int64)
+    except OverflowError as exc:
+        raise SourceError(f"{path}: {key!r} holds an integer beyond int64 ({exc}); the file is corrupt") from exc
+
+
 def _read_batch(path: Path, split: str, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = _load_dict(path)
     data = _field(batch, "data", path)
@@ -58,10 +77,7 @@ def _read_batch(path: Path, split: str, label_key: str, num_classes: int) -> tup
         shape = getattr(data, "shape", None)
         raise SourceError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got "
                           f"{getattr(data, 'dtype', type(data).__name__)} {shape}; the file is corrupt")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise SourceError(f"{path}: {label_key!r} is not a list of integers ({exc})") from exc
+    labels = _integer_labels(labels, path, label_key)
     if labels.shape != (len(data),):
         raise SourceError(f"{path}: {len(data)} images but {labels.shape} labels under {label_key!r}")
     check_label_range(labels, num_classes, split, str(path))
