@@ -153,12 +153,148 @@ def test_instance_norm_convnet_normalises_each_image_channel_over_its_positions(
 
 
 def test_seeds_are_reproducible_and_distinct(small_set, digits_data, teacher):
-    _, tinfo = teacher
+    from unidd_ray.evaluation import TeacherLabels
+
+    model, tinfo = teacher
     images, labels, _ = _load(small_set, tinfo)
     cfg = _cfg(epochs=20)
     first = _evaluate(images, labels, teacher, digits_data, cfg, seeds=[0, 1])
     again = _evaluate(images, labels, teacher, digits_data, cfg, seeds=[1])
     assert again[0] == first[1]
+    # the students themselves: a seed gives the same weights every time, another seed other weights
+    settings = _settings_of(cfg)
+    a, b, a_again = (_train(images, labels, teacher, settings, TeacherLabels(model), seed=s) for s in (0, 1, 0))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), a_again.state_dict().values()))
+    assert not torch.allclose(a.state_dict()["classifier.weight"], b.state_dict()["classifier.weight"], atol=1e-3)
+    with torch.no_grad():
+        assert not torch.allclose(a(images), b(images), atol=1e-3)
+
+
+def _settings_of(cfg):
+    from unidd_ray.stages.evaluate import _settings
+
+    return _settings(cfg)
+
+
+# ----------------------------------------------------------------------------- settings checked up front
+@pytest.mark.parametrize("override, message", [
+    ({"epochs": 0}, "evaluate.epochs must be at least 1, got 0"),
+    ({"batch_size": 0}, "evaluate.batch_size must be at least 1, or null"),
+    ({"batch_size": -4}, "evaluate.batch_size must be at least 1"),
+    ({"lr": 0.0}, "evaluate.lr must be a positive number"),
+    ({"lr": float("inf")}, "evaluate.lr must be a positive number, got inf"),
+    ({"weight_decay": float("nan")}, "evaluate.weight_decay must be a number >= 0, got nan"),
+    ({"weight_decay": -0.1}, "evaluate.weight_decay must be a number >= 0"),
+    ({"temperature": 0.0}, "evaluate.temperature must be a positive number"),
+    ({"temperature": float("inf")}, "evaluate.temperature must be a positive number"),
+    ({"cutmix": -0.5}, "evaluate.cutmix must be a number >= 0"),
+    ({"cutmix": float("nan")}, "evaluate.cutmix must be a number >= 0"),
+    ({"crop_scale": (1.0, 0.5)}, r"evaluate.crop_scale must be \[low, high\] with 0 < low <= high <= 1"),
+    ({"crop_scale": (0.0, 1.0)}, "evaluate.crop_scale must be"),
+    ({"crop_scale": (0.5, 1.5)}, "evaluate.crop_scale must be"),
+    ({"seeds": 0}, "evaluate.seeds must be at least 1"),
+    ({"split": "batch"}, "evaluate.split must be 'data'"),
+    ({"eval_every": -1}, "evaluate.eval_every must be 0"),
+    ({"workers": 0}, "evaluate.workers must be at least 1"),
+])
+def test_bad_evaluate_settings_are_refused(override, message):
+    from unidd_ray.stages.evaluate import validate_evaluate
+
+    with pytest.raises(ValueError, match=message):
+        validate_evaluate(EvaluateConfig(**override))
+
+
+def test_good_evaluate_settings_pass():
+    from unidd_ray.stages.evaluate import validate_evaluate
+
+    for good in ({}, {"batch_size": None}, {"batch_size": 1}, {"cutmix": 0.0}, {"crop_scale": (1.0, 1.0)},
+                 {"weight_decay": 0.0}, {"eval_every": 5}):
+        validate_evaluate(EvaluateConfig(**good))
+
+
+@pytest.mark.parametrize("batch_size, images, workers, refused", [
+    (None, 20, 2, False),  # one batch of 20: 10 each
+    (None, 1, 2, True),  # one image for two workers
+    (19, 20, 2, True),  # the last batch holds one image
+    (18, 20, 2, False),  # 18 + 2
+    (30, 20, 2, False),  # the batch is the whole set
+    (5, 20, 6, True),
+    (10, 20, 10, False),
+])
+def test_data_parallel_batches_leave_no_worker_empty(batch_size, images, workers, refused):
+    """With ``split: data`` each batch is shared out to the workers: a batch (the last, partial one too) with
+    fewer images than workers would leave one without any, so the settings are refused up front."""
+    from unidd_ray.stages.evaluate import validate_evaluate
+
+    cfg = EvaluateConfig(split="data", workers=workers, batch_size=batch_size)
+    if refused:
+        with pytest.raises(ValueError, match=f"shares every batch out to the {workers} evaluate.workers"):
+            validate_evaluate(cfg, images=images)
+    else:
+        validate_evaluate(cfg, images=images)
+    validate_evaluate(replace(cfg, split="seeds"), images=images)  # each worker trains on every image
+    validate_evaluate(replace(cfg, workers=1), images=images)
+
+
+def test_train_student_refuses_a_batch_size_of_zero():
+    """0 is not a way of asking for the whole set per step (None is)."""
+    from unidd_ray.evaluation import EvalSettings, train_student
+    from unidd_ray.models import build_model
+
+    student = build_model("convnet", num_classes=3, in_channels=1, resolution=8, width=4, depth=1)
+    images, labels = torch.randn(6, 1, 8, 8), torch.arange(6) % 3
+    with pytest.raises(ValueError, match="batch_size must be at least 1, or None"):
+        train_student(student, images, labels, EvalSettings(epochs=1, batch_size=0, hard_labels=True), seed=0,
+                      soft_labels=None, num_classes=3)
+    train_student(student, images, labels, EvalSettings(epochs=1, batch_size=None, hard_labels=True), seed=0,
+                  soft_labels=None, num_classes=3)
+
+
+def test_check_student_names_the_student_and_its_options():
+    from types import SimpleNamespace
+
+    from unidd_ray.stages.evaluate import check_student
+
+    tinfo = SimpleNamespace(num_classes=10, in_channels=1, resolution=8)
+    check_student(_cfg(), tinfo)
+    check_student(_cfg(student="resnet18", student_options={"stem": "cifar"}), tinfo)
+    with pytest.raises(ValueError, match=r"evaluate.student 'resnet18' with evaluate.student_options .*"
+                                         r"takes options \['stem'\], not \['depth', 'norm', 'width'\]"):
+        check_student(_cfg(student="resnet18"), tinfo)
+    with pytest.raises(ValueError, match="evaluate.student 'convnet'"):
+        check_student(_cfg(student_options={"width": "wide"}), tinfo)
+
+
+# ----------------------------------------------------------------------------- finished seeds of a crashed run
+def test_finished_seeds_survive_a_change_of_performance_settings(tmp_path):
+    """A re-run after a crash with other performance settings (fewer workers, another eval batch size or
+    layout) takes the seeds the crashed run finished; a setting that changes the students does not."""
+    from unidd_ray.artifacts import atomic_write_json, sha256_json
+    from unidd_ray.config import to_dict
+    from unidd_ray.stages.evaluate import PARTIAL, EvalJob, _finished_seeds, job_key, reusable_keys
+
+    manifest = {"files": {"images/0000/0000.png": "a" * 64}}
+    cfg = _cfg(split="seeds", workers=2, cpus_per_worker=2, eval_batch_size=512, channels_last=False)
+    crashed = EvalJob("set", tmp_path / "eval", cfg)
+    atomic_write_json(tmp_path / "eval" / PARTIAL / "seed-0.json",
+                      {"job": 0, "seed": 0, "top1": 81.0, "seconds": 1.0, "key": job_key(crashed, manifest, "t")})
+    for performance in ({"workers": 1}, {"cpus_per_worker": 1}, {"eval_batch_size": 100}, {"channels_last": True},
+                        {"use_gpu": True}):
+        again = EvalJob("set", tmp_path / "eval", replace(cfg, **performance))
+        assert _finished_seeds(tmp_path / "eval", reusable_keys(again, manifest, "t")) == {
+            0: {"job": 0, "seed": 0, "top1": 81.0, "seconds": 1.0, "key": job_key(crashed, manifest, "t")}}, performance
+    for result in ({"lr": 2e-3}, {"epochs": 61}, {"split": "data"}, {"batch_size": 4}):
+        other = EvalJob("set", tmp_path / "eval", replace(cfg, **result))
+        assert _finished_seeds(tmp_path / "eval", reusable_keys(other, manifest, "t")) == {}, result
+    assert job_key(crashed, {"files": {}}, "t") != job_key(crashed, manifest, "t")
+    assert job_key(crashed, manifest, "u") != job_key(crashed, manifest, "t")
+    # with split: data the worker count shards every batch (and BatchNorm): it is part of the key
+    data = replace(cfg, split="data")
+    assert job_key(EvalJob("set", "o", replace(data, workers=1)), manifest, "t") != \
+        job_key(EvalJob("set", "o", replace(data, workers=2)), manifest, "t")
+    # a seed keyed by the whole configuration (as results were keyed before) is this evaluation too
+    whole = sha256_json({"evaluate": to_dict(cfg), "distilled": manifest["files"], "teacher": "t", "soft_labels": None})
+    assert whole in reusable_keys(crashed, manifest, "t")
 
 
 # ----------------------------------------------------------------------------- augmentation stream
@@ -305,6 +441,27 @@ def test_relabel_stores_keyed_soft_labels(relabelled, small_set, teacher):
     torch.testing.assert_close(torch.tensor([r["logits"] for r in rows]), expected, rtol=1e-5, atol=1e-5)
 
 
+class _Tampered:
+    """Stored labels with one field of one epoch (``epoch=None``: of every epoch) changed: logits moved to the
+    next class, a crop or box shifted, a flip inverted, partners rotated."""
+
+    def __new__(cls, directory, *, epoch: int | None, field: str):
+        from unidd_ray.stages.relabel import StoredSoftLabels
+
+        class Tampered(StoredSoftLabels):
+            def read_epoch(self, e):
+                stored = super().read_epoch(e)
+                if epoch is not None and e != epoch:
+                    return stored
+                value = getattr(stored, field)
+                changed = {"logits": lambda v: v.roll(1, dims=-1), "crop": lambda v: v + 0.01,
+                           "box": lambda v: v + 0.01, "flip": lambda v: ~v,
+                           "partner": lambda v: v.roll(1)}[field](value)
+                return replace(stored, **{field: changed})
+
+        return Tampered(directory)
+
+
 def _bias_before_batchnorm(student: torch.nn.Module) -> set[str]:
     """State entries that rounding alone decides: a convolution's bias in front of BatchNorm and the
     running mean that absorbs it.  The batch mean removes the bias, so its gradient is zero in exact
@@ -356,9 +513,7 @@ def test_stored_labels_give_the_same_student_as_online_labels(relabelled, small_
     # the student's top-1 is identical, and labels that are wrong change it (the comparison is not vacuous)
     x = images
     assert torch.equal(online(x).argmax(1), stored(x).argmax(1))
-    wrong = StoredSoftLabels(out)
-    wrong.logits = wrong.logits.roll(1, dims=-1)
-    bad = _train(images, labels, teacher, settings, wrong)
+    bad = _train(images, labels, teacher, settings, _Tampered(out, epoch=None, field="logits"))
     assert not torch.allclose(bad.state_dict()["classifier.weight"], online.state_dict()["classifier.weight"],
                               atol=1e-3)
     with pytest.raises(AssertionError):
@@ -394,16 +549,19 @@ def test_mismatched_stream_is_refused(relabelled, small_set, teacher):
         _train(images, labels, teacher, replace(settings, epochs=13), StoredSoftLabels(out))
     with pytest.raises(ValueError, match="images"):
         _train(images[:10], labels[:10], teacher, settings, StoredSoftLabels(out))
-    # stored parameters that differ from this run's stream (e.g. another version of the sampler)
-    tampered = StoredSoftLabels(out)
-    tampered.crop[3, 0, 0] += 0.01
-    with pytest.raises(ValueError, match="epoch 3"):
-        _train(images, labels, teacher, replace(settings, epochs=5), tampered)
+    # stored parameters that differ from this run's stream (e.g. another version of the sampler): each of
+    # crop, flip, CutMix partner and box is compared
+    for field in ("crop", "flip", "partner", "box"):
+        with pytest.raises(ValueError, match=rf"epoch 3: the stored augmentation parameters \({field}\) differ"):
+            _train(images, labels, teacher, replace(settings, epochs=5), _Tampered(out, epoch=3, field=field))
     # hard-label training ignores the stored labels entirely
     _train(images, labels, teacher, replace(settings, hard_labels=True, aug_seed=1, epochs=2), StoredSoftLabels(out))
 
 
 def test_relabel_cli(small_set, digits_teacher, tmp_path, capsys):
+    import yaml
+
+    from unidd_ray.artifacts import read_manifest
     from unidd_ray.cli import main
     from unidd_ray.stages.relabel import StoredSoftLabels
 
@@ -414,7 +572,63 @@ def test_relabel_cli(small_set, digits_teacher, tmp_path, capsys):
     assert "3 epochs" in capsys.readouterr().out
     stored = StoredSoftLabels(out)
     assert stored.meta["epochs"] == 3 and stored.meta["aug_seed"] == 5 and stored.meta["images"] == 20
-    assert stored.logits.shape == (3, 20, 10)
+    assert stored.epoch(2).logits.shape == (20, 10)
+    # the resolved recipe beside the labels, like every stage's, and covered by the manifest
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["name"] == "digits" and config["evaluate"]["epochs"] == 3 and config["evaluate"]["aug_seed"] == 5
+    assert set(read_manifest(out, "soft_labels")["files"]) == {"soft_labels.parquet", "config.yaml"}
+
+
+def test_relabel_refuses_a_teacher_of_another_dataset_before_computing(small_set, digits_teacher, tmp_path):
+    import json
+    import shutil
+
+    from unidd_ray.stages.relabel import relabel
+
+    other = tmp_path / "teacher"
+    shutil.copytree(digits_teacher, other)
+    info = json.loads((other / "teacher.json").read_text())
+    (other / "teacher.json").write_text(json.dumps({**info, "dataset_fingerprint": "0" * 64}))
+    with pytest.raises(ValueError, match="trained on another dataset than the one .* was distilled from"):
+        relabel(small_set, other, tmp_path / "labels", _cfg(epochs=2), progress=False)
+    with pytest.raises(ValueError, match="evaluate.epochs must be at least 1"):
+        relabel(small_set, digits_teacher, tmp_path / "labels", _cfg(epochs=0), progress=False)
+    assert not (tmp_path / "labels").exists()
+
+
+def test_stored_labels_are_read_one_epoch_at_a_time(relabelled, monkeypatch):
+    """Training holds one epoch of the stored labels, read on its own, never the whole artifact; the rows are
+    those of the file, in image-id order."""
+    import pyarrow.parquet as pq
+
+    from unidd_ray.stages.relabel import FILE, StoredSoftLabels
+
+    out, _ = relabelled
+    table = pq.read_table(out / FILE)
+    assert pq.ParquetFile(out / FILE).metadata.num_row_groups == 12  # one per epoch
+    reads = []
+    real_read = pq.read_table
+
+    def counting(*args, **kwargs):
+        result = real_read(*args, **kwargs)
+        reads.append(result.num_rows)
+        return result
+
+    monkeypatch.setattr(pq, "read_table", counting)
+    stored = StoredSoftLabels(out)
+    for epoch in (5, 5, 6, 5):
+        got = stored.epoch(epoch)
+        rows = sorted((r for r in table.to_pylist() if r["epoch"] == epoch), key=lambda r: r["image_id"])
+        assert torch.equal(got.logits, torch.tensor([r["logits"] for r in rows]))
+        assert torch.equal(got.crop, torch.tensor([r["crop"] for r in rows], dtype=torch.float64))
+        assert torch.equal(got.flip, torch.tensor([r["flip"] for r in rows]))
+        assert torch.equal(got.partner, torch.tensor([r["partner"] for r in rows]))
+        assert torch.equal(got.box, torch.tensor([r["box"] for r in rows], dtype=torch.float64))
+        ids = torch.tensor([7, 0, 19])
+        assert torch.equal(stored(epoch, ids, None), got.logits[ids])
+    assert reads == [20, 20, 20]  # epoch 5, 6, then 5 again: one epoch of 20 rows per read
+    with pytest.raises(ValueError, match="cover epochs 0..11, not 12"):
+        stored.epoch(12)
 
 
 # ----------------------------------------------------------------------------- through Ray Train
@@ -432,7 +646,6 @@ def test_run_evaluate_seeds_summary(ray_session, small_set, digits_teacher, digi
     assert all(0 <= a <= 100 for a in summary["top1"])
     assert summary["top1_mean"] == pytest.approx(statistics.fmean(summary["top1"]))
     assert summary["top1_std"] == pytest.approx(statistics.stdev(summary["top1"]))
-    assert summary["top1"][0] != summary["top1"][1] or summary["top1_std"] == 0.0
 
     # the same students from the stored labels, through Ray Train too
     stored = run_evaluate(small_set, digits_teacher, digits_data, tmp_path / "eval-stored", cfg,
@@ -446,7 +659,8 @@ def test_run_evaluate_seeds_summary(ray_session, small_set, digits_teacher, digi
     assert split["top1"] == summary["top1"]
 
     # several sets in one worker group: the same students as set-by-set; a seed finished by an
-    # interrupted run of the same evaluation (kept under .seeds) is taken, not retrained
+    # interrupted run of the same evaluation (kept under .seeds), there with other performance settings, is
+    # taken, not retrained
     from unidd_ray.artifacts import atomic_write_json, read_manifest
     from unidd_ray.stages.evaluate import PARTIAL, EvalJob, job_key, run_evaluations
     from unidd_ray.teacher import read_teacher_info
@@ -454,7 +668,9 @@ def test_run_evaluate_seeds_summary(ray_session, small_set, digits_teacher, digi
     both = replace(cfg, workers=2, split="seeds")
     hard = EvalJob(small_set, tmp_path / "eval-hard", replace(both, hard_labels=True, seeds=1))
     resumed = EvalJob(small_set, tmp_path / "eval-resumed", both)
-    key = job_key(resumed, read_manifest(small_set, "distilled"), read_teacher_info(digits_teacher).sha256)
+    interrupted = EvalJob(small_set, tmp_path / "eval-resumed", replace(both, workers=1, eval_batch_size=64,
+                                                                        channels_last=not both.channels_last))
+    key = job_key(interrupted, read_manifest(small_set, "distilled"), read_teacher_info(digits_teacher).sha256)
     atomic_write_json(tmp_path / "eval-resumed" / PARTIAL / "seed-1.json",
                       {"job": 0, "seed": 1, "top1": 12.5, "seconds": 1.0, "key": key})
     atomic_write_json(tmp_path / "eval-resumed" / PARTIAL / "seed-0.json",  # another evaluation's: ignored

@@ -159,15 +159,19 @@ def test_second_run_reuses_every_stage(first):
 
 
 def test_changing_one_method_setting_redoes_only_that_method(first):
+    """beta_max is a cfm setting that dm does not read: cfm is recovered and evaluated again, dm and the
+    baseline are reused."""
     run, _, _, results = first
-    log, _ = _run(run, ["recover.lr=0.04"])
-    for line in ["prepare: reusing", "squeeze: reusing", "stats: reusing", "evaluate random IPC 2: reusing"]:
+    log, _ = _run(run, ["recover.beta_max=0.5"])
+    for line in ["prepare: reusing", "squeeze: reusing", "stats: reusing", "recover dm IPC 2: reusing",
+                 "evaluate random IPC 2: reusing", "evaluate dm IPC 2: reusing"]:
         assert f"[pipeline] {line}" in log, line
-    assert "[pipeline] recover cfm IPC 2 -> " in log
+    assert "[pipeline] recover cfm IPC 2 -> " in log and "recover dm IPC 2 -> " not in log
     assert "recover cfm IPC 2: reusing" not in log and "evaluate cfm IPC 2: reusing" not in log
     changed = _results(run)
-    assert changed["stages"]["random-ipc2"] == results["stages"]["random-ipc2"]
-    assert changed["stages"]["eval-random-ipc2"] == results["stages"]["eval-random-ipc2"]
+    for same in ("random-ipc2", "eval-random-ipc2", "dm-ipc2", "eval-dm-ipc2"):
+        assert changed["stages"][same] == results["stages"][same], same
+    assert _row(changed, "dm")["top1"] == _row(results, "dm")["top1"]
     assert changed["stages"]["cfm-ipc2"] != results["stages"]["cfm-ipc2"]
     assert changed["stages"]["eval-cfm-ipc2"] != results["stages"]["eval-cfm-ipc2"]
     # the first run's cfm set is still there (content-addressed), and differs from the new one

@@ -104,18 +104,36 @@ def test_parallel_recoveries_below_one_is_refused_before_any_work(tmp_path):
     assert not out.exists()
 
 
-def test_bad_input_of_any_recovery_fails_before_the_first_starts(tmp_path, monkeypatch):
-    """The pipeline checks every pending recovery's inputs before starting any (they may run side by side)."""
+def _fake_stages(monkeypatch) -> list[str]:
+    """Fake prepare, squeeze and statistics stages (a 10-class, 1-channel, 28 px teacher); returns the names of
+    the stages called, in order."""
     from types import SimpleNamespace
 
-    import unidd_ray.pipeline as pipeline
-    import unidd_ray.stages.recover as recover
+    from unidd_ray import pipeline
 
     info = SimpleNamespace(fingerprint="f" * 64, name="fake", storage="raw", resolution=28)
-    tinfo = SimpleNamespace(sha256="t" * 64, val_top1=90.0, arch="convnet", resolution=28)
-    monkeypatch.setattr(pipeline, "prepare_stage", lambda recipe, run: (run / "data", info))
-    monkeypatch.setattr(pipeline, "teacher_stage", lambda recipe, run, *a, **k: (run / "teacher", tinfo))
-    monkeypatch.setattr(pipeline, "stats_stage", lambda recipe, run, *a, **k: (run / "stats", "s" * 12))
+    tinfo = SimpleNamespace(sha256="t" * 64, val_top1=90.0, arch="convnet", resolution=28, num_classes=10,
+                            in_channels=1)
+    called = []
+
+    def stage(name, result):
+        def run(recipe, run, *a, **k):
+            called.append(name)
+            return run / name, result
+        return run
+
+    monkeypatch.setattr(pipeline, "prepare_stage", stage("data", info))
+    monkeypatch.setattr(pipeline, "teacher_stage", stage("teacher", tinfo))
+    monkeypatch.setattr(pipeline, "stats_stage", lambda recipe, run, *a, **k: (called.append("stats"),
+                                                                               (run / "stats", "s" * 12))[1])
+    return called
+
+
+def test_bad_input_of_any_recovery_fails_before_the_first_starts(tmp_path, monkeypatch):
+    """The pipeline checks every pending recovery's inputs before starting any (they may run side by side)."""
+    from unidd_ray.stages import recover
+
+    _fake_stages(monkeypatch)
     checked, started = [], []
 
     def validate(data_dir, teacher_dir, stats_dir, cfg):
@@ -129,3 +147,105 @@ def test_bad_input_of_any_recovery_fails_before_the_first_starts(tmp_path, monke
     with pytest.raises(ValueError, match="no BatchNorm2d layer"):
         run_pipeline(recipe, report=False)
     assert checked == ["dm", "cfm", "sre2l"] and started == []
+
+
+def _recorded_recoveries(monkeypatch) -> tuple[list, list]:
+    from unidd_ray.stages import recover
+
+    checked, started = [], []
+    monkeypatch.setattr(recover, "validate_inputs", lambda *a: checked.append(a))
+    monkeypatch.setattr(recover, "run_recover", lambda *a, **k: started.append(a))
+    return checked, started
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"epochs": 0}, "evaluate.epochs must be at least 1"),
+    ({"batch_size": 0}, "evaluate.batch_size must be at least 1, or null"),
+    ({"temperature": float("nan")}, "evaluate.temperature must be a positive number"),
+    ({"crop_scale": (1.0, 0.5)}, "evaluate.crop_scale must be"),
+    ({"split": "batch"}, "evaluate.split must be"),
+])
+def test_bad_evaluate_settings_are_refused_before_any_stage(tmp_path, monkeypatch, override, message):
+    from unidd_ray.config import EvaluateConfig
+
+    called = _fake_stages(monkeypatch)
+    checked, started = _recorded_recoveries(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(Recipe(out=str(out), evaluate=EvaluateConfig(**override)), report=False)
+    assert called == [] and checked == [] and started == [] and not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"student": "resnet18"}, r"evaluate.student 'resnet18'.*takes options \['stem'\], not \['depth', 'norm', 'width'\]"),
+    ({"student": "vgg11", "student_options": {}}, "unknown model 'vgg11'"),
+    ({"student_options": {"width": 16, "norm": "layer"}}, "evaluate.student 'convnet'"),
+    # 10 classes at IPC 1: a batch of 6 leaves the last batch 4 images, fewer than the 5 workers
+    ({"split": "data", "workers": 5, "batch_size": 6}, "the last one too.*at least 5"),
+])
+def test_the_student_and_batches_are_checked_before_any_recovery(tmp_path, monkeypatch, override, message):
+    """What needs the teacher (the student's build, the sets' sizes) is checked right after it, before the
+    statistics and any recovery."""
+    from unidd_ray.config import EvaluateConfig
+
+    called = _fake_stages(monkeypatch)
+    checked, started = _recorded_recoveries(monkeypatch)
+    evaluate = EvaluateConfig(**{"student_options": {"width": 16, "depth": 2, "norm": "batch"}, **override})
+    recipe = Recipe(out=str(tmp_path / "run"), methods=["dm", "cfm"], ipcs=[1, 10], evaluate=evaluate)
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(recipe, report=False)
+    assert called == ["data", "teacher"] and checked == [] and started == []
+
+
+def test_recover_keys_hold_the_settings_each_method_reads():
+    """A cfm-only setting leaves dm's and sre2l's recoveries where they are and moves cfm's; a setting every
+    method reads moves them all; cfm's key is the whole section's, as it was before methods had their own."""
+    from types import SimpleNamespace
+
+    from unidd_ray.config import to_dict
+    from unidd_ray.pipeline import recover_key, stage_key
+
+    info = SimpleNamespace(fingerprint="f" * 64, storage="raw")
+    tinfo = SimpleNamespace(sha256="t" * 64)
+
+    def key(method, **changes):
+        cfg = RecoverConfig(method=method, **changes)
+        return recover_key(cfg, info, tinfo, "s" * 12 if method not in ("sre2l", "ce") else None)
+
+    methods = ["cfm", "krr", "dc", "dm", "mtt", "sre2l", "ce"]
+    base = {m: key(m) for m in methods}
+    assert len(set(base.values())) == len(methods)
+
+    def moved(**changes):
+        return sorted(m for m in methods if key(m, **changes) != base[m])
+
+    assert moved(beta_max=0.05) == ["cfm", "krr"]
+    for cfm_only in ({"schedule": "linear"}, {"beta_min": 1e-3}):
+        assert moved(**cfm_only) == ["cfm"]
+    assert moved(precision="float32") == ["cfm", "krr"]
+    assert moved(mtt_eta=0.2) == ["cfm", "mtt"]  # cfm keeps every setting
+    assert moved(bn_weight=0.05) == ["cfm", "sre2l"]
+    for matching in ({"alpha": 0.3}, {"alpha_scale": "emu"}, {"signal": "class"}, {"covariance": "within_class"},
+                     {"emu": False}):
+        assert moved(**matching) == ["cfm", "dc", "dm", "krr", "mtt"], matching
+    for shared in ({"lr": 0.04}, {"iterations": 7}, {"seed": 3}, {"crop_scale": (0.5, 1.0)}, {"workers": 2},
+                   {"classes_per_batch": 2}, {"flip": False}, {"sync": "step"}):
+        assert moved(**shared) == sorted(methods), shared
+    for performance in ({"cpus_per_worker": 4}, {"channels_last": False}, {"max_failures": 0}):
+        assert moved(**performance) == []
+
+    cfm = RecoverConfig(method="cfm", beta_max=0.03, precision="mixed")
+    assert recover_key(cfm, info, tinfo, "s" * 12) == stage_key("recover", to_dict(cfm), teacher="t" * 64,
+                                                               dataset="f" * 64, stats="s" * 12)
+
+
+def test_unread_settings_name_recover_settings_and_methods():
+    import dataclasses
+
+    from unidd_ray.distill import METHODS
+    from unidd_ray.pipeline import UNREAD_RECOVER_SETTINGS
+
+    assert sorted(UNREAD_RECOVER_SETTINGS) == sorted(METHODS)
+    fields = {f.name for f in dataclasses.fields(RecoverConfig)}
+    for method, unread in UNREAD_RECOVER_SETTINGS.items():
+        assert set(unread) <= fields - {"method", "ipc"}, method

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unidd_ray.config import ConfigError, load_recipe
+from unidd_ray.config import ConfigError, load_recipe, to_dict
 from unidd_ray.tune import (TrialSettings, flatten_sample, load_space, reports_per_trial, to_tune_domain,
                             trial_recipe)
 
@@ -165,6 +165,82 @@ def test_trial_recipe_applies_overrides_and_trial_settings():
     assert reports_per_trial(TrialSettings(eval_epochs=25, eval_every=0, seeds=2)) == 2
 
 
+# ----------------------------------------------------------------------------- several seeds per trial
+def test_a_trial_with_two_seeds_reports_their_mean(monkeypatch):
+    """A trial's seeds train one after another; every report carries the mean over the seeds so far at that
+    epoch, so the last one (what ASHA and the ranking read) is the mean final accuracy of both seeds."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    import unidd_ray.data.loading as loading
+    import unidd_ray.stages.evaluate as evaluate
+    import unidd_ray.stages.recover as recover
+    import unidd_ray.teacher as teacher
+    from unidd_ray.tune import _run_trial
+
+    accuracy = {(0, 4): 40.0, (0, 9): 80.0, (1, 4): 50.0, (1, 9): 60.0}  # (seed, epoch) -> top-1
+    evaluated = []
+
+    def fake_evaluate(images, labels, model, data_dir, cfg, *, seeds, report, **kw):
+        evaluated.append((cfg.seeds, seeds))
+        for seed in seeds:
+            for epoch in (4, 9):
+                report(seed, epoch, accuracy[seed, epoch])
+        return [accuracy[s, 9] for s in seeds]
+
+    info = SimpleNamespace(num_classes=10)
+    monkeypatch.setattr(recover, "_build_distiller",
+                        lambda config, device: (None, info, SimpleNamespace(teacher=None)))
+    monkeypatch.setattr(recover, "make_plan", lambda *a, **k: None)
+    monkeypatch.setattr(recover, "recover_in_process", lambda *a, **k: (None, None, []))
+    monkeypatch.setattr(loading, "read_labels", lambda *a: None)
+    monkeypatch.setattr(teacher, "read_teacher_info",
+                        lambda d: SimpleNamespace(num_classes=10, in_channels=1, resolution=8))
+    monkeypatch.setattr(evaluate, "evaluate_in_process", fake_evaluate)
+    reports = []
+    monkeypatch.setattr(tune, "report", reports.append)
+    recipe = load_recipe("digits")
+    trial = TrialSettings(ipc=1, iterations=1, eval_epochs=10, eval_every=5, seeds=2)
+    _run_trial({"recover.beta_max": 0.2}, recipe=to_dict(recipe), base={}, trial=to_dict(trial), data_dir="d",
+               teacher_dir="t", stats_dir="s")
+    assert evaluated == [(2, [0, 1])]
+    assert [(r["seed"], r["epoch"], r["top1"]) for r in reports] == [(0, 5, 40.0), (0, 10, 80.0), (1, 5, 50.0),
+                                                                      (1, 10, 60.0)]
+    assert [r["top1_mean"] for r in reports] == [40.0, 80.0, 45.0, 70.0]
+    assert reports[-1]["top1_seeds"] == [80.0, 60.0]
+    assert len(reports) == reports_per_trial(trial)
+
+
+def test_trials_rank_by_the_mean_of_their_seeds(tmp_path):
+    """Trial a's seeds end at 80 and 60 (mean 70), trial b's at 60 and 75 (mean 67.5): a ranks first, though
+    b's last seed is better; the rows keep each seed's accuracy."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from unidd_ray.tune import rank_trials
+
+    space = load_space(_space(tmp_path, GOOD.replace("eval_every: 5}", "eval_every: 5, seeds: 2}")))
+    max_t = reports_per_trial(space.trial)
+
+    def result(name, means, seeds):
+        history = pd.DataFrame({"top1": [0.0] * len(means), "top1_mean": means})
+        return SimpleNamespace(path=f"/x/{name}", error=None, config={"recover.beta_max": 0.1},
+                               metrics={"top1": seeds[-1], "top1_mean": means[-1], "top1_seeds": seeds,
+                                        "training_iteration": len(means)}, metrics_dataframe=history)
+
+    rows, errors = rank_trials([result("b", [50.0, 60.0, 55.0, 67.5], [60.0, 75.0]),
+                                result("a", [40.0, 80.0, 45.0, 70.0], [80.0, 60.0]),
+                                result("stopped", [90.0, 90.0], [90.0])], space, max_t)
+    assert errors == []
+    assert [(r["trial"], r["top1"], r["seeds"]) for r in rows] == [("a", 70.0, [80.0, 60.0]),
+                                                                   ("b", 67.5, [60.0, 75.0]),
+                                                                   ("stopped", 90.0, [90.0])]
+    assert rows[0]["curve"] == [40.0, 80.0, 45.0, 70.0] and not rows[0]["stopped_early"]
+    assert rows[2]["stopped_early"]
+
+
 # ----------------------------------------------------------------------------- a real sweep
 SWEEP = """
     description: test sweep; the evaluation learning-rate grid makes one half of the trials clearly poor
@@ -206,6 +282,7 @@ def test_tune_sweep_asha_and_best_recipe(ray_session, tmp_path):
     assert all(len(r["curve"]) == r["evaluations"] for r in rows)
     best = ranking["best"]
     assert best == rows[0] and not best["stopped_early"] and best["evaluations"] == 5
+    assert best["seeds"] == [best["top1"]]  # one seed: the mean is that seed's accuracy
     assert best["overrides"]["evaluate.lr"] == 0.01 and best["top1"] > 30, summary  # 5 classes: chance 20 %
     md = (out / "ranking.md").read_text()
     assert md.count("\n| ") == 1 + 4 and "stopped early" in md

@@ -145,14 +145,28 @@ def cmd_recover(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from unidd_ray.stages.evaluate import run_evaluate
-
+def evaluate_recipe(args) -> Recipe:
+    """The recipe of ``evaluate``: the flags on top of the recipe and its ``--set``.  The recipe's
+    ``student_options`` are its own student's, so a ``--student`` other than the recipe's starts from that
+    model's defaults, with only the options that ``--set evaluate.student_options...`` gives."""
     extra = [f"evaluate.{k}={v}" for k, v in (("student", args.student), ("seeds", args.seeds)) if v is not None]
     if args.hard_labels:
         extra.append("evaluate.hard_labels=true")
-    recipe = _recipe(args, extra)
+    if args.student is not None and args.student != _recipe(args).evaluate.student:
+        return load_recipe(args.recipe, config=args.config,
+                           overrides=["evaluate.student_options={}", *(args.set or []), *extra])
+    return _recipe(args, extra)
+
+
+def cmd_evaluate(args) -> int:
+    from unidd_ray.stages.evaluate import check_student, run_evaluate, validate_evaluate
+    from unidd_ray.teacher import read_teacher_info
+
+    recipe = evaluate_recipe(args)
     out = Path(args.out or Path(args.distilled) / "eval")
+    # the settings and the student, before Ray starts (the distilled set's own checks follow before any worker)
+    validate_evaluate(recipe.evaluate)
+    check_student(recipe.evaluate, read_teacher_info(args.teacher))
     _ray(args, recipe)
     summary = run_evaluate(args.distilled, args.teacher, args.data, out, recipe.evaluate,
                            storage_path=_storage(args, recipe, out), soft_labels=args.soft_labels,
@@ -168,7 +182,7 @@ def cmd_relabel(args) -> int:
     from unidd_ray.stages.relabel import relabel
 
     recipe = _recipe(args)
-    out = relabel(args.distilled, args.teacher, args.out, recipe.evaluate)
+    out = relabel(args.distilled, args.teacher, args.out, recipe.evaluate, recipe_yaml=recipe_to_yaml(recipe))
     print(f"soft labels for {recipe.evaluate.epochs} epochs -> {out}")
     return 0
 

@@ -156,6 +156,15 @@ class Recipe:
     ray_address: str | None = None  # None: RAY_ADDRESS or an embedded local Ray
     storage_path: str | None = None  # shared storage for Ray Train/Tune (None: <out>/ray)
 
+    def __post_init__(self):
+        # a repeated entry would name the same stage directories twice, and the pipeline would write them twice
+        for name in ("methods", "ipcs"):
+            values = getattr(self, name)
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:
+                raise ConfigError(f"{name} lists {repeated} more than once; give each entry once, "
+                                  f"e.g. {name}={list(dict.fromkeys(values))}")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.out if self.out else Path("runs") / self.name)

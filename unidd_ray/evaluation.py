@@ -174,7 +174,9 @@ def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: 
     model = wrap_model(student) if wrap_model is not None else student
     images, labels = images.to(device), labels.to(device)
     n = len(images)
-    batch = settings.batch_size or n
+    batch = n if settings.batch_size is None else settings.batch_size
+    if batch < 1:
+        raise ValueError(f"the student's batch_size must be at least 1, or None for the whole set per step; got {batch}")
     steps_per_epoch = math.ceil(n / batch)
     total = steps_per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

@@ -5,8 +5,10 @@ settings that change its result and of the identities of its inputs (dataset
 fingerprint, teacher sha256, statistics key, distilled set).  A stage whose
 directory is complete is reused; a stage killed half-way resumes (squeeze and
 recover continue from their Ray Train checkpoints, evaluation keeps every
-finished seed).  Changing one method's settings therefore redoes only that
-method's recovery and evaluation.  All recoveries run first; then every set
+finished seed).  A recovery's key holds the recover settings its method reads
+(``UNREAD_RECOVER_SETTINGS``), so changing one method's settings (cfm's ``beta_max``, sre2l's
+``bn_weight``) redoes only that method's recovery and evaluation; a setting every method reads
+(``lr``, ``iterations``) redoes them all.  All recoveries run first; then every set
 still lacking a ``summary.json`` is evaluated in a single Ray Train run, so the
 worker group (process start, imports, teacher load) is set up once.  Recoveries run
 side by side when the cluster holds several of their worker groups at once
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from unidd_ray.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_json
-from unidd_ray.config import Recipe, RecoverConfig, recipe_to_yaml, section_from, to_dict
+from unidd_ray.config import EvaluateConfig, Recipe, RecoverConfig, recipe_to_yaml, section_from, to_dict
 
 PERFORMANCE_KEYS = {
     "stats": {"actors", "cpus_per_actor", "gpus_per_actor", "max_retries", "blocks_per_unit"},
@@ -46,6 +48,22 @@ NEUTRAL_DEFAULTS = {
     "recover": {"precision": "float64", "alpha_scale": "constant"},
 }
 BASELINES = {"random": False, "random-hard": True}  # real subsets: soft-label and hard-label evaluation
+# Recover settings a method does not read (distill.method_filter and Distiller), left out of its recovery's key;
+# every setting not named here is in it.  The spectral filters' parameters: cfm's resolvent reads beta_max,
+# schedule, beta_min and precision, krr's only beta_max and precision, mtt's mtt_eta and mtt_steps; the
+# matching terms (alpha, alpha_scale, signal, covariance, emu) are the spectral methods'; bn_weight is sre2l's.
+# cfm keeps every setting, read or not: its key is the one its stored recoveries were made under.
+_FILTER_SETTINGS = ("beta_max", "schedule", "beta_min", "precision", "mtt_eta", "mtt_steps")
+_MATCHING_SETTINGS = ("alpha", "alpha_scale", "signal", "covariance", "emu")
+UNREAD_RECOVER_SETTINGS = {
+    "cfm": (),
+    "krr": ("schedule", "beta_min", "mtt_eta", "mtt_steps", "bn_weight"),
+    "dc": _FILTER_SETTINGS + ("bn_weight",),
+    "dm": _FILTER_SETTINGS + ("bn_weight",),
+    "mtt": ("beta_max", "schedule", "beta_min", "precision", "bn_weight"),
+    "sre2l": _FILTER_SETTINGS + _MATCHING_SETTINGS,
+    "ce": _FILTER_SETTINGS + _MATCHING_SETTINGS + ("bn_weight",),
+}
 
 
 def stage_key(kind: str, settings: dict, **inputs) -> str:
@@ -66,6 +84,64 @@ def lossy_storage(info) -> dict:
         return {}
     return {"storage": {"storage": info.storage, "max_resolution": info.max_resolution,
                         "jpeg_quality": info.jpeg_quality, "write_mode": info.write_mode}}
+
+
+# ----------------------------------------------------------------------------- stage keys
+# Each stage's directory is named by one of these; they compute the key only and run nothing.
+def data_key(recipe: Recipe) -> str:
+    """The prepared dataset's key."""
+    return stage_key("data", to_dict(recipe.data))
+
+
+def teacher_key(recipe: Recipe, info) -> str:
+    """The teacher's key, on the prepared dataset ``info``."""
+    return stage_key("squeeze", {**to_dict(recipe.squeeze), **to_dict(recipe.teacher)}, dataset=info.fingerprint,
+                     resolution=recipe.data.resolution, **lossy_storage(info))
+
+
+def stats_key(recipe: Recipe, info, tinfo) -> str:
+    """The real statistics' key under the teacher ``tinfo``."""
+    return stage_key("stats", to_dict(recipe.stats), teacher=tinfo.sha256, dataset=info.fingerprint,
+                     **lossy_storage(info))
+
+
+def random_key(recipe: Recipe, ipc: int, info, tinfo) -> str:
+    """The random real subset's key.  It is written at the teacher's side, like the recovered sets (an input
+    only when that differs from the stored side, so that earlier directories keep their keys)."""
+    resolution = {} if tinfo.resolution == info.resolution else {"resolution": tinfo.resolution}
+    return stage_key("random", {"ipc": ipc, "seed": recipe.recover.seed}, dataset=info.fingerprint,
+                     **lossy_storage(info), **resolution)
+
+
+def recover_settings(cfg: RecoverConfig) -> dict:
+    """The settings of ``cfg`` that its method reads (``UNREAD_RECOVER_SETTINGS`` left out)."""
+    unread = UNREAD_RECOVER_SETTINGS.get(cfg.method, ())
+    return {k: v for k, v in to_dict(cfg).items() if k not in unread}
+
+
+def recover_key(cfg: RecoverConfig, info, tinfo, stats: str | None) -> str:
+    """A recovery's key; ``stats``: the statistics key for a spectral method, else None."""
+    return stage_key("recover", recover_settings(cfg), teacher=tinfo.sha256, dataset=info.fingerprint, stats=stats,
+                     **lossy_storage(info))
+
+
+def data_parallel_input(cfg: EvaluateConfig) -> dict:
+    """The evaluation's worker count where it changes the result: with ``split: data`` it shards every batch
+    (and each worker's BatchNorm sees its shard only); with ``split: seeds`` it is a performance setting."""
+    return {"data_parallel_workers": cfg.workers} if cfg.split == "data" and cfg.workers > 1 else {}
+
+
+def evaluate_settings(cfg: EvaluateConfig) -> dict:
+    """What an evaluation's result depends on among its settings: those of its key, which is also what a
+    stored per-seed result of an interrupted run must have been made with to be reused."""
+    drop = PERFORMANCE_KEYS["evaluate"]
+    return {**{k: v for k, v in to_dict(cfg).items() if k not in drop}, **data_parallel_input(cfg)}
+
+
+def evaluate_key(cfg: EvaluateConfig, info, tinfo, distilled_files: dict) -> str:
+    """An evaluation's key: its settings, the teacher and the distilled set's manifest file list."""
+    return stage_key("evaluate", to_dict(cfg), teacher=tinfo.sha256, distilled=sha256_json(distilled_files),
+                     **lossy_storage(info), **data_parallel_input(cfg))
 
 
 def _storage(stage_dir: Path, recipe: Recipe) -> Path:
@@ -92,7 +168,7 @@ def prepare_stage(recipe: Recipe, run: Path):
     from unidd_ray.data.prepare import prepare_dataset, read_dataset_info
     from unidd_ray.data.sources import load_source
 
-    data_dir = run / f"data-{stage_key('data', to_dict(recipe.data))}"
+    data_dir = run / f"data-{data_key(recipe)}"
     if (data_dir / "dataset.json").is_file():
         _log(f"prepare: reusing {data_dir}")
     else:
@@ -108,9 +184,7 @@ def teacher_stage(recipe: Recipe, run: Path, data_dir: Path, info, recipe_yaml: 
     from unidd_ray.stages.squeeze import squeeze
     from unidd_ray.teacher import load_teacher, read_teacher_info
 
-    teacher_dir = run / ("teacher-" + stage_key("squeeze", {**to_dict(recipe.squeeze), **to_dict(recipe.teacher)},
-                                                dataset=info.fingerprint, resolution=recipe.data.resolution,
-                                                **lossy_storage(info)))
+    teacher_dir = run / f"teacher-{teacher_key(recipe, info)}"
     try:
         load_teacher(teacher_dir)
         _log(f"squeeze: reusing {teacher_dir}")
@@ -127,8 +201,7 @@ def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Pa
     """The real statistics under the teacher (reused when complete); returns (directory, key)."""
     from unidd_ray.stages.stats import run_stats
 
-    key = stage_key("stats", to_dict(recipe.stats), teacher=tinfo.sha256, dataset=info.fingerprint,
-                    **lossy_storage(info))
+    key = stats_key(recipe, info, tinfo)
     stats_dir = run / f"stats-{key}"
     try:
         read_manifest(stats_dir, "stats")
@@ -210,7 +283,7 @@ def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
 
 def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS
-    from unidd_ray.stages.evaluate import EvalJob, run_evaluations, write_real_subset
+    from unidd_ray.stages.evaluate import EvalJob, check_student, run_evaluations, validate_evaluate, write_real_subset
     from unidd_ray.stages.recover import run_recover, validate_inputs
 
     unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
@@ -219,6 +292,7 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     if recipe.parallel_recoveries is not None and recipe.parallel_recoveries < 1:
         raise ValueError(f"parallel_recoveries must be at least 1 (or null: as many as the cluster holds), "
                          f"got {recipe.parallel_recoveries}")
+    validate_evaluate(recipe.evaluate)  # the evaluation's settings, before hours of squeeze and recovery
     started = time.perf_counter()
     run = recipe.run_dir.resolve()
     if recipe.ray_address or os.environ.get("RAY_ADDRESS"):
@@ -230,9 +304,14 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     teacher_dir, tinfo = teacher_stage(recipe, run, data_dir, info, recipe_yaml)
     stages: dict[str, str] = {"data": str(data_dir), "teacher": str(teacher_dir)}
     _log(f"teacher val top-1 {tinfo.val_top1:.2f}%")
-    stats_dir = stats_key = None
+    # what the evaluation can only check with the teacher: its student, and every set's batches (a set holds
+    # IPC images of every class), before any statistics or recovery
+    check_student(recipe.evaluate, tinfo)
+    for ipc in recipe.ipcs:
+        validate_evaluate(recipe.evaluate, images=ipc * tinfo.num_classes)
+    stats_dir = stats_id = None
     if any(m in SPECTRAL_METHODS for m in recipe.methods):
-        stats_dir, stats_key = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
+        stats_dir, stats_id = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
         stages["stats"] = str(stats_dir)
 
     # ---- take the real subsets and plan the recoveries (every IPC and method)
@@ -241,15 +320,10 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     sets = []  # (method, ipc, distilled directory)
     seconds: dict[tuple[str, int], float] = {}  # time spent producing each set in this run
     recoveries = []  # the recoveries still to run
-    # real subsets are written at the teacher's side, like the recovered sets (a key input only when it
-    # differs from the stored side, so that earlier directories keep their keys)
-    resolution_input = {} if tinfo.resolution == info.resolution else {"resolution": tinfo.resolution}
     for ipc in recipe.ipcs:
         for method in recipe.methods:
             if method in BASELINES:
-                key = stage_key("random", {"ipc": ipc, "seed": recipe.recover.seed}, dataset=info.fingerprint,
-                                **lossy_storage(info), **resolution_input)
-                distilled = run / f"random-ipc{ipc}-{key}"
+                distilled = run / f"random-ipc{ipc}-{random_key(recipe, ipc, info, tinfo)}"
                 t0 = time.perf_counter()
                 if not _complete_distilled(distilled):
                     _log(f"random real subset, IPC {ipc} -> {distilled}")
@@ -260,8 +334,7 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
             else:
                 cfg = section_from(recipe, "recover", {"method": method, "ipc": ipc})
                 spectral = method in SPECTRAL_METHODS
-                key = stage_key("recover", to_dict(cfg), teacher=tinfo.sha256, dataset=info.fingerprint,
-                                stats=stats_key if spectral else None, **lossy_storage(info))
+                key = recover_key(cfg, info, tinfo, stats_id if spectral else None)
                 distilled = run / f"{method}-ipc{ipc}-{key}"
                 if _complete_distilled(distilled):
                     _log(f"recover {method} IPC {ipc}: reusing {distilled}")
@@ -296,15 +369,8 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     for method, ipc, distilled in sets:
         hard = BASELINES.get(method, False)
         eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
-        distilled_id = read_manifest(distilled, "distilled", verify=False)["files"]
-        # the worker count is a performance setting when each worker trains its own seeds, but with
-        # ``split: data`` it shards every batch (and each worker's BatchNorm sees its shard only)
-        sharded = ({"data_parallel_workers": eval_cfg.workers}
-                   if eval_cfg.split == "data" and eval_cfg.workers > 1 else {})
-        eval_dir = run / ("eval-" + f"{method}-ipc{ipc}-" + stage_key("evaluate", to_dict(eval_cfg),
-                                                                      teacher=tinfo.sha256,
-                                                                      distilled=sha256_json(distilled_id),
-                                                                      **lossy_storage(info), **sharded))
+        distilled_files = read_manifest(distilled, "distilled", verify=False)["files"]
+        eval_dir = run / f"eval-{method}-ipc{ipc}-{evaluate_key(eval_cfg, info, tinfo, distilled_files)}"
         job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
         planned.append((method, ipc, eval_dir, job, seconds[method, ipc]))
         stages[f"eval-{method}-ipc{ipc}"] = str(eval_dir)

@@ -3,7 +3,7 @@
 A search space file (``tune_spaces/*.yaml``) names recipe keys and their
 domains::
 
-    metric: top1            # reported by every trial after each evaluation epoch
+    metric: top1            # val top-1, reported by every trial after each evaluation epoch
     mode: max
     base: {recover.method: cfm}          # fixed overrides for every trial
     space:
@@ -21,7 +21,11 @@ Domains: ``uniform``, ``loguniform``, ``randint`` ([low, high)), ``choice`` and
 statistics are computed once (the pipeline's content-addressed stages) and
 shared by all trials; each trial recovers a (reduced) distilled set in process
 and trains a short evaluation, reporting val top-1 after every ``eval_every``
-epochs so that ASHA can stop poor trials early.  ``--resume`` continues an
+epochs so that ASHA can stop poor trials early.  With several ``trial.seeds``
+the seeds train one after another; each report carries the seed's own top-1
+(``top1``), those of every seed so far at that epoch (``top1_seeds``) and their
+mean (``top1_mean``), which ASHA and the ranking use: a trial ranks by the mean
+final accuracy of all its seeds.  ``--resume`` continues an
 interrupted sweep (``Tuner.restore``).  Outputs: ``ranking.md``,
 ``ranking.json`` and ``best_recipe.yaml`` (a ready-to-use recipe file).
 """
@@ -40,7 +44,7 @@ from unidd_ray.config import ConfigError, Recipe, apply_overrides, from_dict, to
 from unidd_ray.spectral.schedules import SCHEDULES
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
-METRICS = ("top1",)  # what every trial reports
+METRICS = ("top1",)  # what every trial reports, per seed; ASHA and the ranking use its mean over the seeds
 ASHA_OPTIONS = ("grace_period", "reduction_factor", "brackets", "stop_last_trials")
 # recipe keys that the trial section controls (trial_recipe sets them for every trial)
 TRIAL_KEYS = {"recover.ipc": "trial.ipc", "recover.iterations": "trial.iterations", "recover.workers": "1",
@@ -301,12 +305,58 @@ def _run_trial(config: dict, *, recipe: dict, base: dict, trial: dict, data_dir:
     plan = make_plan(read_labels(data_dir, "train"), info.num_classes, r.recover, classes=classes)
     images, labels, _ = recover_in_process(distiller, plan, data_dir=data_dir, emu_enabled=r.recover.emu,
                                            num_workers=r.data.num_workers, device=device)
-    def report(seed, epoch, acc):
-        tune.report({"top1": acc, "epoch": epoch + 1, "seed": seed})
-
     evaluate_in_process(images, labels, distiller.teacher, data_dir, r.evaluate, num_classes=tinfo.num_classes,
                         in_channels=tinfo.in_channels, resolution=tinfo.resolution, seeds=list(range(r.evaluate.seeds)),
-                        device=device, num_workers=r.data.num_workers, report=report, val_classes=classes)
+                        device=device, num_workers=r.data.num_workers, report=SeedReports(tune.report),
+                        val_classes=classes)
+
+
+class SeedReports:
+    """The reports of a trial whose seeds train one after another: each names the seed's own top-1 and the
+    mean over every seed so far at the same epoch, so that at the end ``top1_mean`` is the mean final
+    accuracy of all the trial's seeds (and at a rung, trials compare the same seeds at the same epoch)."""
+
+    def __init__(self, send):
+        self.send = send
+        self.at: dict[int, dict[int, float]] = {}  # epoch -> seed -> top-1
+
+    def __call__(self, seed: int, epoch: int, acc: float) -> None:
+        seen = self.at.setdefault(epoch, {})
+        seen[seed] = float(acc)
+        values = [seen[s] for s in sorted(seen)]
+        self.send({"top1": float(acc), "top1_mean": sum(values) / len(values), "top1_seeds": values,
+                   "epoch": epoch + 1, "seed": seed})
+
+
+def rank_trials(results, space: SearchSpace, max_t: int) -> tuple[list[dict], list[dict]]:
+    """Ranking rows and errors of a sweep's trial results, best first.
+
+    A row's ``space.metric`` is the trial's last mean over its seeds (``<metric>_mean``: at the end, the
+    mean final accuracy of every seed), ``seeds`` the per-seed values behind it and ``curve`` the means
+    at each evaluation.  Complete trials rank first: a trial ASHA stopped reports an intermediate, not a
+    final, accuracy.
+    """
+    ranked = f"{space.metric}_mean"
+    rows, errors = [], []
+    for result in results:
+        if result.error is not None:
+            errors.append({"trial": Path(result.path).name, "config": flatten_sample(result.config),
+                           "error": str(result.error).strip().splitlines()[-1] if str(result.error).strip() else
+                           type(result.error).__name__})
+        if result.metrics is None or ranked not in result.metrics:
+            continue
+        history = result.metrics_dataframe
+        evaluations = int(result.metrics.get("training_iteration", 0))
+        rows.append({"trial": Path(result.path).name, "overrides": {**space.base, **flatten_sample(result.config)},
+                     space.metric: float(result.metrics[ranked]),
+                     "seeds": [float(v) for v in result.metrics[f"{space.metric}_seeds"]],
+                     "evaluations": evaluations,
+                     "stopped_early": evaluations < max_t and result.error is None,
+                     "error": result.error is not None,
+                     "curve": [float(v) for v in history[ranked]] if history is not None and ranked in history else []})
+    sign = -1 if space.mode == "max" else 1
+    rows.sort(key=lambda r: (r["error"] or r["stopped_early"], sign * r[space.metric]))
+    return rows, errors
 
 
 def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concurrent: int = 2,
@@ -317,8 +367,11 @@ def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concur
     from unidd_ray.artifacts import atomic_write_json, atomic_write_text
     from unidd_ray.config import recipe_to_yaml
     from unidd_ray.pipeline import prepare_stage, stats_stage, teacher_stage
+    from unidd_ray.stages.evaluate import validate_evaluate
 
     space = load_space(space_file)
+    validate_evaluate(trial_recipe(recipe, space.base, space.trial).evaluate)  # before the shared stages
+    ranked = f"{space.metric}_mean"  # what ASHA and the ranking compare: the mean over the trial's seeds
     run = recipe.run_dir
     run.mkdir(parents=True, exist_ok=True)
     recipe_yaml = recipe_to_yaml(recipe)
@@ -354,34 +407,15 @@ def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concur
             print(f"[tune] nothing to resume at {experiment}; starting a new sweep", flush=True)
         tuner = tune.Tuner(
             trainable, param_space={k: to_tune_domain(v) for k, v in space.space.items()},
-            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
+            tune_config=tune.TuneConfig(metric=ranked, mode=space.mode, scheduler=scheduler,
                                         num_samples=samples, max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
     grid = tuner.fit()
-    rows, errors = [], []
-    for result in grid:
-        if result.error is not None:
-            errors.append({"trial": Path(result.path).name, "config": flatten_sample(result.config),
-                           "error": str(result.error).strip().splitlines()[-1] if str(result.error).strip() else
-                           type(result.error).__name__})
-        if result.metrics is None or space.metric not in result.metrics:
-            continue
-        history = result.metrics_dataframe
-        evaluations = int(result.metrics.get("training_iteration", 0))
-        rows.append({"trial": Path(result.path).name, "overrides": {**space.base, **flatten_sample(result.config)},
-                     space.metric: float(result.metrics[space.metric]),
-                     "evaluations": evaluations,
-                     "stopped_early": evaluations < max_t and result.error is None,
-                     "error": result.error is not None,
-                     "curve": [float(v) for v in history[space.metric]]
-                     if history is not None and space.metric in history else []})
+    rows, errors = rank_trials(grid, space, max_t)
     if not rows:
-        raise RuntimeError(f"no trial reported {space.metric!r}; see the trial logs under {experiment}"
+        raise RuntimeError(f"no trial reported {ranked!r}; see the trial logs under {experiment}"
                            + (f" (first error: {errors[0]['error']})" if errors else ""))
-    sign = -1 if space.mode == "max" else 1
-    # complete trials rank first: a trial ASHA stopped reports an intermediate, not a final, accuracy
-    rows.sort(key=lambda r: (r["error"] or r["stopped_early"], sign * r[space.metric]))
     best = rows[0]
     best_recipe = apply_overrides(to_dict(recipe), [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                                     for k, v in best["overrides"].items()])
@@ -394,19 +428,22 @@ def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concur
     best_recipe["methods"] = [m for m in recipe.methods if m in BASELINES] + [best_recipe["recover"]["method"]]
     from_dict(Recipe, best_recipe)  # the written file must load
     atomic_write_text(out / "best_recipe.yaml",
-                      f"# best of {len(rows)} trials of {space_file} ({space.metric} {best[space.metric]:.2f})\n"
+                      f"# best of {len(rows)} trials of {space_file} ({space.metric} {best[space.metric]:.2f}, the mean "
+                      f"of {len(best['seeds'])} seeds)\n"
                       + yaml.safe_dump(best_recipe, sort_keys=False))
     ranking = {"space": str(space_file), "recipe": recipe.name, "metric": space.metric, "mode": space.mode,
                "trial": to_dict(space.trial), "scheduler": space.scheduler, "max_evaluations": max_t,
                "samples": samples, "experiment": experiment, "best": best, "rows": rows, "errors": errors,
                "best_recipe": str(out / "best_recipe.yaml")}
     atomic_write_json(out / "ranking.json", ranking)
-    lines = [f"# Tune ranking: {Path(space_file).name} on {recipe.name}", "",
-             f"| rank | {space.metric} | evaluations | stopped early | overrides |", "|---|---|---|---|---|"]
+    header = (f"| rank | {space.metric} (mean of {space.trial.seeds} seeds) | per seed | evaluations "
+              "| stopped early | overrides |")
+    lines = [f"# Tune ranking: {Path(space_file).name} on {recipe.name}", "", header, "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         overrides = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["overrides"].items())
-        lines.append(f"| {i} | {r[space.metric]:.2f} | {r['evaluations']} | {'yes' if r['stopped_early'] else 'no'} "
-                     f"| {overrides} |")
+        per_seed = ", ".join(f"{v:.2f}" for v in r["seeds"])
+        lines.append(f"| {i} | {r[space.metric]:.2f} | {per_seed} | {r['evaluations']} "
+                     f"| {'yes' if r['stopped_early'] else 'no'} | {overrides} |")
     atomic_write_text(out / "ranking.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     print(f"best recipe -> {out / 'best_recipe.yaml'}", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -115,6 +116,65 @@ def _write_class(directory: Path, k: int, images: list[torch.Tensor], rows: list
                      "method": "random", "seed": seed})
 
 
+def validate_evaluate(cfg: EvaluateConfig, *, images: int | None = None) -> None:
+    """Refuse evaluation settings that are invalid (naming the setting and what it accepts), before any work.
+
+    ``images``: the size of the distilled set, when known; with ``split: data`` every batch is shared out to
+    the workers, so none of its batches may hold fewer images than there are workers.
+    """
+    def finite(name: str, value: float, ok: bool, accepts: str) -> None:
+        if not (math.isfinite(value) and ok):
+            raise ValueError(f"evaluate.{name} must be {accepts}, got {value}")
+
+    if cfg.epochs < 1:
+        raise ValueError(f"evaluate.epochs must be at least 1, got {cfg.epochs}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise ValueError(f"evaluate.batch_size must be at least 1, or null for the whole distilled set per step; "
+                         f"got {cfg.batch_size}")
+    finite("lr", cfg.lr, cfg.lr > 0, "a positive number")
+    finite("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, "a number >= 0")
+    finite("temperature", cfg.temperature, cfg.temperature > 0, "a positive number (T of the soft labels)")
+    finite("cutmix", cfg.cutmix, cfg.cutmix >= 0, "a number >= 0 (the Beta(a, a) parameter; 0 disables CutMix)")
+    low, high = cfg.crop_scale
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
+        raise ValueError(f"evaluate.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.crop_scale)}")
+    if cfg.seeds < 1:
+        raise ValueError(f"evaluate.seeds must be at least 1, got {cfg.seeds}")
+    if cfg.eval_every < 0:
+        raise ValueError(f"evaluate.eval_every must be 0 (only at the end) or a number of epochs, got {cfg.eval_every}")
+    if cfg.eval_batch_size < 1:
+        raise ValueError(f"evaluate.eval_batch_size must be at least 1, got {cfg.eval_batch_size}")
+    if cfg.workers < 1:
+        raise ValueError(f"evaluate.workers must be at least 1, got {cfg.workers}")
+    if not cfg.cpus_per_worker > 0:
+        raise ValueError(f"evaluate.cpus_per_worker must be positive, got {cfg.cpus_per_worker}")
+    if cfg.split not in ("data", "seeds"):
+        raise ValueError(f"evaluate.split must be 'data' (DDP over the distilled set) or 'seeds' "
+                         f"(one student per worker), got {cfg.split!r}")
+    if images is not None and cfg.split == "data" and cfg.workers > 1:
+        batch = images if cfg.batch_size is None else min(cfg.batch_size, images)
+        smallest = min(batch, images % batch or batch)  # the last batch of an epoch holds the rest
+        if smallest < cfg.workers:
+            raise ValueError(
+                f"evaluate.split 'data' shares every batch out to the {cfg.workers} evaluate.workers, but with "
+                f"evaluate.batch_size {cfg.batch_size} a batch of the {images}-image set holds {smallest} images, "
+                f"leaving a worker none; use split: seeds, fewer workers, or a batch_size whose batches (the last "
+                f"one too) hold at least {cfg.workers}")
+
+
+def check_student(cfg: EvaluateConfig, tinfo) -> None:
+    """Build the student once for the teacher's classes, channels and side: an unknown student or option is
+    refused here, naming it, instead of inside every worker."""
+    from unidd_ray.models import build_model
+
+    try:
+        build_model(cfg.student, num_classes=tinfo.num_classes, in_channels=tinfo.in_channels,
+                    resolution=tinfo.resolution, **cfg.student_options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"evaluate.student {cfg.student!r} with evaluate.student_options {cfg.student_options}: "
+                         f"{exc}") from None
+
+
 def _settings(cfg: EvaluateConfig):
     from unidd_ray.evaluation import EvalSettings
 
@@ -135,6 +195,7 @@ def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateCon
     from unidd_ray.models import build_model
     from unidd_ray.stages.common import evaluate_top1
 
+    validate_evaluate(cfg)
     settings = _settings(cfg)
     source = None if cfg.hard_labels else (soft_labels or TeacherLabels(teacher))
     val_labels = read_labels(data_dir, "val")
@@ -285,39 +346,50 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
 
 
 def _check_job(job: EvalJob, info, tinfo) -> dict:
-    """Validate one job before any worker starts; returns its distilled manifest."""
+    """Validate one job before any worker starts (its student is :func:`check_student`'s); returns its
+    distilled manifest."""
+    import pyarrow.parquet as pq
+
     from unidd_ray.artifacts import read_manifest
 
     cfg = job.cfg
     distilled = read_manifest(job.distilled_dir, "distilled")
     if distilled.get("dataset_fingerprint") != info.fingerprint:
         raise ValueError(f"{job.distilled_dir} was distilled from another dataset than the evaluation data")
-    if cfg.seeds < 1:
-        raise ValueError("evaluate.seeds must be at least 1")
-    if cfg.split not in ("data", "seeds"):
-        raise ValueError(f"evaluate.split must be 'data' (DDP over the distilled set) or 'seeds' "
-                         f"(one student per worker), got {cfg.split!r}")
+    images = pq.read_metadata(Path(job.distilled_dir) / "manifest.parquet").num_rows
+    validate_evaluate(cfg, images=images)
     if job.soft_labels is not None and not cfg.hard_labels:  # refuse mismatched labels before starting any worker
-        import pyarrow.parquet as pq
-
         from unidd_ray.stages.relabel import check_soft_labels
 
-        images = pq.read_metadata(Path(job.distilled_dir) / "manifest.parquet").num_rows
         check_soft_labels(job.soft_labels, _settings(cfg), images, teacher_sha256=tinfo.sha256,
                           distilled_files=distilled["files"])
     return distilled
 
 
 def job_key(job: EvalJob, manifest: dict, teacher_sha256: str) -> str:
-    """What a stored per-seed result must match to be reused: settings, distilled files, teacher, labels."""
+    """What a stored per-seed result must match to be reused: the settings the result depends on (those of
+    the pipeline's evaluation key, so a re-run with other performance settings keeps the finished seeds),
+    the distilled files, the teacher and the labels."""
+    from unidd_ray.pipeline import evaluate_settings
+
+    return _seed_key(evaluate_settings(job.cfg), job, manifest, teacher_sha256)
+
+
+def reusable_keys(job: EvalJob, manifest: dict, teacher_sha256: str) -> set[str]:
+    """The keys of the stored per-seed results this job takes: :func:`job_key`, and a key made from the job's
+    whole configuration (performance settings too), as per-seed results were keyed before."""
+    return {job_key(job, manifest, teacher_sha256), _seed_key(to_dict(job.cfg), job, manifest, teacher_sha256)}
+
+
+def _seed_key(settings: dict, job: EvalJob, manifest: dict, teacher_sha256: str) -> str:
     from unidd_ray.artifacts import sha256_json
 
-    return sha256_json({"evaluate": to_dict(job.cfg), "distilled": manifest["files"], "teacher": teacher_sha256,
+    return sha256_json({"evaluate": settings, "distilled": manifest["files"], "teacher": teacher_sha256,
                         "soft_labels": str(Path(job.soft_labels).resolve()) if job.soft_labels else None})
 
 
-def _finished_seeds(out_dir: Path, key: str) -> dict[int, dict]:
-    """Per-seed results left by an interrupted run of the same evaluation (same key)."""
+def _finished_seeds(out_dir: Path, keys: set[str]) -> dict[int, dict]:
+    """Per-seed results left by an interrupted run of the same evaluation (a key among ``keys``)."""
     import json
 
     found = {}
@@ -326,7 +398,7 @@ def _finished_seeds(out_dir: Path, key: str) -> dict[int, dict]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if record.get("key") == key:
+        if record.get("key") in keys:
             found[int(record["seed"])] = record
     return found
 
@@ -340,6 +412,7 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     the workers train every student together.  Each finished seed is kept under
     ``<out_dir>/.seeds`` so that a re-run after a crash trains only the missing ones.
     """
+    import json
     import shutil
 
     from ray.train import RunConfig, ScalingConfig
@@ -361,9 +434,11 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
         raise ValueError(f"jobs evaluated together must share evaluate.workers, cpus_per_worker, use_gpu and "
                          f"split; got {sorted(layout, key=str)}: evaluate them in separate calls")
     manifests = [_check_job(j, info, tinfo) for j in jobs]
+    for cfg in {json.dumps([j.cfg.student, j.cfg.student_options], sort_keys=True): j.cfg for j in jobs}.values():
+        check_student(cfg, tinfo)  # once per student, not in every worker
     cfg0 = jobs[0].cfg
     keys = [job_key(j, m, tinfo.sha256) for j, m in zip(jobs, manifests)]
-    finished = [_finished_seeds(Path(j.out_dir), k) for j, k in zip(jobs, keys)]
+    finished = [_finished_seeds(Path(j.out_dir), reusable_keys(j, m, tinfo.sha256)) for j, m in zip(jobs, manifests)]
     tasks = [(i, s) for i, j in enumerate(jobs) for s in range(j.cfg.seeds) if s not in finished[i]]
     workers = min(cfg0.workers, max(1, len(tasks))) if cfg0.split == "seeds" else cfg0.workers  # none idle
     require_resources("evaluate", workers=workers, cpus=cfg0.cpus_per_worker, gpus=1 if cfg0.use_gpu else 0)

@@ -6,36 +6,51 @@ box) and the teacher's logits on the augmented image.  The stream depends only
 on the stream seed, the epoch and the image id (see :mod:`unidd_ray.evaluation`),
 so the file serves any batch size and any training seed; ``evaluate
 --soft-labels DIR`` checks that the stored parameters are those of its own
-stream before using the logits.
+stream before using the logits, and reads one epoch at a time (each epoch is
+written as its own row groups).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from unidd_ray.config import EvaluateConfig
+from unidd_ray.config import EvaluateConfig, to_dict
 
 FILE = "soft_labels.parquet"
+CONFIG = "config.yaml"
 KIND = "soft_labels"
 
 
 def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_size: int = 256,
-            device: str = "cpu", progress: bool = True) -> Path:
+            device: str = "cpu", progress: bool = True, recipe_yaml: str | None = None) -> Path:
+    """Store the teacher's logits for ``cfg.epochs`` epochs of the evaluation stream of ``distilled_dir``.
+
+    Writes ``soft_labels.parquet``, ``config.yaml`` (``recipe_yaml``, else the evaluate section) and the
+    manifest into ``out_dir``; the inputs and settings are checked before any epoch is computed.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import yaml
     from tqdm.auto import tqdm
 
-    from unidd_ray.artifacts import atomic_file, read_manifest, write_manifest
+    from unidd_ray.artifacts import atomic_file, atomic_write_text, read_manifest, write_manifest
     from unidd_ray.evaluation import augment_batch, epoch_augment
-    from unidd_ray.stages.evaluate import _settings, load_distilled
-    from unidd_ray.teacher import load_teacher
+    from unidd_ray.stages.evaluate import _settings, load_distilled, validate_evaluate
+    from unidd_ray.teacher import load_teacher, read_teacher_info
 
-    teacher, tinfo = load_teacher(teacher_dir, device=device)
+    validate_evaluate(cfg)
+    if batch_size < 1:
+        raise ValueError(f"relabel's batch_size must be at least 1, got {batch_size}")
     distilled = read_manifest(distilled_dir, "distilled")
+    if distilled.get("dataset_fingerprint") != read_teacher_info(teacher_dir).dataset_fingerprint:
+        raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than the one {distilled_dir} "
+                         "was distilled from; relabel it with that dataset's teacher")
+    teacher, tinfo = load_teacher(teacher_dir, device=device)
     images, _, _ = load_distilled(distilled_dir, mean=tinfo.mean, std=tinfo.std)
     images = images.to(device)
     settings = _settings(cfg)
@@ -49,6 +64,7 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
         pa.field("logits", pa.list_(pa.float32())),
     ], metadata={"unidd_ray": json.dumps(meta)})
     out_dir = Path(out_dir)
+    # one table per epoch: each epoch is its own row groups, which StoredSoftLabels reads on their own
     with atomic_file(out_dir / FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for epoch in tqdm(range(settings.epochs), desc="relabel", disable=not progress):
             aug = epoch_augment(n, epoch, settings)
@@ -64,7 +80,10 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
                 "crop": list(aug.crop.numpy()), "flip": aug.flip.numpy(), "partner": aug.partner.numpy().astype(np.int32),
                 "box": list(aug.box.numpy()), "logits": list(z),
             }, schema=schema))
-    write_manifest(out_dir, KIND, files=[FILE], teacher_sha256=tinfo.sha256, images=n, epochs=settings.epochs)
+    atomic_write_text(out_dir / CONFIG, recipe_yaml if recipe_yaml is not None
+                      else yaml.safe_dump({"evaluate": to_dict(cfg)}, sort_keys=False))
+    write_manifest(out_dir, KIND, files=[FILE, CONFIG], teacher_sha256=tinfo.sha256, images=n,
+                   epochs=settings.epochs)
     return out_dir
 
 
@@ -101,8 +120,24 @@ def check_soft_labels(directory, settings, n: int, *, teacher_sha256: str | None
     return meta
 
 
+@dataclass
+class StoredEpoch:
+    """One epoch of a relabel artifact, rows in image-id order: the augmentation parameters (as
+    :class:`unidd_ray.evaluation.EpochAugment` holds them) and the teacher's logits."""
+
+    crop: torch.Tensor  # (n, 4) float64
+    flip: torch.Tensor  # (n,) bool
+    partner: torch.Tensor  # (n,) int64
+    box: torch.Tensor  # (n, 4) float64
+    logits: torch.Tensor  # (n, classes) float32
+
+
 class StoredSoftLabels:
-    """Soft labels read from a relabel artifact: ``(epoch, ids, mixed) -> logits``."""
+    """Soft labels read from a relabel artifact: ``(epoch, ids, mixed) -> logits``.
+
+    Holds one epoch at a time (training asks for the epochs in order), read from that epoch's row groups:
+    the whole artifact is epochs x images x classes logits, far more than one epoch's.
+    """
 
     def __init__(self, directory, *, device="cpu"):
         import pyarrow.parquet as pq
@@ -111,31 +146,57 @@ class StoredSoftLabels:
 
         directory = Path(directory)
         read_manifest(directory, KIND)
-        table = pq.read_table(directory / FILE)
-        self.meta = json.loads(table.schema.metadata[b"unidd_ray"])
-        n, epochs = self.meta["images"], self.meta["epochs"]
-        epoch = table.column("epoch").to_numpy()
-        image = table.column("image_id").to_numpy()
-        logits = np.stack(table.column("logits").to_numpy(zero_copy_only=False))
-        self.logits = torch.zeros(epochs, n, logits.shape[1])
-        self.logits[epoch, image] = torch.from_numpy(logits)
-        self.crop = torch.zeros(epochs, n, 4, dtype=torch.float64)
-        self.crop[epoch, image] = torch.from_numpy(np.stack(table.column("crop").to_numpy(zero_copy_only=False)))
-        self.partner = torch.zeros(epochs, n, dtype=torch.long)
-        self.partner[epoch, image] = torch.from_numpy(table.column("partner").to_numpy().astype(np.int64))
+        self.path = directory / FILE
+        self.meta = json.loads(pq.read_schema(self.path).metadata[b"unidd_ray"])
         self.device = device
         self._checked: set[int] = set()
+        self._held: tuple[int, StoredEpoch] | None = None
+
+    def read_epoch(self, epoch: int) -> StoredEpoch:
+        """Epoch ``epoch`` of the artifact (only the row groups whose statistics admit it are read)."""
+        import pyarrow.parquet as pq
+
+        n, epochs = self.meta["images"], self.meta["epochs"]
+        if not 0 <= epoch < epochs:
+            raise ValueError(f"the soft labels in {self.path.parent} cover epochs 0..{epochs - 1}, not {epoch}")
+        table = pq.read_table(self.path, filters=[("epoch", "=", int(epoch))])
+        image = table.column("image_id").to_numpy().astype(np.int64)
+        if len(image) != n or not np.array_equal(np.sort(image), np.arange(n)):
+            raise ValueError(f"{self.path} does not hold one row per image for epoch {epoch} "
+                             f"({len(image)} rows for {n} images); re-run `unidd-ray relabel`")
+        order = np.argsort(image)
+
+        def column(name: str, dtype) -> torch.Tensor:
+            values = table.column(name).to_numpy(zero_copy_only=False)
+            array = np.stack(values) if values.dtype == object else values
+            return torch.from_numpy(np.ascontiguousarray(array[order]).astype(dtype, copy=False))
+
+        return StoredEpoch(crop=column("crop", np.float64), flip=column("flip", np.bool_),
+                           partner=column("partner", np.int64), box=column("box", np.float64),
+                           logits=column("logits", np.float32))
+
+    def epoch(self, epoch: int) -> StoredEpoch:
+        """Epoch ``epoch``, read unless it is the one held."""
+        if self._held is None or self._held[0] != epoch:
+            self._held = None  # the previous epoch is released before the next is read
+            self._held = (epoch, self.read_epoch(epoch))
+        return self._held[1]
 
     def check_stream(self, settings, n: int) -> None:
         """Refuse labels stored for another augmentation stream or distilled set."""
         _check_stream(self.meta, settings, n)
 
     def verify_epoch(self, epoch: int, aug) -> None:
+        """Refuse an epoch whose stored crop, flip, CutMix partner or box is not this run's."""
         if epoch in self._checked:
             return
-        if not (torch.equal(self.crop[epoch], aug.crop) and torch.equal(self.partner[epoch], aug.partner)):
-            raise ValueError(f"epoch {epoch}: the stored augmentation parameters differ from this run's stream")
+        stored = self.epoch(epoch)
+        differ = [name for name in ("crop", "flip", "partner", "box")
+                  if not torch.equal(getattr(stored, name), getattr(aug, name))]
+        if differ:
+            raise ValueError(f"epoch {epoch}: the stored augmentation parameters ({', '.join(differ)}) differ from "
+                             "this run's stream; re-run `unidd-ray relabel`")
         self._checked.add(epoch)
 
     def __call__(self, epoch: int, ids, mixed) -> torch.Tensor:
-        return self.logits[epoch, ids.cpu()].to(self.device)
+        return self.epoch(epoch).logits[ids.cpu()].to(self.device)
