@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -30,6 +31,29 @@ def ray_session():
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Ray Train stand-in for checks that come before any training: a stage gets as far as starting its
+    workers, where ``fit`` makes the run directory (as Ray Train does for its checkpoints) and raises the
+    exception class this fixture returns; its ``configs`` lists the ``train_loop_config`` of every start."""
+    import ray.train.torch
+
+    class TrainingStarted(Exception):
+        configs: ClassVar[list] = []
+
+    class Trainer:
+        def __init__(self, *args, run_config, train_loop_config=None, **kwargs):
+            self.run_dir = Path(run_config.storage_path) / run_config.name
+            TrainingStarted.configs.append(train_loop_config)
+
+        def fit(self):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            raise TrainingStarted("training would start here")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    return TrainingStarted
 
 
 @pytest.fixture(scope="session")

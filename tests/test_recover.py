@@ -364,9 +364,9 @@ def _nothing_written(root: Path):
     assert not (root / "ray").exists()
 
 
-def _recover(root: Path, data, teacher, stats, **cfg):
+def _recover(root: Path, data, teacher, stats, *, resume=False, **cfg):
     return run_recover(data, teacher, stats, root / "out", RecoverConfig(**{**BASE, "ipc": 1, **cfg}),
-                       storage_path=root / "ray", progress=False)
+                       storage_path=root / "ray", progress=False, resume=resume)
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +414,14 @@ def test_refuses_ipc_larger_than_a_class(tmp_path, digits_data, digits_teacher, 
     with pytest.raises(ValueError, match=rf"IPC {counts.max() + 1} is larger than the \d+ training images"):
         _recover(tmp_path, digits_data, digits_teacher, digits_stats, ipc=int(counts.max()) + 1)
     _nothing_written(tmp_path)
+
+
+def test_ipc_limit_named_is_that_of_the_distilled_classes():
+    """Class 0 (2 images) is not distilled: the largest IPC possible is that of classes 1 and 2 (3 images)."""
+    labels = np.array([0, 0] + [1] * 5 + [2] * 3)
+    with pytest.raises(ValueError, match=r"IPC 4 is larger than the 3 training images of class 2; lower "
+                                         r"recover.ipc to at most 3$"):
+        make_plan(labels, 3, RecoverConfig(ipc=4), classes=[1, 2])
 
 
 @pytest.mark.parametrize("method", ["cfm", "krr"])
@@ -495,8 +503,127 @@ def test_refuses_more_workers_than_classes_and_missing_stats(tmp_path, digits_da
     ({"crop_scale": (0.0, 1.0)}, r"recover.crop_scale must be \[low, high\]"),
     ({"crop_scale": (0.9, 0.5)}, r"recover.crop_scale must be \[low, high\]"),
     ({"method": "dm", "schedule": "cosin"}, "unknown recover.schedule 'cosin'"),
+    ({"signal": "bogus"}, r"unknown recover.signal 'bogus'; choose one of \['mean', 'class', 'soft'\]"),
+    ({"method": "dm", "signal": "bogus"}, "unknown recover.signal 'bogus'"),
+    ({"method": "dm", "covariance": "bogus"}, r"unknown recover.covariance 'bogus'; choose one of \['total'"),
+    ({"method": "mtt", "covariance": "bogus"}, "unknown recover.covariance 'bogus'"),
 ])
-def test_refuses_bad_settings_before_any_work(setting, message, tmp_path, digits_data, digits_teacher, digits_stats):
+def test_refuses_bad_settings_before_any_work(setting, message, tmp_path, digits_data, digits_teacher, digits_stats,
+                                              no_training):
     with pytest.raises(ValueError, match=message):
         _recover(tmp_path, digits_data, digits_teacher, digits_stats, **setting)
     _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["sre2l", "ce"])
+def test_checks_statistics_given_to_any_method(method, tmp_path, digits_data, other_teacher, digits_teacher,
+                                               digits_stats, no_training):
+    """Statistics given to a method that reads none are still checked (another teacher's are a mistake), and
+    they are not handed to its workers."""
+    with pytest.raises(ValueError, match="computed with teacher"):
+        _recover(tmp_path, digits_data, other_teacher, digits_stats, method=method)
+    _nothing_written(tmp_path)
+    with pytest.raises(no_training):
+        _recover(tmp_path, digits_data, digits_teacher, digits_stats, method=method)
+    assert no_training.configs[-1]["stats_dir"] is None
+
+
+# ----------------------------------------------------------------------------- resume
+def _start(root: Path, data, teacher, stats, *, resume=False, **cfg):
+    """A recovery that gets as far as starting its workers (``no_training``): staging and plan.json written."""
+    return _recover(root, data, teacher, stats, resume=resume, **cfg)
+
+
+@pytest.mark.parametrize("changed, named", [
+    ({"lr": 0.1}, r"recover.lr: 0.05 -> 0.1"),
+    ({"iterations": 4}, r"recover.iterations: 3 -> 4"),
+    ({"beta_max": 0.2}, r"recover.beta_max: 0.1 -> 0.2"),
+    ({"schedule": "linear"}, r'recover.schedule: "cosine" -> "linear"'),
+    ({"alpha": 0.5}, r"recover.alpha: 0.1 -> 0.5"),
+    ({"signal": "class"}, r'recover.signal: "mean" -> "class"'),
+    ({"emu": False}, r"recover.emu: true -> false"),
+    ({"method": "krr"}, r'recover.method: "cfm" -> "krr"'),
+])
+def test_resume_refuses_other_settings_naming_them(changed, named, tmp_path, digits_data, digits_teacher,
+                                                   digits_stats, no_training):
+    with pytest.raises(no_training):
+        _start(tmp_path, digits_data, digits_teacher, digits_stats)
+    staging = tmp_path / "out.partial"
+    plan = (staging / "plan.json").read_bytes()
+    (staging / ".batches").mkdir()
+    (staging / ".batches" / "00000000.json").write_text("{}")  # a finished batch of the first run
+    with pytest.raises(ValueError, match=rf"cannot resume: .*out.partial was started with other settings or "
+                                         rf"inputs \(.*{named}.*\); start over without --resume, give another --out"):
+        _start(tmp_path, digits_data, digits_teacher, digits_stats, resume=True, **changed)
+    assert (staging / "plan.json").read_bytes() == plan and (staging / ".batches" / "00000000.json").exists()
+    assert len(no_training.configs) == 1  # no worker started for the refused resume
+
+
+def test_resume_refuses_another_teacher_or_statistics(tmp_path, digits_data, digits_teacher, other_teacher,
+                                                      digits_stats, no_training):
+    from unidd_ray.stats_io import load_stats, read_stats_metadata, write_stats
+
+    with pytest.raises(no_training):  # sre2l reads the teacher only
+        _start(tmp_path, digits_data, digits_teacher, None, method="sre2l")
+    with pytest.raises(ValueError, match=r"cannot resume: .*\(teacher: "):
+        _start(tmp_path, digits_data, other_teacher, None, method="sre2l", resume=True)
+
+    meta = read_stats_metadata(digits_stats)
+    other_stats = tmp_path / "stats-other"  # the same teacher and data, another file (e.g. recomputed differently)
+    write_stats(other_stats, load_stats(digits_stats), teacher_sha256=meta["teacher_sha256"],
+                dataset_fingerprint=meta["dataset_fingerprint"], extra={"plan": {"recomputed": True}})
+    with pytest.raises(no_training):
+        _start(tmp_path, digits_data, digits_teacher, digits_stats)
+    with pytest.raises(ValueError, match=r"cannot resume: .*\(statistics: "):
+        _start(tmp_path, digits_data, digits_teacher, other_stats, resume=True)
+
+
+def test_resume_accepts_the_same_run_with_other_performance_settings(tmp_path, digits_data, digits_teacher,
+                                                                     digits_stats, no_training):
+    with pytest.raises(no_training):
+        _start(tmp_path, digits_data, digits_teacher, digits_stats)
+    staging = tmp_path / "out.partial"
+    plan = json.loads((staging / "plan.json").read_text())
+    (staging / ".batches").mkdir()
+    (staging / ".batches" / "00000000.json").write_text("{}")
+    for performance in ({}, {"cpus_per_worker": 2, "max_failures": 3, "channels_last": False, "save_beton": True}):
+        with pytest.raises(no_training):
+            _start(tmp_path, digits_data, digits_teacher, digits_stats, resume=True, **performance)
+        assert (staging / ".batches" / "00000000.json").exists()  # resumed, not started over
+    assert json.loads((staging / "plan.json").read_text()) == plan
+    assert plan["identity"]["recover"]["lr"] == BASE["lr"] and "cpus_per_worker" not in plan["identity"]["recover"]
+
+
+def test_resume_refuses_a_plan_that_records_no_identity(tmp_path, digits_data, digits_teacher, digits_stats,
+                                                        no_training):
+    with pytest.raises(no_training):
+        _start(tmp_path, digits_data, digits_teacher, digits_stats)
+    path = tmp_path / "out.partial" / "plan.json"
+    plan = json.loads(path.read_text())
+    del plan["identity"]  # as an earlier unidd_ray wrote it
+    path.write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match=r"cannot resume: .*plan.json does not record the settings and inputs"):
+        _start(tmp_path, digits_data, digits_teacher, digits_stats, resume=True)
+
+
+def test_resume_without_plan_starts_over(tmp_path, digits_data, digits_teacher, digits_stats, no_training):
+    """A crash between making the staging directory and writing plan.json: nothing to resume, start over."""
+    staging = tmp_path / "out.partial"
+    staging.mkdir()
+    (staging / "leftover").write_text("x")
+    with pytest.raises(no_training):
+        _start(tmp_path, digits_data, digits_teacher, digits_stats, resume=True)
+    assert (staging / "plan.json").is_file() and not (staging / "leftover").exists()
+
+
+def test_plan_records_the_identity_of_the_run(cli_run, digits_data, digits_teacher, digits_stats):
+    from unidd_ray.artifacts import read_manifest
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.teacher import read_teacher_info
+
+    identity = json.loads((cli_run / "plan.json").read_text())["identity"]
+    assert identity["teacher"] == read_teacher_info(digits_teacher).sha256
+    assert identity["statistics"] == read_manifest(digits_stats, "stats")["files"]["stats.parquet"]
+    assert identity["dataset"]["fingerprint"] == read_dataset_info(digits_data).fingerprint
+    assert identity["recover"]["method"] == "cfm" and identity["recover"]["iterations"] == ITERS
+    assert not {"cpus_per_worker", "save_beton", "max_failures", "fail_at_batch"} & set(identity["recover"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from unidd_ray.config import RecoverConfig, to_dict
+from unidd_ray.ray_utils import JOIN_EMBEDDED_ENV
 from unidd_ray.stages.recover import BATCHES, run_recover
 
 pytestmark = pytest.mark.slow
@@ -129,7 +130,8 @@ def test_killed_command_resumes_to_the_same_output(reference, ray_session, digit
     log = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, ray.get_runtime_context().gcs_address,
                              json.dumps(to_dict(cfg)), str(digits_data), str(digits_teacher), str(digits_stats),
-                             str(out), str(storage)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+                             str(out), str(storage)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **JOIN_EMBEDDED_ENV})  # the session's Ray listens on 127.0.0.1
     deadline = time.monotonic() + 240
     try:
         while _registered_rounds(storage) < 1:

@@ -114,6 +114,44 @@ def test_actor_larger_than_the_embedded_cluster_is_refused(ray_session, digits_d
         compute_stats(digits_teacher, digits_data, cfg, progress=False)
 
 
+@pytest.fixture
+def no_actors(monkeypatch):
+    """Any actor start (``ray.remote``) fails the test: checks that must come before them."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Ray actor was about to start")
+
+    monkeypatch.setattr(ray, "remote", refuse)
+
+
+@pytest.mark.parametrize("layers, message", [
+    (["features.0", "nope"], (r"cannot tap the teacher in .*: the model has no layers named \['nope'\]; its "
+                              r"default taps are \['features.0', 'features.4'\]; set stats.layers")),
+    (["classifier"], r"cannot tap the teacher in .*: cannot tell the input channels of layer 'classifier' \(Linear\)"),
+])
+def test_bad_layers_are_named_before_any_actor_starts(layers, message, digits_data, digits_teacher, no_actors):
+    from unidd_ray.stages.stats import compute_stats
+
+    cfg = StatsConfig(actors=2, batch_size=BATCH, block_size=BLOCK, layers=layers)
+    with pytest.raises(ValueError, match=message):
+        compute_stats(digits_teacher, digits_data, cfg, progress=False)
+
+
+def test_tampered_teacher_is_named_before_any_actor_starts(digits_data, digits_teacher, tmp_path, no_actors):
+    from unidd_ray.stages.stats import run_stats
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(digits_teacher, teacher)
+    weights = bytearray((teacher / "teacher.pt").read_bytes())
+    weights[-1] ^= 0xFF
+    (teacher / "teacher.pt").write_bytes(bytes(weights))
+    with pytest.raises(ArtifactError, match="teacher.pt does not match the sha256"):
+        run_stats(digits_data, teacher, tmp_path / "stats", StatsConfig(actors=2, batch_size=BATCH, block_size=BLOCK),
+                  progress=False)
+    assert not (tmp_path / "stats").exists()
+
+
 def test_killed_actor_unit_is_rerun_identically(ray_session, digits_data, digits_teacher, single_actor):
     """Kill an actor after the first finished unit: its unit is re-run elsewhere, same bits."""
     from unidd_ray.stages.stats import compute_stats
@@ -315,6 +353,48 @@ def test_failed_write_leaves_previous_artifact_intact(stats_copy, monkeypatch):
     assert (stats_copy / stats_io.STATS_FILE).read_bytes() == before
     assert not [p.name for p in stats_copy.iterdir() if p.name.startswith(".")]
     _assert_identical(stats_io.load_stats(stats_copy), stats)
+
+
+def _result_of(stats_dir: Path, block_size: int):
+    """A :class:`StatsResult` of the moments stored in ``stats_dir``, planned with another block size."""
+    from unidd_ray.stages.stats import StatsResult, make_plan
+    from unidd_ray.stats_io import load_stats
+
+    moments = load_stats(stats_dir)
+    images = int(next(iter(moments.values())).images)
+    return StatsResult(moments, make_plan(images, StatsConfig(batch_size=BATCH, block_size=block_size)), 1.0, 0, 1)
+
+
+def test_run_stats_replaces_the_artifact_whole(stats_copy, digits_data, digits_teacher, monkeypatch):
+    """The statistics, manifest, summary and config are swapped in together: a crash while writing the summary
+    leaves the previous artifact as it was, and a later run leaves nothing of an earlier one (its config)."""
+    from unidd_ray import artifacts
+    from unidd_ray.stages import stats as stage
+    from unidd_ray.stats_io import read_stats_metadata
+
+    (stats_copy / "summary.json").write_text('{"run": "previous"}')
+    (stats_copy / "config.yaml").write_text("name: previous\n")
+    before = {p.name: p.read_bytes() for p in stats_copy.iterdir()}
+    monkeypatch.setattr(stage, "compute_stats", lambda *a, **k: _result_of(stats_copy, 2 * BLOCK))
+    real_write = artifacts.atomic_write_json
+
+    def crash_on_summary(path, obj):
+        if Path(path).name == "summary.json":
+            raise OSError("killed while writing summary.json")
+        return real_write(path, obj)
+
+    cfg = StatsConfig(actors=1, batch_size=BATCH, block_size=2 * BLOCK)
+    monkeypatch.setattr(artifacts, "atomic_write_json", crash_on_summary)
+    with pytest.raises(OSError, match="summary.json"):
+        stage.run_stats(digits_data, digits_teacher, stats_copy, cfg, progress=False, recipe_yaml="name: new\n")
+    assert {p.name: p.read_bytes() for p in stats_copy.iterdir()} == before
+    assert [p.name for p in stats_copy.parent.iterdir() if p.name.startswith(".")] == []
+
+    monkeypatch.setattr(artifacts, "atomic_write_json", real_write)
+    stage.run_stats(digits_data, digits_teacher, stats_copy, cfg, progress=False)  # no recipe: no config.yaml
+    assert sorted(p.name for p in stats_copy.iterdir()) == ["manifest.json", "stats.parquet", "summary.json"]
+    summary = json.loads((stats_copy / "summary.json").read_text())
+    assert summary["plan"] == read_stats_metadata(stats_copy)["plan"] and summary["plan"]["block_size"] == 2 * BLOCK
 
 
 def test_covariance_report_rejects_non_psd():

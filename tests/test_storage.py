@@ -1,6 +1,13 @@
-"""Where stages keep their Ray Train checkpoints."""
+"""Storage: where stages keep their Ray Train checkpoints, how outputs are written (modes, whole-directory
+replacement), squeeze's input checks and resume records, and what the embedded Ray listens on."""
 
 from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +29,211 @@ def test_shared_storage_gives_each_output_its_own_directory(tmp_path):
 def test_uri_storage_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="mount"):
         stage_storage(tmp_path / "x", "s3://bucket/prefix")
+
+
+# ----------------------------------------------------------------------------- permissions and replacement
+@pytest.fixture(params=[0o022, 0o007])
+def umask(request):
+    """A known umask for the test (restored after it)."""
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_atomic_writes_get_the_modes_of_the_umask(tmp_path, umask):
+    """Files and directories written through a temporary name end up as a plain open()/mkdir() would make
+    them (readable by the group and others the umask lets read them), not private to the owner."""
+    from unidd_ray.artifacts import atomic_directory, atomic_file, atomic_write_bytes, atomic_write_json
+
+    atomic_write_bytes(tmp_path / "a.bin", b"a")
+    atomic_write_json(tmp_path / "b.json", {"b": 1})
+    with atomic_file(tmp_path / "c.pt") as tmp:
+        tmp.write_bytes(b"c")
+    with atomic_directory(tmp_path / "d") as d:
+        atomic_write_bytes(d / "inner.bin", b"d")
+    plain_file, plain_dir = tmp_path / "plain", tmp_path / "plain-dir"
+    plain_file.write_bytes(b"")
+    plain_dir.mkdir()
+    assert stat.S_IMODE(plain_file.stat().st_mode) == 0o666 & ~umask
+    for name in ("a.bin", "b.json", "c.pt", "d/inner.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == stat.S_IMODE(plain_dir.stat().st_mode) == 0o777 & ~umask
+
+
+def _output(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "x.txt").write_text(text)
+    return path
+
+
+def test_replace_directory_removes_what_a_crash_left_aside(tmp_path, monkeypatch):
+    """A crash between the two renames leaves the older output in ``.NAME.XXXXXXXX.old``; the next replacement
+    removes it, and only it (another output's folders stay)."""
+    from unidd_ray import artifacts
+
+    dst = _output(tmp_path / "out", "first")
+    real_replace = os.replace
+    calls = []
+
+    def crash_on_second(src, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError("killed between the renames")
+        real_replace(src, target)
+
+    monkeypatch.setattr(artifacts.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="between the renames"):
+        artifacts.replace_directory(_output(tmp_path / "second", "second"), dst)
+    monkeypatch.undo()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith(".old")]
+    assert len(left) == 1 and (left[0] / "out" / "x.txt").read_text() == "first" and not dst.exists()
+    others = [_output(tmp_path / ".out.partial.abcd1234.old", "other"), _output(tmp_path / ".out.abcd1234.tmp", "tmp")]
+
+    artifacts.replace_directory(_output(tmp_path / "third", "third"), dst)
+    assert (dst / "x.txt").read_text() == "third"
+    assert not any(p.exists() for p in left) and all(p.exists() for p in others)
+    artifacts.replace_directory(_output(tmp_path / "fourth", "fourth"), dst)  # over an existing output
+    assert (dst / "x.txt").read_text() == "fourth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "second", *(p.name for p in others)])
+
+
+# ----------------------------------------------------------------------------- squeeze: checks, resume, output
+def _squeeze(data, root: Path, *, resume=False, model=None, **settings):
+    from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig
+    from unidd_ray.stages.squeeze import squeeze
+
+    cfg = SqueezeConfig(**{"epochs": 2, "batch_size": 64, "workers": 1, "cpus_per_worker": 1, **settings})
+    model = model or ModelConfig(arch="convnet", options={"width": 8, "depth": 2, "norm": "batch"})
+    return squeeze(data, root / "teacher", squeeze_cfg=cfg, model_cfg=model, data_cfg=DataConfig(dataset="digits"),
+                   storage_path=root / "ray", resume=resume)
+
+
+@pytest.mark.parametrize("workers, batch_size", [(8, 256), (1, 2048)])
+def test_squeeze_refuses_a_batch_larger_than_each_workers_share(workers, batch_size, digits_data, tmp_path,
+                                                                no_training):
+    """digits has 1438 train images: 8 workers get 179 each, fewer than a batch of 256, and the loaders drop
+    the partial batch, so the teacher would not be trained at all."""
+    with pytest.raises(ValueError, match=rf"squeeze.batch_size {batch_size} is larger than each worker's share"
+                                         rf".*squeeze.workers {workers}"):
+        _squeeze(digits_data, tmp_path, workers=workers, batch_size=batch_size)
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "ray").exists()
+
+
+def test_squeeze_resume_refuses_checkpoints_of_other_settings(digits_data, tmp_path, no_training):
+    from unidd_ray.config import ModelConfig
+
+    with pytest.raises(no_training):
+        _squeeze(digits_data, tmp_path)
+    run_dir = tmp_path / "ray" / "squeeze"
+    assert run_dir.is_dir() and (tmp_path / "ray" / "squeeze.identity.json").is_file()
+    with pytest.raises(ValueError, match=r"cannot resume.*squeeze.lr: 0.05 -> 0.1.*without --resume"):
+        _squeeze(digits_data, tmp_path, resume=True, lr=0.1)
+    other = ModelConfig(arch="convnet", options={"width": 16, "depth": 2, "norm": "batch"})
+    with pytest.raises(ValueError, match=r"cannot resume.*teacher.options.width: 8 -> 16"):
+        _squeeze(digits_data, tmp_path, resume=True, model=other)
+    assert run_dir.is_dir()  # a refused resume leaves the checkpoints alone
+    with pytest.raises(no_training):  # performance settings may change
+        _squeeze(digits_data, tmp_path, resume=True, cpus_per_worker=2, max_failures=0)
+    with pytest.raises(no_training):
+        _squeeze(digits_data, tmp_path, resume=True)
+
+
+def test_squeeze_resume_refuses_checkpoints_that_record_nothing(digits_data, tmp_path, no_training):
+    (tmp_path / "ray" / "squeeze").mkdir(parents=True)  # checkpoints without a record of their settings
+    with pytest.raises(ValueError, match=r"cannot resume.*has no squeeze.identity.json"):
+        _squeeze(digits_data, tmp_path, resume=True)
+    with pytest.raises(no_training):  # a fresh start replaces them
+        _squeeze(digits_data, tmp_path)
+
+
+def test_squeeze_replaces_a_teacher_whole(digits_data, digits_teacher, tmp_path, monkeypatch):
+    """A crash while writing the new teacher leaves the previous one as it was (weights, description and
+    config together), with no temporary folder beside it."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from unidd_ray import artifacts
+    from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.models import build_model
+    from unidd_ray.stages.squeeze import squeeze
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(digits_teacher, teacher)
+    (teacher / "config.yaml").write_text("name: the previous run\n")
+    before = {p.name: p.read_bytes() for p in teacher.iterdir()}
+    info = read_dataset_info(digits_data)
+    options = {"width": 8, "depth": 2, "norm": "batch"}
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    model = build_model("convnet", num_classes=info.num_classes, in_channels=info.channels,
+                        resolution=info.resolution, **options)
+    torch.save({"model": model.state_dict()}, checkpoint / "state.pt")
+
+    class Result:  # what Ray Train's fit returns: the last checkpoint and its metrics
+        def __init__(self):
+            self.checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint))
+            self.metrics = {"val_top1": 10.0, "train_loss": 2.3}
+
+    class Trainer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            return Result()
+
+    real_write = artifacts.atomic_write_text
+
+    def crash_on_config(path, text):
+        if Path(path).name == "config.yaml":
+            raise OSError("killed while writing config.yaml")
+        return real_write(path, text)
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    monkeypatch.setattr(artifacts, "atomic_write_text", crash_on_config)
+    with pytest.raises(OSError, match="config.yaml"):
+        squeeze(digits_data, teacher, squeeze_cfg=SqueezeConfig(epochs=1, batch_size=64, cpus_per_worker=1),
+                model_cfg=ModelConfig(arch="convnet", options=options), data_cfg=DataConfig(dataset="digits"),
+                storage_path=tmp_path / "ray", recipe_yaml="name: the new run\n")
+    assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "ray", "teacher"]
+
+
+# ----------------------------------------------------------------------------- the embedded Ray
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def test_embedded_ray_listens_on_loopback_only(ray_session):
+    """Every server of the embedded Ray the tests and the local pipeline use (GCS, raylet, agents, the
+    driver's and the workers' gRPC servers) is bound to 127.0.0.1."""
+    import psutil
+
+    ray = ray_session
+
+    @ray.remote
+    class Probe:
+        def pid(self) -> int:
+            return os.getpid()
+
+    actor = Probe.remote()
+    actor_pid = ray.get(actor.pid.remote())
+    me = psutil.Process()
+    processes = [me, *me.children(recursive=True)]
+    assert actor_pid in {p.pid for p in processes}
+    names = {p.name() for p in processes}
+    assert {"gcs_server", "raylet"} <= names
+    listening = []
+    for p in processes:
+        try:
+            listening += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    ray.kill(actor)
+    assert {name for name, _, _ in listening} >= {"gcs_server", "raylet"}
+    assert [entry for entry in listening if not _loopback(entry[1])] == []

@@ -3,8 +3,11 @@
 Files are written under a temporary name in the same directory and renamed
 into place (``os.replace`` is atomic on POSIX), so a crash never leaves a
 half-written file under its final name.  Directories are assembled in a
-temporary sibling and renamed as a whole.  ``manifest.json`` records the
-sha256 of every file of an artifact so tampering or truncation is detected.
+temporary sibling and renamed as a whole.  Both get the permissions of a plain
+``open``/``mkdir`` under the process umask (``mkstemp``/``mkdtemp`` would leave
+them private to the owner), so other users of shared storage can read them.
+``manifest.json`` records the sha256 of every file of an artifact so tampering
+or truncation is detected.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,6 +49,31 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` sets it to read it,
+    which a thread creating a file at that moment would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def directory_mode() -> int:
+    """The mode ``mkdir`` gives a new directory: 0o777 less the umask."""
+    return 0o777 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +83,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), file_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -83,6 +113,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())  # mkstemp makes it 0600 (and the block may have written a new file)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -100,6 +131,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, directory_mode())  # mkdtemp makes it 0700
         replace_directory(tmp, final)
     finally:
         if tmp.exists():
@@ -108,15 +140,48 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
 
 def replace_directory(src: str | Path, dst: str | Path) -> None:
     """Move the finished directory ``src`` to ``dst``; an existing ``dst`` is removed only once ``src`` has
-    replaced it (until then it is moved aside under a hidden name beside it)."""
+    replaced it (until then it is moved aside under a hidden name beside it, ``.NAME.XXXXXXXX.old``).
+
+    Such a folder left behind by a crash between the two renames holds an output that has been
+    superseded; the next replacement of ``dst`` removes it.
+    """
     src, dst = Path(src), Path(dst)
-    if not dst.exists():
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, old / dst.name)
         os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    for stale in set_aside(dst):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def set_aside(dst: str | Path) -> list[Path]:
+    """The ``.NAME.XXXXXXXX.old`` folders :func:`replace_directory` moves an earlier ``dst`` into (the eight
+    characters are ``tempfile``'s; no other output's name matches, ``NAME.partial``'s included)."""
+    dst = Path(dst)
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.[a-z0-9_]{{8}}\.old")
+    return sorted(p for p in dst.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir())
+
+
+def differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """``name: recorded -> current`` for every entry of two nested mappings that differs (dotted names; a
+    value longer than 40 characters of JSON is cut short)."""
+
+    def short(v):
+        text = json.dumps(v, default=str)
+        return text if len(text) <= 40 else text[:16] + "…"
+
+    out = []
+    for key in list(recorded) + [k for k in current if k not in recorded]:
+        a, b, name = recorded.get(key), current.get(key), f"{prefix}{key}"
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{name}.")
+        else:
+            out.append(f"{name}: {short(a)} -> {short(b)}")
+    return out
 
 
 def write_manifest(directory: str | Path, kind: str, files: list[str] | None = None, **meta) -> dict:

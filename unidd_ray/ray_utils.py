@@ -1,5 +1,9 @@
 """Connecting to Ray: an embedded local instance by default, a cluster through ``RAY_ADDRESS``.
 
+The embedded instance is a one-machine cluster on 127.0.0.1: every server of it
+(GCS, raylet, object manager, workers, dashboard and runtime-env agents) listens
+on the loopback interface only.
+
 Every worker process runs :func:`setup_worker` before user code
 (``worker_process_setup_hook``): the torchvision import fix, so tasks and actors
 may import torchvision directly, and on the embedded instance a quieter Ray Train
@@ -8,6 +12,7 @@ placement-group cleaner (see there).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -15,6 +20,13 @@ SETUP_HOOK = "unidd_ray.ray_utils.setup_worker"
 EMBEDDED_ENV = "UNIDD_RAY_EMBEDDED"  # set in the workers of an embedded instance
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 _EMBEDDED = False  # this process started its own local Ray, which cannot grow
+LOOPBACK = "127.0.0.1"
+# Ray turns a loopback node address into the machine's network address so that other nodes could join,
+# unless its multi-node mode is off; each Ray process reads this variable when it imports Ray
+_CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# the environment another process of this machine needs to join an embedded instance (by the 127.0.0.1 address
+# of ``ray.get_runtime_context().gcs_address``): it connects as a loopback node too
+JOIN_EMBEDDED_ENV = {_CLUSTER_MODE_ENV: "0"}
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +52,34 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         # "local" always starts a fresh embedded instance: a bare ray.init() would join whatever
         # cluster an earlier `ray start` on this machine recorded.
         address = "local"
-        kwargs.update(include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus)
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address=LOOPBACK)
         kwargs["runtime_env"]["env_vars"] = {EMBEDDED_ENV: "1"}
-    ray.init(address=address, **kwargs)
+        with _single_machine():
+            ray.init(address=address, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
     global _EMBEDDED
     _EMBEDDED = address == "local"
+
+
+@contextlib.contextmanager
+def _single_machine():
+    """Within the block, Ray keeps a loopback node address (multi-node mode off) in this process and in the
+    processes it starts (GCS, raylet; the raylet's agents and workers inherit its environment); both
+    settings are restored afterwards, so a later connection to a cluster from this process is unaffected."""
+    from ray._private import ray_constants
+
+    saved_env, saved_mode = os.environ.get(_CLUSTER_MODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_MODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import: this process may have imported Ray already
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_mode
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_MODE_ENV, None)
+        else:
+            os.environ[_CLUSTER_MODE_ENV] = saved_env
 
 
 def setup_worker() -> None:

@@ -16,7 +16,10 @@ rank 0 checkpoints the EMU state and the number of finished rounds through
 ``ray.train.report``.  A restarted worker (``FailureConfig``) or a resumed
 command (``resume=True``) continues from the last finished round; every batch is
 a deterministic function of its inputs and the EMU state, so the final output
-is byte-identical to an uninterrupted run.
+is byte-identical to an uninterrupted run.  ``plan.json`` records the plan and
+the identity of everything else the images depend on (the settings that change
+them, the teacher's and the statistics' sha256, the dataset); a resume with
+anything else is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +63,8 @@ class RecoverPlan:
     init_index: list[list[int]]  # init_index[class][slot] = index of the real train image
     seed: int
     classes: list[int]  # the classes distilled (all, or a subset for quick Tune trials)
+    # what the images depend on besides the plan (run_identity); a resume must find the same
+    identity: dict = field(default_factory=dict)
 
     @property
     def rounds(self) -> int:
@@ -98,7 +103,7 @@ def make_plan(labels: np.ndarray, num_classes: int, cfg: RecoverConfig, classes:
     if short:
         k = short[0]
         raise ValueError(f"IPC {cfg.ipc} is larger than the {counts[k]} training images of class {k}; "
-                         f"lower recover.ipc to at most {int(counts.min())}")
+                         f"lower recover.ipc to at most {min(int(counts[c]) for c in classes)}")
     partitions = [p.tolist() for p in np.array_split(np.array(classes), cfg.workers)]
     per_batch = cfg.classes_per_batch
     if per_batch is not None and per_batch < 1:
@@ -409,7 +414,7 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
     from unidd_ray.data.prepare import read_dataset_info
     from unidd_ray.distill import ALPHA_SCALES, METHODS, SPECTRAL_METHODS, method_filter
     from unidd_ray.models import bn_layers, resolve_layers
-    from unidd_ray.spectral import SCHEDULES, cholesky_factor
+    from unidd_ray.spectral import COVARIANCE_MODES, SCHEDULES, SIGNAL_KINDS, cholesky_factor
     from unidd_ray.stats_io import load_stats
     from unidd_ray.teacher import load_teacher
 
@@ -421,6 +426,10 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
         raise ValueError(f"recover.sync must be 'round' or 'step', got {cfg.sync!r}")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown recover.schedule {cfg.schedule!r}; choose one of {list(SCHEDULES)}")
+    if cfg.signal not in SIGNAL_KINDS:
+        raise ValueError(f"unknown recover.signal {cfg.signal!r}; choose one of {list(SIGNAL_KINDS)}")
+    if cfg.covariance not in COVARIANCE_MODES:
+        raise ValueError(f"unknown recover.covariance {cfg.covariance!r}; choose one of {list(COVARIANCE_MODES)}")
     if cfg.iterations < 1:
         raise ValueError(f"recover.iterations must be at least 1, got {cfg.iterations}")
     if not cfg.lr > 0:
@@ -441,9 +450,9 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
     plan = make_plan(labels, info.num_classes, cfg)
     filt = method_filter(cfg.method, beta_max=cfg.beta_max, schedule=cfg.schedule, beta_min=cfg.beta_min,
                          mtt_eta=cfg.mtt_eta, mtt_steps=cfg.mtt_steps, precision=cfg.precision)
-    if cfg.method in SPECTRAL_METHODS:
-        if stats_dir is None:
-            raise ValueError(f"method {cfg.method!r} needs --stats (the output of `unidd-ray stats`)")
+    if cfg.method in SPECTRAL_METHODS and stats_dir is None:
+        raise ValueError(f"method {cfg.method!r} needs --stats (the output of `unidd-ray stats`)")
+    if stats_dir is not None:  # checked whenever given: statistics of another teacher are a mistake to name
         real = load_stats(stats_dir, teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)
         layers = resolve_layers(teacher, None)  # raises for a teacher without Conv2d layers to tap
         missing = [name for name in layers if name not in real]
@@ -459,6 +468,45 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
     return info, labels, plan
 
 
+def run_identity(cfg: RecoverConfig, info, tinfo, stats_dir) -> dict:
+    """Everything besides the plan that the recovered images depend on: the recover settings that change them
+    (those the method reads, less the performance settings of ``pipeline.PERFORMANCE_KEYS``), the teacher's
+    sha256, the statistics' sha256 (spectral methods) and the dataset (fingerprint and lossy storage)."""
+    from unidd_ray.artifacts import read_manifest
+    from unidd_ray.distill import SPECTRAL_METHODS
+    from unidd_ray.pipeline import PERFORMANCE_KEYS, lossy_storage, recover_settings
+    from unidd_ray.stats_io import KIND, STATS_FILE
+
+    drop = PERFORMANCE_KEYS["recover"]
+    stats = None
+    if cfg.method in SPECTRAL_METHODS:
+        stats = read_manifest(stats_dir, KIND, verify=False)["files"][STATS_FILE]  # verified by validate_inputs
+    return {"recover": {k: v for k, v in recover_settings(cfg).items() if k not in drop},
+            "teacher": tinfo.sha256, "statistics": stats,
+            "dataset": {"fingerprint": info.fingerprint, **lossy_storage(info)}}
+
+
+def check_resumable(staging: Path, plan_json: dict) -> None:
+    """Refuse to resume ``staging`` unless its ``plan.json`` records this plan and identity."""
+    from unidd_ray.artifacts import differences
+
+    path = staging / "plan.json"
+    fix = f"start over without --resume, give another --out, or remove {staging}"
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cannot resume: {path} is not valid JSON ({exc}); {fix}") from None
+    if not previous.get("identity"):
+        raise ValueError(f"cannot resume: {path} does not record the settings and inputs it was started with "
+                         f"(an earlier unidd_ray wrote it), so its images may belong to another run; {fix}")
+    differ = differences(previous["identity"], plan_json["identity"])
+    if not differ:  # the same settings and inputs give the same plan, unless the plan's rules changed
+        differ = [f"plan.{k}" for k in plan_json if k != "identity" and previous.get(k) != plan_json[k]]
+    if differ:
+        raise ValueError(f"cannot resume: {staging} was started with other settings or inputs "
+                         f"({'; '.join(differ)}); {fix}")
+
+
 def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *, storage_path, resume=False,
                 num_workers: int = 1, recipe_yaml: str | None = None, progress: bool = True,
                 checked: tuple | None = None) -> Path:
@@ -472,22 +520,26 @@ def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from unidd_ray.artifacts import atomic_write_json
+    from unidd_ray.distill import SPECTRAL_METHODS
+    from unidd_ray.ray_utils import require_resources
+    from unidd_ray.teacher import read_teacher_info
 
     out_dir = Path(out_dir).resolve()
     info, _, plan = checked if checked is not None else validate_inputs(data_dir, teacher_dir, stats_dir, cfg)
+    # the statistics go to the workers of a spectral method only (the others read none)
+    stats_dir = Path(stats_dir).resolve() if stats_dir is not None and cfg.method in SPECTRAL_METHODS else None
     staging = out_dir.parent / f"{out_dir.name}.partial"
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
-    from unidd_ray.ray_utils import require_resources
-
     require_resources("recover", workers=cfg.workers, cpus=cfg.cpus_per_worker, gpus=1 if cfg.use_gpu else 0)
+    plan = replace(plan, identity=run_identity(cfg, info, read_teacher_info(teacher_dir), stats_dir))
     plan_json = asdict(plan)
-    if resume and staging.exists():
-        previous = json.loads((staging / "plan.json").read_text())
-        if previous != plan_json:
-            raise ValueError(f"cannot resume: {staging} was started with another plan (IPC, workers, classes per "
-                             "batch or seed differ); run without --resume to start over")
+    # plan.json is written right after the staging directory is made: without it no batch has started
+    if resume and (staging / "plan.json").is_file():
+        check_resumable(staging, plan_json)
     else:
+        if resume:
+            log.info(f"recover: nothing to resume in {staging}; starting from the first round")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -497,7 +549,7 @@ def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *
         _recover_loop,
         train_loop_config={"recover": to_dict(cfg), "data_dir": str(Path(data_dir).resolve()),
                            "teacher_dir": str(Path(teacher_dir).resolve()),
-                           "stats_dir": str(Path(stats_dir).resolve()) if stats_dir else None,
+                           "stats_dir": str(stats_dir) if stats_dir else None,
                            "staging": str(staging), "plan": plan_json, "num_workers": num_workers,
                            "threads": max(1, math.floor(cfg.cpus_per_worker))},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

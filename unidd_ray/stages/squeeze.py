@@ -5,11 +5,15 @@ warm-up), RandomResizedCrop + flip through the FFCV train pipeline, a checkpoint
 every epoch through ``ray.train.report``, automatic restarts after a worker
 failure (``FailureConfig``) and ``resume=True`` to continue a killed command
 (Ray Train restores the latest checkpoint of a run with the same name and
-storage path).
+storage path).  ``squeeze.identity.json`` beside the checkpoints records what
+the training depends on (settings, model, starting weights, dataset); a resume
+with anything else is refused, naming what differs.  The teacher is written to
+a temporary sibling of the output directory and moved into place whole.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -23,6 +27,7 @@ from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig, to_dict
 log = logging.getLogger(__name__)
 
 RUN_NAME = "squeeze"
+IDENTITY = f"{RUN_NAME}.identity.json"  # beside the Ray Train run directory, under storage_path
 
 
 def _cosine_factor(step: int, total: int, warmup: int) -> float:
@@ -74,7 +79,7 @@ def _train_loop(config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     n_train = len(read_labels(data_dir, "train"))
     per_worker = n_train // world
-    steps_per_epoch = max(1, per_worker // cfg.batch_size)
+    steps_per_epoch = per_worker // cfg.batch_size  # at least 1: squeeze() refuses smaller shards
     total_steps = steps_per_epoch * cfg.epochs
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     n_val = len(read_labels(data_dir, "val"))
@@ -124,6 +129,38 @@ def _train_loop(config: dict) -> None:
         evaluate_and_report(-1, 0.0, 0)
 
 
+def training_identity(squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig, info, resolution: int) -> dict:
+    """What the trained weights depend on: the squeeze settings less the performance ones
+    (``pipeline.PERFORMANCE_KEYS``), the model, the sha256 of its starting weights, the side and the dataset."""
+    from unidd_ray.artifacts import sha256_file
+    from unidd_ray.pipeline import PERFORMANCE_KEYS, lossy_storage
+
+    drop = PERFORMANCE_KEYS["squeeze"]
+    return {"squeeze": {k: v for k, v in to_dict(squeeze_cfg).items() if k not in drop},
+            "teacher": {"arch": model_cfg.arch, "options": to_dict(model_cfg)["options"],
+                        "weights": sha256_file(model_cfg.weights) if model_cfg.weights else None},
+            "resolution": resolution, "dataset": {"fingerprint": info.fingerprint, **lossy_storage(info)}}
+
+
+def check_resumable(storage_path: Path, identity: dict) -> None:
+    """Refuse to resume the checkpoints under ``storage_path`` unless they were made with ``identity``."""
+    from unidd_ray.artifacts import differences
+
+    path = storage_path / IDENTITY
+    fix = f"start over without --resume, give another --out, or remove {storage_path / RUN_NAME}"
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"cannot resume: {storage_path / RUN_NAME} has no {IDENTITY} recording the settings "
+                         f"and inputs of its checkpoints (an earlier unidd_ray made them); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cannot resume: {path} is not valid JSON ({exc}); {fix}") from None
+    differ = differences(recorded, identity)
+    if differ:
+        raise ValueError(f"cannot resume: the checkpoints in {storage_path / RUN_NAME} were made with other "
+                         f"settings or inputs ({'; '.join(differ)}); {fix}")
+
+
 def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig,
             data_cfg: DataConfig, storage_path: str | Path, resume: bool = False,
             recipe_yaml: str | None = None) -> Path:
@@ -131,15 +168,28 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from unidd_ray.artifacts import atomic_write_text
+    from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
+    from unidd_ray.data.loading import read_labels
     from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.ray_utils import require_resources
     from unidd_ray.teacher import TeacherInfo, save_teacher
 
-    from unidd_ray.ray_utils import require_resources
-
+    info = read_dataset_info(data_dir)
+    if squeeze_cfg.workers < 1:
+        raise ValueError(f"squeeze.workers must be at least 1, got {squeeze_cfg.workers}")
+    if squeeze_cfg.batch_size < 1:
+        raise ValueError(f"squeeze.batch_size must be at least 1, got {squeeze_cfg.batch_size}")
+    n_train = len(read_labels(str(data_dir), "train"))
+    if squeeze_cfg.epochs > 0 and n_train // squeeze_cfg.workers < squeeze_cfg.batch_size:
+        # each worker's loader drops its last partial batch: a shard smaller than a batch trains on nothing
+        fewer = (f" or squeeze.workers to at most {n_train // squeeze_cfg.batch_size}"
+                 if n_train >= squeeze_cfg.batch_size else "")
+        raise ValueError(f"squeeze.batch_size {squeeze_cfg.batch_size} is larger than each worker's share of the "
+                         f"{n_train} training images ({n_train // squeeze_cfg.workers} with squeeze.workers "
+                         f"{squeeze_cfg.workers}), so no full batch would be trained on; lower squeeze.batch_size "
+                         f"to at most {n_train // squeeze_cfg.workers}{fewer}")
     require_resources("squeeze", workers=squeeze_cfg.workers, cpus=squeeze_cfg.cpus_per_worker,
                       gpus=1 if squeeze_cfg.use_gpu else 0)
-    info = read_dataset_info(data_dir)
     resolution = data_cfg.resolution or info.resolution
     # the model and its starting weights are checked here, before any worker starts: inside the workers a
     # bad option would only surface after FailureConfig's restarts, as a worker error
@@ -152,8 +202,13 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
     del probe
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run: never pick up the checkpoints of an earlier one
+    identity = training_identity(squeeze_cfg, model_cfg, info, resolution)
+    if resume and run_dir.exists():
+        check_resumable(storage_path, identity)
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh run: never pick up the checkpoints of an earlier one
+        atomic_write_json(storage_path / IDENTITY, identity)  # before Ray Train makes run_dir
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"squeeze": to_dict(squeeze_cfg), "model": to_dict(model_cfg), "data": to_dict(data_cfg),
@@ -179,7 +234,8 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
     model = teacher_info.build()
     model.load_state_dict(state["model"])
     out_dir = Path(out_dir)
-    save_teacher(model, teacher_info, out_dir)
-    if recipe_yaml is not None:
-        atomic_write_text(out_dir / "config.yaml", recipe_yaml)
+    with atomic_directory(out_dir) as staging:
+        save_teacher(model, teacher_info, staging)
+        if recipe_yaml is not None:
+            atomic_write_text(staging / "config.yaml", recipe_yaml)
     return out_dir

@@ -12,6 +12,11 @@ result is bit-for-bit the same whatever the number of actors, the unit size,
 the arrival order, or which units had to be re-run after an actor died.
 Every actor uses the same number of torch threads so that per-block forward
 passes are themselves reproducible.
+
+The driver loads the teacher (checking its sha256) and resolves the taps before
+any actor starts, so that a bad ``stats.layers`` or teacher is named at once
+rather than as actors failing to start.  The artifact is assembled in a
+temporary sibling of the output directory and moved into place whole.
 """
 
 from __future__ import annotations
@@ -142,6 +147,22 @@ def _fold(total: dict[str, Moments] | None, block: dict[str, dict]) -> dict[str,
     return {name: total[name] + block_m[name] for name in total}
 
 
+def check_taps(teacher_dir: str | Path, layers: list[str] | None) -> list[str]:
+    """What every actor's constructor does first, in the driver: load the teacher (its weights' sha256 is
+    checked) and resolve the tapped layers and their channels; raises naming the teacher or ``stats.layers``."""
+    from unidd_ray.models import layer_channels, resolve_layers
+    from unidd_ray.teacher import load_teacher
+
+    model, _ = load_teacher(teacher_dir)
+    try:
+        names = resolve_layers(model, layers)
+        layer_channels(model, names)
+    except ValueError as exc:
+        raise ValueError(f"cannot tap the teacher in {teacher_dir}: {exc}; set stats.layers to names of its "
+                         "Conv2d/BatchNorm2d modules (null: every Conv2d input)") from None
+    return names
+
+
 def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfig, *, num_workers: int = 1,
                   progress: bool = True, on_result: Callable[[int, dict], None] | None = None,
                   images: int | None = None) -> StatsResult:
@@ -165,6 +186,7 @@ def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfi
     plan = make_plan(len(labels) if images is None else int(images), cfg)
     if cfg.actors < 1:
         raise ValueError("stats.actors must be at least 1")
+    check_taps(teacher_dir, cfg.layers)
     from unidd_ray.ray_utils import require_resources
 
     # actors beyond the cluster's size only queue (the pool works with those that start),
@@ -275,8 +297,12 @@ def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfi
 def run_stats(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: StatsConfig, *,
               num_workers: int = 1, progress: bool = True, recipe_yaml: str | None = None,
               on_result=None) -> Path:
-    """Compute and write the statistics artifact (``stats.parquet`` + manifest + config + summary)."""
-    from unidd_ray.artifacts import atomic_write_json, atomic_write_text
+    """Compute and write the statistics artifact (``stats.parquet`` + manifest + config + summary).
+
+    The files are written to a temporary sibling of ``out_dir`` that replaces it only when all are there, so
+    the summary and config in ``out_dir`` always describe its statistics.
+    """
+    from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
     from unidd_ray.data.prepare import read_dataset_info
     from unidd_ray.stats_io import covariance_report, write_stats
     from unidd_ray.teacher import read_teacher_info
@@ -289,15 +315,16 @@ def run_stats(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path
     result = compute_stats(teacher_dir, data_dir, cfg, num_workers=num_workers, progress=progress,
                            on_result=on_result)
     out_dir = Path(out_dir)
-    write_stats(out_dir, result.moments, teacher_sha256=teacher.sha256, dataset_fingerprint=info.fingerprint,
-                extra={"plan": result.plan.describe()})
     summary = {
         "images": result.plan.images, "seconds": result.seconds, "images_per_s": result.plan.images / result.seconds,
         "actors": result.actors, "retried_units": result.retried_units, "plan": result.plan.describe(),
         "layers": {name: covariance_report(m) for name, m in result.moments.items()},
         "config": to_dict(cfg),
     }
-    atomic_write_json(out_dir / "summary.json", summary)
-    if recipe_yaml is not None:
-        atomic_write_text(out_dir / "config.yaml", recipe_yaml)
+    with atomic_directory(out_dir) as staging:
+        write_stats(staging, result.moments, teacher_sha256=teacher.sha256, dataset_fingerprint=info.fingerprint,
+                    extra={"plan": result.plan.describe()})
+        atomic_write_json(staging / "summary.json", summary)
+        if recipe_yaml is not None:
+            atomic_write_text(staging / "config.yaml", recipe_yaml)
     return out_dir
