@@ -95,7 +95,9 @@ def token_head(tmp_path):
     gcs, dash, client, agent, agent_grpc, metrics, env_agent, nm, om = _free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+               # one-machine mode: Ray keeps the 127.0.0.1 node address instead of the machine's network one
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     log = open(tmp_path / "ray_start.log", "w")
     started = time.perf_counter()
     proc = subprocess.Popen(
