@@ -255,6 +255,25 @@ def test_round_sync_equals_single_process_over_the_union(cli_run, digits_data, d
     assert float(union.synced[first].batches) == plan.batches()
 
 
+def test_real_side_cache_keeps_only_the_current_slot(digits_data, digits_teacher, digits_stats):
+    """Each slot has its own β, so the real side of a finished slot is never read again: over three slots
+    the distiller's cache holds one entry per tapped layer, and within a slot every iteration after the
+    first reads it from there."""
+    torch.set_num_threads(1)
+    cfg = RecoverConfig(**BASE, ipc=3, workers=1)
+    _, info, distiller = _build_distiller(_config_dict(digits_data, digits_teacher, digits_stats, cfg), "cpu")
+    plan = make_plan(read_labels(digits_data, "train"), info.num_classes, cfg)
+    emu = EMU(distiller.emu_layers())
+    layers = len(distiller.layers)
+    for r in range(plan.rounds):
+        run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, sync="round", data_dir=str(digits_data),
+                  num_workers=1, device="cpu")
+        emu.synchronise(None)
+        assert len(distiller.cache) == layers
+    assert distiller.cache.misses == plan.rounds * layers
+    assert distiller.cache.hits == plan.rounds * layers * (ITERS - 1)
+
+
 def test_step_sync_two_workers_equal_one_large_batch(ray_session, digits_data, digits_teacher, digits_stats,
                                                      tmp_path):
     """``sync: step``: 2 workers × 5 classes per batch give the images one process gets with all 10 classes
