@@ -66,11 +66,21 @@ UNREAD_RECOVER_SETTINGS = {
 }
 
 
-def stage_key(kind: str, settings: dict, **inputs) -> str:
+def key_settings(kind: str, settings: dict) -> dict:
+    """The settings of a ``kind`` stage that go into its key: its performance settings and settings at
+    their neutral defaults left out."""
     drop = PERFORMANCE_KEYS.get(kind, set())
     neutral = NEUTRAL_DEFAULTS.get(kind, {})
-    relevant = {k: v for k, v in settings.items() if k not in drop and not (k in neutral and v == neutral[k])}
-    return sha256_json({"kind": kind, "settings": relevant, "inputs": inputs})[:12]
+    return {k: v for k, v in settings.items() if k not in drop and not (k in neutral and v == neutral[k])}
+
+
+def stage_key(kind: str, settings: dict, **inputs) -> str:
+    return sha256_json({"kind": kind, "settings": key_settings(kind, settings), "inputs": inputs})[:12]
+
+
+def dataset_identity(info) -> dict:
+    """The prepared dataset as a stage input: its fingerprint and, for JPEG storage, how it was stored."""
+    return {"fingerprint": info.fingerprint, **lossy_storage(info)}
 
 
 def lossy_storage(info) -> dict:
@@ -134,8 +144,7 @@ def data_parallel_input(cfg: EvaluateConfig) -> dict:
 def evaluate_settings(cfg: EvaluateConfig) -> dict:
     """What an evaluation's result depends on among its settings: those of its key, which is also what a
     stored per-seed result of an interrupted run must have been made with to be reused."""
-    drop = PERFORMANCE_KEYS["evaluate"]
-    return {**{k: v for k, v in to_dict(cfg).items() if k not in drop}, **data_parallel_input(cfg)}
+    return {**key_settings("evaluate", to_dict(cfg)), **data_parallel_input(cfg)}
 
 
 def evaluate_key(cfg: EvaluateConfig, info, tinfo, distilled_files: dict) -> str:

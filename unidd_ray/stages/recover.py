@@ -470,20 +470,18 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
 
 def run_identity(cfg: RecoverConfig, info, tinfo, stats_dir) -> dict:
     """Everything besides the plan that the recovered images depend on: the recover settings that change them
-    (those the method reads, less the performance settings of ``pipeline.PERFORMANCE_KEYS``), the teacher's
+    (those of the recovery's key: the ones the method reads, less the performance settings), the teacher's
     sha256, the statistics' sha256 (spectral methods) and the dataset (fingerprint and lossy storage)."""
     from unidd_ray.artifacts import read_manifest
     from unidd_ray.distill import SPECTRAL_METHODS
-    from unidd_ray.pipeline import PERFORMANCE_KEYS, lossy_storage, recover_settings
+    from unidd_ray.pipeline import dataset_identity, key_settings, recover_settings
     from unidd_ray.stats_io import KIND, STATS_FILE
 
-    drop = PERFORMANCE_KEYS["recover"]
     stats = None
     if cfg.method in SPECTRAL_METHODS:
         stats = read_manifest(stats_dir, KIND, verify=False)["files"][STATS_FILE]  # verified by validate_inputs
-    return {"recover": {k: v for k, v in recover_settings(cfg).items() if k not in drop},
-            "teacher": tinfo.sha256, "statistics": stats,
-            "dataset": {"fingerprint": info.fingerprint, **lossy_storage(info)}}
+    return {"recover": key_settings("recover", recover_settings(cfg)), "teacher": tinfo.sha256,
+            "statistics": stats, "dataset": dataset_identity(info)}
 
 
 def check_resumable(staging: Path, plan_json: dict) -> None:

@@ -130,16 +130,15 @@ def _train_loop(config: dict) -> None:
 
 
 def training_identity(squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig, info, resolution: int) -> dict:
-    """What the trained weights depend on: the squeeze settings less the performance ones
-    (``pipeline.PERFORMANCE_KEYS``), the model, the sha256 of its starting weights, the side and the dataset."""
+    """What the trained weights depend on: the squeeze settings of the teacher's key (performance settings
+    left out), the model, the sha256 of its starting weights, the side and the dataset."""
     from unidd_ray.artifacts import sha256_file
-    from unidd_ray.pipeline import PERFORMANCE_KEYS, lossy_storage
+    from unidd_ray.pipeline import dataset_identity, key_settings
 
-    drop = PERFORMANCE_KEYS["squeeze"]
-    return {"squeeze": {k: v for k, v in to_dict(squeeze_cfg).items() if k not in drop},
+    return {"squeeze": key_settings("squeeze", to_dict(squeeze_cfg)),
             "teacher": {"arch": model_cfg.arch, "options": to_dict(model_cfg)["options"],
                         "weights": sha256_file(model_cfg.weights) if model_cfg.weights else None},
-            "resolution": resolution, "dataset": {"fingerprint": info.fingerprint, **lossy_storage(info)}}
+            "resolution": resolution, "dataset": dataset_identity(info)}
 
 
 def check_resumable(storage_path: Path, identity: dict) -> None:
