@@ -237,3 +237,40 @@ def test_embedded_ray_listens_on_loopback_only(ray_session):
     ray.kill(actor)
     assert {name for name, _, _ in listening} >= {"gcs_server", "raylet"}
     assert [entry for entry in listening if not _loopback(entry[1])] == []
+
+
+def _listeners_and_sum(config):
+    """A Ray Train worker's all-reduce of its rank + 1 and the sockets its process listens on."""
+    import psutil
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(total)
+    sockets = [(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet")
+               if c.status == psutil.CONN_LISTEN]
+    dist.barrier()  # every worker has listed its sockets before any leaves the group
+    return {"rank": dist.get_rank(), "sum": float(total), "listening": sockets}
+
+
+def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path):
+    """A multi-worker Ray Train run of the embedded instance (the project's torch config) forms its process group
+    without a listener outside 127.0.0.1: Ray's default rendezvous has worker 0 host a TCP store on ``::``."""
+    import glob
+    import tempfile
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from unidd_ray.ray_utils import torch_config
+
+    before = set(glob.glob(f"{tempfile.gettempdir()}/unidd-ray-rendezvous-*"))
+    trainer = TorchTrainer(_listeners_and_sum, torch_config=torch_config(False), scaling_config=ScalingConfig(num_workers=2),
+                           run_config=RunConfig(name="listeners", storage_path=str(tmp_path)))
+    result = trainer.fit()
+    assert result.error is None
+    report = result.return_value  # rank 0's
+    assert report["sum"] == 3.0  # 1 + 2: both workers are in one group
+    assert report["listening"]  # gloo's own socket at least
+    assert [address for address in report["listening"] if not _loopback(address[0])] == []
+    assert set(glob.glob(f"{tempfile.gettempdir()}/unidd-ray-rendezvous-*")) == before  # the store's folder is gone

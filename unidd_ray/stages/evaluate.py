@@ -416,11 +416,11 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     import shutil
 
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from unidd_ray.artifacts import atomic_write_json, atomic_write_text
     from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.ray_utils import require_resources
+    from unidd_ray.ray_utils import require_resources, torch_config
     from unidd_ray.teacher import read_teacher_info
 
     if not jobs:
@@ -457,7 +457,7 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
                                "teacher_dir": str(Path(teacher_dir).resolve()),
                                "data_dir": str(Path(data_dir).resolve()),
                                "num_workers": num_workers, "threads": max(1, int(cfg0.cpus_per_worker))},
-            torch_config=TorchConfig(backend="nccl" if cfg0.use_gpu else "gloo"),
+            torch_config=torch_config(cfg0.use_gpu),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg0.use_gpu,
                                          resources_per_worker={"CPU": cfg0.cpus_per_worker}),
             run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path)),

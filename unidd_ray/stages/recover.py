@@ -515,11 +515,11 @@ def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *
     checked here.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from unidd_ray.artifacts import atomic_write_json
     from unidd_ray.distill import SPECTRAL_METHODS
-    from unidd_ray.ray_utils import require_resources
+    from unidd_ray.ray_utils import require_resources, torch_config
     from unidd_ray.teacher import read_teacher_info
 
     out_dir = Path(out_dir).resolve()
@@ -550,7 +550,7 @@ def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *
                            "stats_dir": str(stats_dir) if stats_dir else None,
                            "staging": str(staging), "plan": plan_json, "num_workers": num_workers,
                            "threads": max(1, math.floor(cfg.cpus_per_worker))},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=torch_config(cfg.use_gpu),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path),

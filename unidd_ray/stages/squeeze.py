@@ -165,12 +165,12 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
             recipe_yaml: str | None = None) -> Path:
     """Train the teacher and write ``teacher.pt`` + ``teacher.json`` (+ ``config.yaml``) to ``out_dir``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
     from unidd_ray.data.loading import read_labels
     from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.ray_utils import require_resources
+    from unidd_ray.ray_utils import require_resources, torch_config
     from unidd_ray.teacher import TeacherInfo, save_teacher
 
     info = read_dataset_info(data_dir)
@@ -212,7 +212,7 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
         _train_loop,
         train_loop_config={"squeeze": to_dict(squeeze_cfg), "model": to_dict(model_cfg), "data": to_dict(data_cfg),
                            "data_dir": str(Path(data_dir).resolve())},
-        torch_config=TorchConfig(backend="nccl" if squeeze_cfg.use_gpu else "gloo"),
+        torch_config=torch_config(squeeze_cfg.use_gpu),
         scaling_config=ScalingConfig(num_workers=squeeze_cfg.workers, use_gpu=squeeze_cfg.use_gpu,
                                      resources_per_worker={"CPU": squeeze_cfg.cpus_per_worker}),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path),
