@@ -8,10 +8,12 @@ real labels teach the task, shuffled labels do not.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -268,33 +270,74 @@ def test_check_student_names_the_student_and_its_options():
 # ----------------------------------------------------------------------------- finished seeds of a crashed run
 def test_finished_seeds_survive_a_change_of_performance_settings(tmp_path):
     """A re-run after a crash with other performance settings (fewer workers, another eval batch size or
-    layout) takes the seeds the crashed run finished; a setting that changes the students does not."""
+    layout) or another seed count takes the seeds the crashed run finished; a setting that changes the
+    students does not, nor other images, teacher or dataset."""
     from unidd_ray.artifacts import atomic_write_json, sha256_json
     from unidd_ray.config import to_dict
-    from unidd_ray.stages.evaluate import PARTIAL, EvalJob, _finished_seeds, job_key, reusable_keys
+    from unidd_ray.stages.evaluate import SEEDS, EvalJob, _finished_seeds, job_key, reusable_keys
 
     manifest = {"files": {"images/0000/0000.png": "a" * 64}}
-    cfg = _cfg(split="seeds", workers=2, cpus_per_worker=2, eval_batch_size=512, channels_last=False)
+    data = {"fingerprint": "f"}
+    cfg = _cfg(split="seeds", workers=2, cpus_per_worker=2, eval_batch_size=512, channels_last=False, seeds=2)
     crashed = EvalJob("set", tmp_path / "eval", cfg)
-    atomic_write_json(tmp_path / "eval" / PARTIAL / "seed-0.json",
-                      {"job": 0, "seed": 0, "top1": 81.0, "seconds": 1.0, "key": job_key(crashed, manifest, "t")})
+    record = {"job": 0, "seed": 0, "top1": 81.0, "seconds": 1.0, "key": job_key(crashed, "images", "t", data)}
+    atomic_write_json(tmp_path / "eval" / SEEDS / "seed-0.json", record)
     for performance in ({"workers": 1}, {"cpus_per_worker": 1}, {"eval_batch_size": 100}, {"channels_last": True},
-                        {"use_gpu": True}):
+                        {"use_gpu": True}, {"seeds": 5}, {"seeds": 1}):
         again = EvalJob("set", tmp_path / "eval", replace(cfg, **performance))
-        assert _finished_seeds(tmp_path / "eval", reusable_keys(again, manifest, "t")) == {
-            0: {"job": 0, "seed": 0, "top1": 81.0, "seconds": 1.0, "key": job_key(crashed, manifest, "t")}}, performance
+        assert _finished_seeds(tmp_path / "eval", reusable_keys(again, "images", manifest, "t", data)) == {
+            0: record}, performance
     for result in ({"lr": 2e-3}, {"epochs": 61}, {"split": "data"}, {"batch_size": 4}):
         other = EvalJob("set", tmp_path / "eval", replace(cfg, **result))
-        assert _finished_seeds(tmp_path / "eval", reusable_keys(other, manifest, "t")) == {}, result
-    assert job_key(crashed, {"files": {}}, "t") != job_key(crashed, manifest, "t")
-    assert job_key(crashed, manifest, "u") != job_key(crashed, manifest, "t")
+        assert _finished_seeds(tmp_path / "eval", reusable_keys(other, "images", manifest, "t", data)) == {}, result
+    assert job_key(crashed, "other images", "t", data) != record["key"]
+    assert job_key(crashed, "images", "u", data) != record["key"]
+    assert job_key(crashed, "images", "t", {"fingerprint": "g"}) != record["key"]
     # with split: data the worker count shards every batch (and BatchNorm): it is part of the key
-    data = replace(cfg, split="data")
-    assert job_key(EvalJob("set", "o", replace(data, workers=1)), manifest, "t") != \
-        job_key(EvalJob("set", "o", replace(data, workers=2)), manifest, "t")
-    # a seed keyed by the whole configuration (as results were keyed before) is this evaluation too
-    whole = sha256_json({"evaluate": to_dict(cfg), "distilled": manifest["files"], "teacher": "t", "soft_labels": None})
-    assert whole in reusable_keys(crashed, manifest, "t")
+    split_data = replace(cfg, split="data")
+    assert job_key(EvalJob("set", "o", replace(split_data, workers=1)), "images", "t", data) != \
+        job_key(EvalJob("set", "o", replace(split_data, workers=2)), "images", "t", data)
+    # the seeds of a run interrupted before 2026-12 (the keys of that code: the manifest's file list, and
+    # the result-relevant settings with the seed count, or the whole configuration) are this evaluation too
+    relevant = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("workers", "cpus_per_worker", "use_gpu", "eval_batch_size", "channels_last")}
+    for settings in (relevant, to_dict(cfg)):
+        old = sha256_json({"evaluate": settings, "distilled": manifest["files"], "teacher": "t", "soft_labels": None})
+        assert old in reusable_keys(crashed, "images", manifest, "t", data)
+        assert old not in reusable_keys(EvalJob("set", "o", replace(cfg, seeds=3)), "images", manifest, "t", data)
+
+
+def test_distilled_identity_is_the_images_the_evaluation_reads(small_set, tmp_path):
+    """The identity of a distilled set changes with an image's bytes or class, not with its summary, config
+    or an extra file (a .beton): a bit-identical recomputed set is the same input."""
+    import pyarrow.parquet as pq
+
+    from unidd_ray.artifacts import read_manifest, write_manifest
+    from unidd_ray.stages.evaluate import distilled_identity
+
+    copy = tmp_path / "set"
+    shutil.copytree(small_set, copy)
+    manifest = read_manifest(copy, "distilled")
+    meta = {k: v for k, v in manifest.items() if k not in ("kind", "format_version", "files")}
+    identity = distilled_identity(copy)
+    assert distilled_identity(small_set) == identity
+    (copy / "summary.json").write_text('{"seconds": 123.4}')
+    (copy / "distilled.beton").write_bytes(b"beton")
+    write_manifest(copy, "distilled", **meta)
+    assert read_manifest(copy, "distilled")["files"] != manifest["files"]
+    assert distilled_identity(copy) == identity
+    table = pq.read_table(copy / "manifest.parquet")
+    rows = table.to_pylist()
+    image = copy / rows[0]["path"]
+    image.write_bytes(image.read_bytes() + b"\0")  # another file under the same name
+    write_manifest(copy, "distilled", **meta)
+    assert distilled_identity(copy) != identity
+    shutil.rmtree(copy)
+    shutil.copytree(small_set, copy)
+    rows[0]["class"] = (rows[0]["class"] + 1) % 10  # the same image under another label
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), copy / "manifest.parquet")
+    write_manifest(copy, "distilled", **meta)
+    assert distilled_identity(copy) != identity
 
 
 # ----------------------------------------------------------------------------- augmentation stream
@@ -661,8 +704,10 @@ def test_run_evaluate_seeds_summary(ray_session, small_set, digits_teacher, digi
     # several sets in one worker group: the same students as set-by-set; a seed finished by an
     # interrupted run of the same evaluation (kept under .seeds), there with other performance settings, is
     # taken, not retrained
-    from unidd_ray.artifacts import atomic_write_json, read_manifest
-    from unidd_ray.stages.evaluate import PARTIAL, EvalJob, job_key, run_evaluations
+    from unidd_ray.artifacts import atomic_write_json
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.pipeline import dataset_identity
+    from unidd_ray.stages.evaluate import RUN_NAME, SEEDS, EvalJob, distilled_identity, job_key, run_evaluations
     from unidd_ray.teacher import read_teacher_info
 
     both = replace(cfg, workers=2, split="seeds")
@@ -670,17 +715,27 @@ def test_run_evaluate_seeds_summary(ray_session, small_set, digits_teacher, digi
     resumed = EvalJob(small_set, tmp_path / "eval-resumed", both)
     interrupted = EvalJob(small_set, tmp_path / "eval-resumed", replace(both, workers=1, eval_batch_size=64,
                                                                         channels_last=not both.channels_last))
-    key = job_key(interrupted, read_manifest(small_set, "distilled"), read_teacher_info(digits_teacher).sha256)
-    atomic_write_json(tmp_path / "eval-resumed" / PARTIAL / "seed-1.json",
+    key = job_key(interrupted, distilled_identity(small_set), read_teacher_info(digits_teacher).sha256,
+                  dataset_identity(read_dataset_info(digits_data)))
+    atomic_write_json(tmp_path / "eval-resumed" / SEEDS / "seed-1.json",
                       {"job": 0, "seed": 1, "top1": 12.5, "seconds": 1.0, "key": key})
-    atomic_write_json(tmp_path / "eval-resumed" / PARTIAL / "seed-0.json",  # another evaluation's: ignored
+    atomic_write_json(tmp_path / "eval-resumed" / SEEDS / "seed-0.json",  # another evaluation's: ignored
                       {"job": 0, "seed": 0, "top1": 99.0, "seconds": 1.0, "key": "other"})
     grouped = run_evaluations([EvalJob(small_set, tmp_path / "eval-grouped", both), hard, resumed],
                               digits_teacher, digits_data, storage_path=tmp_path / "ray")
     assert grouped[0]["top1"] == summary["top1"] and grouped[0]["evaluated_with"] == 3
     assert grouped[1]["labels"] == "hard" and len(grouped[1]["top1"]) == 1
     assert grouped[2]["top1"] == [summary["top1"][0], 12.5]
-    assert not (tmp_path / "eval-resumed" / PARTIAL).exists()
+    # the seeds stay: fewer seeds train nothing; more train only the new ones
+    shutil.rmtree(tmp_path / "ray" / RUN_NAME)
+    (fewer,) = run_evaluations([EvalJob(small_set, tmp_path / "eval-resumed", replace(both, seeds=1))],
+                               digits_teacher, digits_data, storage_path=tmp_path / "ray")
+    assert fewer["top1"] == [summary["top1"][0]] and fewer["seeds"] == [0]
+    assert not (tmp_path / "ray" / RUN_NAME).exists()  # no Ray Train run started
+    (more,) = run_evaluations([EvalJob(small_set, tmp_path / "eval-resumed", replace(both, seeds=3))],
+                              digits_teacher, digits_data, storage_path=tmp_path / "ray")
+    assert more["top1"][:2] == [summary["top1"][0], 12.5] and more["seeds"] == [0, 1, 2]
+    assert json.loads((tmp_path / "eval-resumed" / "summary.json").read_text())["top1"] == more["top1"]
     with pytest.raises(ValueError, match="share evaluate.workers"):
         run_evaluations([EvalJob(small_set, tmp_path / "a", cfg), EvalJob(small_set, tmp_path / "b", both)],
                         digits_teacher, digits_data, storage_path=tmp_path / "ray")

@@ -179,6 +179,27 @@ def test_changing_one_method_setting_redoes_only_that_method(first):
     assert _row(changed, "random")["top1"] == _row(results, "random")["top1"]
 
 
+def test_more_seeds_train_only_the_new_ones(first):
+    """A re-run with two seeds evaluates in the first run's directories (the seed count is not in the key)
+    and keeps seed 0's students: their accuracies are the first run's."""
+    run, _, _, results = first
+    log, _ = _run(run, ["evaluate.seeds=2"])
+    for method in ("random", "dm", "cfm"):
+        assert f"[pipeline] evaluate {method} IPC 2: 2 seeds" in log, method
+        assert f"[pipeline] recover {method} IPC 2: reusing" in log or method == "random"
+    more = _results(run)
+    assert more["stages"] == results["stages"]
+    for method in ("random", "dm", "cfm"):
+        row = _row(more, method)
+        assert row["seeds"] == 2 and row["top1"][0] == _row(results, method)["top1"][0], method
+    ray_run = run / ".evaluate.ray" / "evaluate"  # Ray Train's folder of the last evaluation run
+    before = ray_run.stat()
+    _run(run, ["evaluate.seeds=1"])  # fewer: every summary is rewritten from the stored seeds, no student trained
+    after = ray_run.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert [r.get("top1") for r in _results(run)["rows"]] == [r.get("top1") for r in results["rows"]]
+
+
 # ----------------------------------------------------------------------------- kill and resume
 def test_resume_after_killed_stage_equals_uninterrupted_run(first, tmp_path):
     """Kill the pipeline (its whole process group) during cfm's recovery, re-run, compare with the first run."""

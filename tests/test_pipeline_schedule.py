@@ -249,3 +249,62 @@ def test_unread_settings_name_recover_settings_and_methods():
     fields = {f.name for f in dataclasses.fields(RecoverConfig)}
     for method, unread in UNREAD_RECOVER_SETTINGS.items():
         assert set(unread) <= fields - {"method", "ipc"}, method
+
+
+def test_evaluate_key_leaves_out_the_seed_count_and_holds_the_dataset():
+    """An evaluation's directory is the same for any seed count (seed k's student does not depend on it) and
+    moves with the dataset, the teacher, the images and a setting of the students; the key directories had
+    before (seed count in, the manifest's whole file list) is kept for finished directories."""
+    from types import SimpleNamespace
+
+    from unidd_ray.config import EvaluateConfig
+    from unidd_ray.pipeline import evaluate_key, legacy_evaluate_key
+
+    info = SimpleNamespace(fingerprint="f" * 64, storage="raw")
+    tinfo = SimpleNamespace(sha256="t" * 64)
+    base = evaluate_key(EvaluateConfig(seeds=3), info, tinfo, "images")
+    assert evaluate_key(EvaluateConfig(seeds=1), info, tinfo, "images") == base
+    assert evaluate_key(EvaluateConfig(seeds=3, cpus_per_worker=4), info, tinfo, "images") == base
+    moved = [evaluate_key(EvaluateConfig(seeds=3), SimpleNamespace(fingerprint="g" * 64, storage="raw"), tinfo,
+                          "images"),
+             evaluate_key(EvaluateConfig(seeds=3), info, SimpleNamespace(sha256="u" * 64), "images"),
+             evaluate_key(EvaluateConfig(seeds=3), info, tinfo, "other images"),
+             evaluate_key(EvaluateConfig(seeds=3, epochs=7), info, tinfo, "images")]
+    assert base not in moved and len(set(moved)) == len(moved)
+    # the key the code at 37f8dfa gave this evaluation (computed with that code)
+    files = {"0/0000.png": "a" * 64, "manifest.parquet": "b" * 64, "summary.json": "c" * 64}
+    assert legacy_evaluate_key(EvaluateConfig(seeds=3), info, tinfo, files) == "bd96370d6040"
+    assert legacy_evaluate_key(EvaluateConfig(seeds=2), info, tinfo, files) != "bd96370d6040"
+
+
+def test_data_key_leaves_out_the_training_resolution():
+    """prepare does not read ``data.resolution``: the prepared dataset's key is the same for any; the key
+    prepared datasets had before (resolution in) is kept for complete directories."""
+    from unidd_ray.config import DataConfig
+    from unidd_ray.pipeline import data_key, legacy_data_key
+
+    at16 = Recipe(data=DataConfig(dataset="digits", resolution=16))
+    assert data_key(at16) == data_key(replace(at16, data=replace(at16.data, resolution=32))) == \
+        data_key(replace(at16, data=replace(at16.data, resolution=None)))
+    for stored in ({"max_resolution": 128}, {"jpeg_quality": 80}, {"dataset": "fashion-mnist"}, {"root": "/d"}):
+        assert data_key(replace(at16, data=replace(at16.data, **stored))) != data_key(at16), stored
+    assert legacy_data_key(at16) == "8d3c89003bcd"  # the key the code at 37f8dfa gave (computed with that code)
+
+
+def test_prepare_reuses_a_dataset_stored_under_the_legacy_key(tmp_path, digits_data, monkeypatch):
+    import shutil
+
+    import unidd_ray.data.sources
+    from unidd_ray.config import DataConfig
+    from unidd_ray.pipeline import data_key, legacy_data_key, prepare_stage
+
+    recipe = Recipe(data=DataConfig(dataset="digits", resolution=16))
+    shutil.copytree(digits_data, tmp_path / f"data-{legacy_data_key(recipe)}")
+
+    def no_source(*args, **kwargs):
+        raise AssertionError("prepare read the source again")
+
+    monkeypatch.setattr(unidd_ray.data.sources, "load_source", no_source)
+    data_dir, info = prepare_stage(recipe, tmp_path)
+    assert data_dir == tmp_path / f"data-{legacy_data_key(recipe)}" and info.name == "digits"
+    assert not (tmp_path / f"data-{data_key(recipe)}").exists()

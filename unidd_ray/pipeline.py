@@ -5,11 +5,12 @@ settings that change its result and of the identities of its inputs (dataset
 fingerprint, teacher sha256, statistics key, distilled set).  A stage whose
 directory is complete is reused; a stage killed half-way resumes (squeeze and
 recover continue from their Ray Train checkpoints, evaluation keeps every
-finished seed).  A recovery's key holds the recover settings its method reads
+finished seed, and its key leaves out the seed count, so more seeds train only
+the new students).  A recovery's key holds the recover settings its method reads
 (``UNREAD_RECOVER_SETTINGS``), so changing one method's settings (cfm's ``beta_max``, sre2l's
 ``bn_weight``) redoes only that method's recovery and evaluation; a setting every method reads
 (``lr``, ``iterations``) redoes them all.  All recoveries run first; then every set
-still lacking a ``summary.json`` is evaluated in a single Ray Train run, so the
+still lacking a ``summary.json`` of the seeds asked for is evaluated in a single Ray Train run, so the
 worker group (process start, imports, teacher load) is set up once.  Recoveries run
 side by side when the cluster holds several of their worker groups at once
 (``parallel_recoveries``): on a small CPU machine one thread does ~0.8× the work
@@ -42,6 +43,11 @@ PERFORMANCE_KEYS = {
     "squeeze": {"cpus_per_worker", "use_gpu", "max_failures", "eval_batch_size"},
     "data": {"num_workers"},
 }
+# Settings that say how much of a stage's work to do, not what any piece of it computes: the evaluation's seed
+# count (seed k's student is the same for any count), so a run with more seeds trains only the new ones.
+EXTENT_KEYS = {
+    "evaluate": {"seeds"},
+}
 # Settings added after stage directories existed: left out of the key while at these values, so that
 # adding a setting keeps every earlier directory valid (a run of the old code computed exactly this).
 NEUTRAL_DEFAULTS = {
@@ -67,9 +73,9 @@ UNREAD_RECOVER_SETTINGS = {
 
 
 def key_settings(kind: str, settings: dict) -> dict:
-    """The settings of a ``kind`` stage that go into its key: its performance settings and settings at
-    their neutral defaults left out."""
-    drop = PERFORMANCE_KEYS.get(kind, set())
+    """The settings of a ``kind`` stage that go into its key: its performance and extent settings and
+    settings at their neutral defaults left out."""
+    drop = PERFORMANCE_KEYS.get(kind, set()) | EXTENT_KEYS.get(kind, set())
     neutral = NEUTRAL_DEFAULTS.get(kind, {})
     return {k: v for k, v in settings.items() if k not in drop and not (k in neutral and v == neutral[k])}
 
@@ -99,7 +105,13 @@ def lossy_storage(info) -> dict:
 # ----------------------------------------------------------------------------- stage keys
 # Each stage's directory is named by one of these; they compute the key only and run nothing.
 def data_key(recipe: Recipe) -> str:
-    """The prepared dataset's key."""
+    """The prepared dataset's key: the source and how it is stored (``data.resolution``, the side the
+    teacher and students train at, is not read by prepare)."""
+    return stage_key("data", {k: v for k, v in to_dict(recipe.data).items() if k != "resolution"})
+
+
+def legacy_data_key(recipe: Recipe) -> str:
+    """The key prepared datasets had before 2026-12 (``data.resolution`` in): a complete one is still reused."""
     return stage_key("data", to_dict(recipe.data))
 
 
@@ -143,14 +155,24 @@ def data_parallel_input(cfg: EvaluateConfig) -> dict:
 
 def evaluate_settings(cfg: EvaluateConfig) -> dict:
     """What an evaluation's result depends on among its settings: those of its key, which is also what a
-    stored per-seed result of an interrupted run must have been made with to be reused."""
+    stored per-seed result must have been made with to be reused."""
     return {**key_settings("evaluate", to_dict(cfg)), **data_parallel_input(cfg)}
 
 
-def evaluate_key(cfg: EvaluateConfig, info, tinfo, distilled_files: dict) -> str:
-    """An evaluation's key: its settings, the teacher and the distilled set's manifest file list."""
-    return stage_key("evaluate", to_dict(cfg), teacher=tinfo.sha256, distilled=sha256_json(distilled_files),
-                     **lossy_storage(info), **data_parallel_input(cfg))
+def evaluate_key(cfg: EvaluateConfig, info, tinfo, distilled: str) -> str:
+    """An evaluation's key: its settings but the seed count, the teacher, the dataset and the distilled
+    set's images (``distilled``: :func:`unidd_ray.stages.evaluate.distilled_identity`)."""
+    return stage_key("evaluate", to_dict(cfg), teacher=tinfo.sha256, distilled=distilled,
+                     dataset=info.fingerprint, **lossy_storage(info), **data_parallel_input(cfg))
+
+
+def legacy_evaluate_key(cfg: EvaluateConfig, info, tinfo, distilled_files: dict) -> str:
+    """The key evaluation directories had before 2026-12 (seed count in, the distilled set's whole manifest
+    file list, no dataset fingerprint): a finished one is still reused."""
+    settings = {**key_settings("evaluate", to_dict(cfg)), "seeds": cfg.seeds}
+    return sha256_json({"kind": "evaluate", "settings": settings,
+                        "inputs": {"teacher": tinfo.sha256, "distilled": sha256_json(distilled_files),
+                                   **lossy_storage(info), **data_parallel_input(cfg)}})[:12]
 
 
 def _storage(stage_dir: Path, recipe: Recipe) -> Path:
@@ -162,6 +184,15 @@ def _storage(stage_dir: Path, recipe: Recipe) -> Path:
 
 def _log(msg: str) -> None:
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _evaluated(eval_dir: Path, seeds: int) -> bool:
+    """``eval_dir`` holds a summary of seeds 0 … ``seeds`` − 1."""
+    try:
+        summary = json.loads((eval_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("seeds") == list(range(seeds))
 
 
 def _complete_distilled(path: Path) -> bool:
@@ -177,7 +208,9 @@ def prepare_stage(recipe: Recipe, run: Path):
     from unidd_ray.data.prepare import prepare_dataset, read_dataset_info
     from unidd_ray.data.sources import load_source
 
-    data_dir = run / f"data-{data_key(recipe)}"
+    data_dir, legacy = run / f"data-{data_key(recipe)}", run / f"data-{legacy_data_key(recipe)}"
+    if not (data_dir / "dataset.json").is_file() and (legacy / "dataset.json").is_file():
+        data_dir = legacy
     if (data_dir / "dataset.json").is_file():
         _log(f"prepare: reusing {data_dir}")
     else:
@@ -292,7 +325,8 @@ def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
 
 def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS
-    from unidd_ray.stages.evaluate import EvalJob, check_student, run_evaluations, validate_evaluate, write_real_subset
+    from unidd_ray.stages.evaluate import (EvalJob, check_student, distilled_identity, run_evaluations, validate_evaluate,
+                                          write_real_subset)
     from unidd_ray.stages.recover import run_recover, validate_inputs
 
     unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
@@ -378,14 +412,17 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     for method, ipc, distilled in sets:
         hard = BASELINES.get(method, False)
         eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
-        distilled_files = read_manifest(distilled, "distilled", verify=False)["files"]
-        eval_dir = run / f"eval-{method}-ipc{ipc}-{evaluate_key(eval_cfg, info, tinfo, distilled_files)}"
+        prefix = f"eval-{method}-ipc{ipc}"
+        eval_dir = run / f"{prefix}-{evaluate_key(eval_cfg, info, tinfo, distilled_identity(distilled))}"
+        legacy = run / f"{prefix}-{legacy_evaluate_key(eval_cfg, info, tinfo, read_manifest(distilled, verify=False)['files'])}"
+        if not _evaluated(eval_dir, eval_cfg.seeds) and (legacy / "summary.json").is_file():
+            eval_dir = legacy
         job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
         planned.append((method, ipc, eval_dir, job, seconds[method, ipc]))
-        stages[f"eval-{method}-ipc{ipc}"] = str(eval_dir)
+        stages[prefix] = str(eval_dir)
 
-    # ---- evaluate every set that has no summary yet, in one worker group
-    todo = [job for _, _, eval_dir, job, _ in planned if not (eval_dir / "summary.json").is_file()]
+    # ---- evaluate every set that lacks a summary of the seeds asked for, in one worker group
+    todo = [job for _, _, eval_dir, job, _ in planned if not _evaluated(eval_dir, job.cfg.seeds)]
     pending = {id(job) for job in todo}
     for method, ipc, eval_dir, job, _ in planned:
         if id(job) in pending:

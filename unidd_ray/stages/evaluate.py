@@ -296,7 +296,7 @@ def _evaluate_loop(config: dict) -> list[dict]:
                                      wrap=_DistWrap() if world > 1 and not by_seed else None)
         record = {"job": j, "seed": seed, "top1": acc, "seconds": time.perf_counter() - t0, "key": job["key"]}
         if by_seed or rank == 0:  # a finished seed survives a crash of the rest of the group
-            atomic_write_json(Path(job["out_dir"]) / PARTIAL / f"seed-{seed}.json", record)
+            atomic_write_json(Path(job["out_dir"]) / SEEDS / f"seed-{seed}.json", record)
         done.append(record)
     if by_seed:
         import torch.distributed as dist
@@ -334,7 +334,8 @@ class EvalJob:
     name: str = ""
 
 
-PARTIAL = ".seeds"  # per-seed results of an unfinished evaluation, under the output directory
+SEEDS = ".seeds"  # each finished seed's result, under the output directory: a later run with the same settings
+# (after a crash, or with more seeds) trains only the seeds missing there
 
 
 def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateConfig, *, storage_path,
@@ -366,26 +367,52 @@ def _check_job(job: EvalJob, info, tinfo) -> dict:
     return distilled
 
 
-def job_key(job: EvalJob, manifest: dict, teacher_sha256: str) -> str:
+def distilled_identity(distilled_dir: str | Path, manifest: dict | None = None) -> str:
+    """What an evaluation reads of a distilled set: every image's path, class and sha256.  The set's summary
+    (wall times), config and optional ``.beton`` are left out, so a set recomputed bit for bit, or written with
+    other performance settings, is the same input.  ``manifest``: its ``manifest.json``, if already read."""
+    import pyarrow.parquet as pq
+
+    from unidd_ray.artifacts import read_manifest, sha256_json
+
+    files = (manifest or read_manifest(distilled_dir, "distilled", verify=False))["files"]
+    rows = pq.read_table(Path(distilled_dir) / "manifest.parquet", columns=["path", "class"]).to_pylist()
+    try:
+        return sha256_json(sorted((r["path"], int(r["class"]), files[r["path"]]) for r in rows))
+    except KeyError as exc:
+        raise ValueError(f"{distilled_dir}: image {exc} of manifest.parquet is not in manifest.json; "
+                         "the set is damaged: recover it again") from None
+
+
+def job_key(job: EvalJob, distilled: str, teacher_sha256: str, dataset: dict) -> str:
     """What a stored per-seed result must match to be reused: the settings the result depends on (those of
-    the pipeline's evaluation key, so a re-run with other performance settings keeps the finished seeds),
-    the distilled files, the teacher and the labels."""
+    the pipeline's evaluation key, so a re-run with other performance settings or another seed count keeps
+    the finished seeds), the distilled images (:func:`distilled_identity`), the teacher, the dataset
+    (``pipeline.dataset_identity``) and the labels."""
+    from unidd_ray.artifacts import sha256_json
     from unidd_ray.pipeline import evaluate_settings
 
-    return _seed_key(evaluate_settings(job.cfg), job, manifest, teacher_sha256)
+    return sha256_json({"evaluate": evaluate_settings(job.cfg), "distilled": distilled, "teacher": teacher_sha256,
+                        "dataset": dataset, "soft_labels": _soft_labels_input(job)})
 
 
-def reusable_keys(job: EvalJob, manifest: dict, teacher_sha256: str) -> set[str]:
-    """The keys of the stored per-seed results this job takes: :func:`job_key`, and a key made from the job's
-    whole configuration (performance settings too), as per-seed results were keyed before."""
-    return {job_key(job, manifest, teacher_sha256), _seed_key(to_dict(job.cfg), job, manifest, teacher_sha256)}
-
-
-def _seed_key(settings: dict, job: EvalJob, manifest: dict, teacher_sha256: str) -> str:
+def reusable_keys(job: EvalJob, distilled: str, manifest: dict, teacher_sha256: str, dataset: dict) -> set[str]:
+    """The keys of the stored per-seed results this job takes: :func:`job_key`, and the two keys results of an
+    interrupted run had before 2026-12 (the distilled set's whole manifest file list; the result-relevant
+    settings with the seed count, or the whole configuration)."""
     from unidd_ray.artifacts import sha256_json
+    from unidd_ray.pipeline import evaluate_settings
 
-    return sha256_json({"evaluate": settings, "distilled": manifest["files"], "teacher": teacher_sha256,
-                        "soft_labels": str(Path(job.soft_labels).resolve()) if job.soft_labels else None})
+    def legacy(settings: dict) -> str:
+        return sha256_json({"evaluate": settings, "distilled": manifest["files"], "teacher": teacher_sha256,
+                            "soft_labels": _soft_labels_input(job)})
+
+    return {job_key(job, distilled, teacher_sha256, dataset),
+            legacy({**evaluate_settings(job.cfg), "seeds": job.cfg.seeds}), legacy(to_dict(job.cfg))}
+
+
+def _soft_labels_input(job: EvalJob) -> str | None:
+    return str(Path(job.soft_labels).resolve()) if job.soft_labels else None
 
 
 def _finished_seeds(out_dir: Path, keys: set[str]) -> dict[int, dict]:
@@ -393,7 +420,7 @@ def _finished_seeds(out_dir: Path, keys: set[str]) -> dict[int, dict]:
     import json
 
     found = {}
-    for path in sorted((out_dir / PARTIAL).glob("seed-*.json")):
+    for path in sorted((out_dir / SEEDS).glob("seed-*.json")):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -410,7 +437,7 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     All jobs share the worker layout (``workers``, ``cpus_per_worker``, ``use_gpu``, ``split``).
     With ``split: seeds`` the (set, seed) tasks are dealt out to the workers; with ``split: data``
     the workers train every student together.  Each finished seed is kept under
-    ``<out_dir>/.seeds`` so that a re-run after a crash trains only the missing ones.
+    ``<out_dir>/.seeds`` so that a re-run after a crash, or with more seeds, trains only the missing ones.
     """
     import json
     import shutil
@@ -420,6 +447,7 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
 
     from unidd_ray.artifacts import atomic_write_json, atomic_write_text
     from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.pipeline import dataset_identity
     from unidd_ray.ray_utils import require_resources, torch_config
     from unidd_ray.teacher import read_teacher_info
 
@@ -437,8 +465,11 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     for cfg in {json.dumps([j.cfg.student, j.cfg.student_options], sort_keys=True): j.cfg for j in jobs}.values():
         check_student(cfg, tinfo)  # once per student, not in every worker
     cfg0 = jobs[0].cfg
-    keys = [job_key(j, m, tinfo.sha256) for j, m in zip(jobs, manifests)]
-    finished = [_finished_seeds(Path(j.out_dir), reusable_keys(j, m, tinfo.sha256)) for j, m in zip(jobs, manifests)]
+    dataset = dataset_identity(info)
+    identities = [distilled_identity(j.distilled_dir, m) for j, m in zip(jobs, manifests)]
+    keys = [job_key(j, d, tinfo.sha256, dataset) for j, d in zip(jobs, identities)]
+    finished = [_finished_seeds(Path(j.out_dir), reusable_keys(j, d, m, tinfo.sha256, dataset))
+                for j, d, m in zip(jobs, identities, manifests)]
     tasks = [(i, s) for i, j in enumerate(jobs) for s in range(j.cfg.seeds) if s not in finished[i]]
     workers = min(cfg0.workers, max(1, len(tasks))) if cfg0.split == "seeds" else cfg0.workers  # none idle
     require_resources("evaluate", workers=workers, cpus=cfg0.cpus_per_worker, gpus=1 if cfg0.use_gpu else 0)
@@ -491,6 +522,5 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
         atomic_write_json(out_dir / "summary.json", summary)
         if job.recipe_yaml is not None:
             atomic_write_text(out_dir / "config.yaml", job.recipe_yaml)
-        shutil.rmtree(out_dir / PARTIAL, ignore_errors=True)
         summaries.append(summary)
     return summaries
