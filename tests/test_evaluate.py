@@ -769,19 +769,37 @@ def test_evaluate_cli_refuses_mismatched_soft_labels(ray_session, small_set, dig
     assert not (tmp_path / "eval" / "summary.json").exists()
 
 
-def test_soft_labels_for_another_teacher_or_set_are_refused(relabelled, small_set, real_set):
-    from unidd_ray.artifacts import read_manifest
-    from unidd_ray.stages.evaluate import _settings
-    from unidd_ray.stages.relabel import check_soft_labels
+def test_soft_labels_for_another_teacher_or_set_are_refused(relabelled, small_set, real_set, tmp_path):
+    import pyarrow.parquet as pq
+
+    from unidd_ray.artifacts import read_manifest, write_manifest
+    from unidd_ray.stages.evaluate import _settings, distilled_identity
+    from unidd_ray.stages.relabel import CONFIG, FILE, KIND, check_soft_labels
 
     labels_dir, cfg = relabelled
     settings = _settings(cfg)
-    own = read_manifest(small_set, "distilled")["files"]
-    meta = check_soft_labels(labels_dir, settings, 20, distilled_files=own)
-    check_soft_labels(labels_dir, settings, 20, teacher_sha256=meta["teacher_sha256"], distilled_files=own)
+    own, other = distilled_identity(small_set), distilled_identity(real_set)
+    meta = check_soft_labels(labels_dir, settings, 20, distilled=own)
+    check_soft_labels(labels_dir, settings, 20, teacher_sha256=meta["teacher_sha256"], distilled=own)
     with pytest.raises(ValueError, match="another teacher"):
         check_soft_labels(labels_dir, settings, 20, teacher_sha256="0" * 64)
     with pytest.raises(ValueError, match="another distilled set"):
-        check_soft_labels(labels_dir, settings, 20, distilled_files=read_manifest(real_set, "distilled")["files"])
+        check_soft_labels(labels_dir, settings, 20, distilled=other)
+    # the set's images decide, not its other files: a new summary.json leaves the labels valid
+    check_soft_labels(labels_dir, settings, 20, distilled=own, distilled_files={"summary.json": "another"})
+    # labels stored before they recorded the images are checked by the set's whole file list
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    table = pq.read_table(labels_dir / FILE)
+    old_meta = {k: v for k, v in meta.items() if k != "distilled"}
+    pq.write_table(table.replace_schema_metadata({"unidd_ray": json.dumps(old_meta)}), legacy / FILE)
+    shutil.copy(labels_dir / CONFIG, legacy / CONFIG)
+    stored = read_manifest(labels_dir, KIND)
+    write_manifest(legacy, KIND, files=[FILE, CONFIG], teacher_sha256=stored["teacher_sha256"], images=20,
+                   epochs=stored["epochs"])
+    files = read_manifest(small_set, "distilled")["files"]
+    check_soft_labels(legacy, settings, 20, distilled=other, distilled_files=files)
+    with pytest.raises(ValueError, match="another distilled set"):
+        check_soft_labels(legacy, settings, 20, distilled=own, distilled_files=read_manifest(real_set, "distilled")["files"])
     with pytest.raises(ValueError, match="stream"):
         check_soft_labels(labels_dir, replace(settings, aug_seed=2), 20)

@@ -40,7 +40,7 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
 
     from unidd_ray.artifacts import atomic_file, atomic_write_text, read_manifest, write_manifest
     from unidd_ray.evaluation import augment_batch, epoch_augment
-    from unidd_ray.stages.evaluate import _settings, load_distilled, validate_evaluate
+    from unidd_ray.stages.evaluate import _settings, distilled_identity, load_distilled, validate_evaluate
     from unidd_ray.teacher import load_teacher, read_teacher_info
 
     validate_evaluate(cfg)
@@ -57,7 +57,7 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
     n = len(images)
     meta = {"aug_seed": settings.aug_seed, "crop_scale": list(settings.crop_scale), "cutmix": settings.cutmix,
             "epochs": settings.epochs, "images": n, "teacher_sha256": tinfo.sha256,
-            "distilled_files": distilled["files"]}
+            "distilled": distilled_identity(distilled_dir, distilled), "distilled_files": distilled["files"]}
     schema = pa.schema([
         pa.field("epoch", pa.int32()), pa.field("image_id", pa.int32()), pa.field("crop", pa.list_(pa.float64(), 4)),
         pa.field("flip", pa.bool_()), pa.field("partner", pa.int32()), pa.field("box", pa.list_(pa.float64(), 4)),
@@ -99,10 +99,12 @@ def _check_stream(meta: dict, settings, n: int) -> None:
 
 
 def check_soft_labels(directory, settings, n: int, *, teacher_sha256: str | None = None,
-                      distilled_files: dict | None = None) -> dict:
+                      distilled: str | None = None, distilled_files: dict | None = None) -> dict:
     """Check a relabel artifact against an evaluation before using it, reading only its metadata: the
     augmentation stream and epochs (as :meth:`StoredSoftLabels.check_stream`), the teacher and the
-    distilled set the labels were computed for.  Returns the stored metadata."""
+    distilled set the labels were computed for: its images (``distilled``, from
+    :func:`unidd_ray.stages.evaluate.distilled_identity`), or for labels stored before 2026-12, which
+    record the set's whole manifest file list only, ``distilled_files``.  Returns the stored metadata."""
     import pyarrow.parquet as pq
 
     from unidd_ray.artifacts import read_manifest
@@ -114,7 +116,11 @@ def check_soft_labels(directory, settings, n: int, *, teacher_sha256: str | None
     if teacher_sha256 is not None and meta["teacher_sha256"] != teacher_sha256:
         raise ValueError(f"the soft labels in {directory} were made by another teacher "
                          f"(sha256 {meta['teacher_sha256'][:12]}, not {teacher_sha256[:12]}); re-run `unidd-ray relabel`")
-    if distilled_files is not None and meta["distilled_files"] != distilled_files:
+    if "distilled" in meta:
+        other = distilled is not None and meta["distilled"] != distilled
+    else:
+        other = distilled_files is not None and meta["distilled_files"] != distilled_files
+    if other:
         raise ValueError(f"the soft labels in {directory} were made for another distilled set; "
                          "re-run `unidd-ray relabel`")
     return meta
