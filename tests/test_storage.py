@@ -255,7 +255,8 @@ def _listeners_and_sum(config):
 
 def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path):
     """A multi-worker Ray Train run of the embedded instance (the project's torch config) forms its process group
-    without a listener outside 127.0.0.1: Ray's default rendezvous has worker 0 host a TCP store on ``::``."""
+    without a listener outside 127.0.0.1: Ray's default rendezvous has worker 0 host a TCP store on ``::``;
+    workers on one node meet through a file, whose folder is removed at the end."""
     import glob
     import tempfile
 
@@ -264,7 +265,9 @@ def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path
 
     from unidd_ray.ray_utils import torch_config
 
-    before = set(glob.glob(f"{tempfile.gettempdir()}/unidd-ray-rendezvous-*"))
+    from unidd_ray.rendezvous import PREFIX
+
+    before = set(glob.glob(f"{tempfile.gettempdir()}/{PREFIX}*"))
     trainer = TorchTrainer(_listeners_and_sum, torch_config=torch_config(False), scaling_config=ScalingConfig(num_workers=2),
                            run_config=RunConfig(name="listeners", storage_path=str(tmp_path)))
     result = trainer.fit()
@@ -273,4 +276,36 @@ def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path
     assert report["sum"] == 3.0  # 1 + 2: both workers are in one group
     assert report["listening"]  # gloo's own socket at least
     assert [address for address in report["listening"] if not _loopback(address[0])] == []
-    assert set(glob.glob(f"{tempfile.gettempdir()}/unidd-ray-rendezvous-*")) == before  # the store's folder is gone
+    assert set(glob.glob(f"{tempfile.gettempdir()}/{PREFIX}*")) == before  # the store's folder is gone
+
+
+def test_workers_on_several_nodes_keep_rays_tcp_rendezvous(monkeypatch):
+    """A file is shared only by workers of one node: a group spread over nodes takes Ray's own rendezvous."""
+    from ray.train.torch.config import _TorchBackend
+
+    from unidd_ray import rendezvous
+    from unidd_ray.ray_utils import torch_config
+
+    class Group:
+        def __init__(self, nodes):
+            self.nodes = nodes
+
+        def __len__(self):
+            return len(self.nodes)
+
+        def execute(self, fn, *args, **kwargs):
+            assert fn is rendezvous._node_id, "only the node ids are asked before the choice"
+            return list(self.nodes)
+
+        def execute_single(self, rank, fn, *args, **kwargs):
+            raise AssertionError("a file rendezvous was set up for workers on several nodes")
+
+    started = []
+    monkeypatch.setattr(_TorchBackend, "on_start", lambda self, group, config: started.append(group))
+    config = torch_config(False)
+    assert config.backend == "gloo" and torch_config(True).backend == "nccl"
+    group = Group(["node-a", "node-b"])
+    config.backend_cls().on_start(group, config)
+    assert started == [group]
+    with pytest.raises(ValueError, match="gloo' or 'nccl"):
+        rendezvous.FileRendezvousTorchConfig(backend="mpi")

@@ -2,8 +2,9 @@
 
 The embedded instance is a one-machine cluster on 127.0.0.1: every server of it
 (GCS, raylet, object manager, workers, dashboard and runtime-env agents) listens
-on the loopback interface only, and its Ray Train worker groups form their torch
-process group through a file (:func:`torch_config`), not a TCP store.
+on the loopback interface only; Ray Train worker groups on one node (on any
+cluster) form their torch process group through a file (:func:`torch_config`),
+not a TCP store.
 
 Every worker process runs :func:`setup_worker` before user code
 (``worker_process_setup_hook``): the torchvision import fix, so tasks and actors
@@ -125,15 +126,9 @@ def cluster_resources() -> dict:
 
 
 def torch_config(use_gpu: bool):
-    """The ``TorchConfig`` of this project's Ray Train runs: gloo on CPUs, NCCL on GPUs.
+    """The ``TorchConfig`` of this project's Ray Train runs: gloo on CPUs, NCCL on GPUs, and a worker group
+    on one node forms its process group through a file (:mod:`unidd_ray.rendezvous`): Ray's default
+    rendezvous starts a TCP store on worker 0 that listens on every interface of the machine."""
+    from unidd_ray.rendezvous import FileRendezvousTorchConfig
 
-    On the embedded instance the workers meet through a file (:class:`unidd_ray.rendezvous.SingleHostTorchConfig`):
-    Ray's default rendezvous starts a TCP store on worker 0 that listens on every interface of the machine,
-    whatever address Ray gives the node.  A cluster keeps Ray's TCP rendezvous (its workers may be on
-    several machines)."""
-    from ray.train.torch import TorchConfig
-
-    from unidd_ray.rendezvous import SingleHostTorchConfig
-
-    backend = "nccl" if use_gpu else "gloo"
-    return SingleHostTorchConfig(backend=backend) if _EMBEDDED else TorchConfig(backend=backend)
+    return FileRendezvousTorchConfig(backend="nccl" if use_gpu else "gloo")
