@@ -800,6 +800,7 @@ def test_soft_labels_for_another_teacher_or_set_are_refused(relabelled, small_se
     files = read_manifest(small_set, "distilled")["files"]
     check_soft_labels(legacy, settings, 20, distilled=other, distilled_files=files)
     with pytest.raises(ValueError, match="another distilled set"):
-        check_soft_labels(legacy, settings, 20, distilled=own, distilled_files=read_manifest(real_set, "distilled")["files"])
+        check_soft_labels(legacy, settings, 20, distilled=own,
+                          distilled_files=read_manifest(real_set, "distilled")["files"])
     with pytest.raises(ValueError, match="stream"):
         check_soft_labels(labels_dir, replace(settings, aug_seed=2), 20)

@@ -268,7 +268,8 @@ def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path
     from unidd_ray.rendezvous import PREFIX
 
     before = set(glob.glob(f"{tempfile.gettempdir()}/{PREFIX}*"))
-    trainer = TorchTrainer(_listeners_and_sum, torch_config=torch_config(False), scaling_config=ScalingConfig(num_workers=2),
+    trainer = TorchTrainer(_listeners_and_sum, torch_config=torch_config(False),
+                           scaling_config=ScalingConfig(num_workers=2),
                            run_config=RunConfig(name="listeners", storage_path=str(tmp_path)))
     result = trainer.fit()
     assert result.error is None

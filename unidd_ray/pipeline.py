@@ -325,8 +325,8 @@ def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
 
 def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS
-    from unidd_ray.stages.evaluate import (EvalJob, check_student, distilled_identity, run_evaluations, validate_evaluate,
-                                          write_real_subset)
+    from unidd_ray.stages.evaluate import (EvalJob, check_student, distilled_identity, run_evaluations,
+                                          validate_evaluate, write_real_subset)
     from unidd_ray.stages.recover import run_recover, validate_inputs
 
     unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
@@ -414,7 +414,8 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
         prefix = f"eval-{method}-ipc{ipc}"
         eval_dir = run / f"{prefix}-{evaluate_key(eval_cfg, info, tinfo, distilled_identity(distilled))}"
-        legacy = run / f"{prefix}-{legacy_evaluate_key(eval_cfg, info, tinfo, read_manifest(distilled, verify=False)['files'])}"
+        files = read_manifest(distilled, verify=False)["files"]
+        legacy = run / f"{prefix}-{legacy_evaluate_key(eval_cfg, info, tinfo, files)}"
         if not _evaluated(eval_dir, eval_cfg.seeds) and (legacy / "summary.json").is_file():
             eval_dir = legacy
         job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")

@@ -363,7 +363,8 @@ def _check_job(job: EvalJob, info, tinfo) -> dict:
         from unidd_ray.stages.relabel import check_soft_labels
 
         check_soft_labels(job.soft_labels, _settings(cfg), images, teacher_sha256=tinfo.sha256,
-                          distilled=distilled_identity(job.distilled_dir, distilled), distilled_files=distilled["files"])
+                          distilled=distilled_identity(job.distilled_dir, distilled),
+                          distilled_files=distilled["files"])
     return distilled
 
 
