@@ -274,7 +274,7 @@ def test_finished_seeds_survive_a_change_of_performance_settings(tmp_path):
     students does not, nor other images, teacher or dataset."""
     from unidd_ray.artifacts import atomic_write_json, sha256_json
     from unidd_ray.config import to_dict
-    from unidd_ray.stages.evaluate import SEEDS, EvalJob, _finished_seeds, job_key, reusable_keys
+    from unidd_ray.stages.evaluate import SEEDS, EvalJob, finished_seeds, job_key, reusable_keys
 
     manifest = {"files": {"images/0000/0000.png": "a" * 64}}
     data = {"fingerprint": "f"}
@@ -285,11 +285,11 @@ def test_finished_seeds_survive_a_change_of_performance_settings(tmp_path):
     for performance in ({"workers": 1}, {"cpus_per_worker": 1}, {"eval_batch_size": 100}, {"channels_last": True},
                         {"use_gpu": True}, {"seeds": 5}, {"seeds": 1}):
         again = EvalJob("set", tmp_path / "eval", replace(cfg, **performance))
-        assert _finished_seeds(tmp_path / "eval", reusable_keys(again, "images", manifest, "t", data)) == {
+        assert finished_seeds(tmp_path / "eval", reusable_keys(again, "images", manifest, "t", data)) == {
             0: record}, performance
     for result in ({"lr": 2e-3}, {"epochs": 61}, {"split": "data"}, {"batch_size": 4}):
         other = EvalJob("set", tmp_path / "eval", replace(cfg, **result))
-        assert _finished_seeds(tmp_path / "eval", reusable_keys(other, "images", manifest, "t", data)) == {}, result
+        assert finished_seeds(tmp_path / "eval", reusable_keys(other, "images", manifest, "t", data)) == {}, result
     assert job_key(crashed, "other images", "t", data) != record["key"]
     assert job_key(crashed, "images", "u", data) != record["key"]
     assert job_key(crashed, "images", "t", {"fingerprint": "g"}) != record["key"]

@@ -185,7 +185,7 @@ def test_more_seeds_train_only_the_new_ones(first):
     run, _, _, results = first
     log, _ = _run(run, ["evaluate.seeds=2"])
     for method in ("random", "dm", "cfm"):
-        assert f"[pipeline] evaluate {method} IPC 2: 2 seeds" in log, method
+        assert f"[pipeline] evaluate {method} IPC 2: 2 seeds, 1 stored" in log, method
         assert f"[pipeline] recover {method} IPC 2: reusing" in log or method == "random"
     more = _results(run)
     assert more["stages"] == results["stages"]
@@ -194,7 +194,9 @@ def test_more_seeds_train_only_the_new_ones(first):
         assert row["seeds"] == 2 and row["top1"][0] == _row(results, method)["top1"][0], method
     ray_run = run / ".evaluate.ray" / "evaluate"  # Ray Train's folder of the last evaluation run
     before = ray_run.stat()
-    _run(run, ["evaluate.seeds=1"])  # fewer: every summary is rewritten from the stored seeds, no student trained
+    # fewer: every summary is rewritten from the stored seeds, no student is trained
+    log, _ = _run(run, ["evaluate.seeds=1"])
+    assert "[pipeline] evaluate cfm IPC 2: 1 seeds, 1 stored" in log
     after = ray_run.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert [r.get("top1") for r in _results(run)["rows"]] == [r.get("top1") for r in results["rows"]]

@@ -416,7 +416,7 @@ def _soft_labels_input(job: EvalJob) -> str | None:
     return str(Path(job.soft_labels).resolve()) if job.soft_labels else None
 
 
-def _finished_seeds(out_dir: Path, keys: set[str]) -> dict[int, dict]:
+def finished_seeds(out_dir: Path, keys: set[str]) -> dict[int, dict]:
     """Per-seed results left by an interrupted run of the same evaluation (a key among ``keys``)."""
     import json
 
@@ -469,7 +469,7 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     dataset = dataset_identity(info)
     identities = [distilled_identity(j.distilled_dir, m) for j, m in zip(jobs, manifests)]
     keys = [job_key(j, d, tinfo.sha256, dataset) for j, d in zip(jobs, identities)]
-    finished = [_finished_seeds(Path(j.out_dir), reusable_keys(j, d, m, tinfo.sha256, dataset))
+    finished = [finished_seeds(Path(j.out_dir), reusable_keys(j, d, m, tinfo.sha256, dataset))
                 for j, d, m in zip(jobs, identities, manifests)]
     tasks = [(i, s) for i, j in enumerate(jobs) for s in range(j.cfg.seeds) if s not in finished[i]]
     workers = min(cfg0.workers, max(1, len(tasks))) if cfg0.split == "seeds" else cfg0.workers  # none idle
