@@ -293,6 +293,21 @@ def test_finished_seeds_survive_a_change_of_performance_settings(tmp_path):
     assert job_key(crashed, "other images", "t", data) != record["key"]
     assert job_key(crashed, "images", "u", data) != record["key"]
     assert job_key(crashed, "images", "t", {"fingerprint": "g"}) != record["key"]
+    # stored soft labels enter by content: other labels written into the same folder are other students
+    from unidd_ray.artifacts import write_manifest
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "soft_labels.parquet").write_bytes(b"first")
+    write_manifest(labels, "soft_labels")
+    stored = EvalJob("set", tmp_path / "eval", cfg, soft_labels=labels)
+    first = job_key(stored, "images", "t", data)
+    (labels / "soft_labels.parquet").write_bytes(b"second")
+    write_manifest(labels, "soft_labels")
+    assert len({first, job_key(stored, "images", "t", data), record["key"]}) == 3
+    hard = replace(cfg, hard_labels=True)  # hard labels read no soft labels
+    assert job_key(EvalJob("set", "o", hard, soft_labels=labels), "images", "t", data) == \
+        job_key(EvalJob("set", "o", hard), "images", "t", data)
     # with split: data the worker count shards every batch (and BatchNorm): it is part of the key
     split_data = replace(cfg, split="data")
     assert job_key(EvalJob("set", "o", replace(split_data, workers=1)), "images", "t", data) != \
@@ -334,10 +349,44 @@ def test_distilled_identity_is_the_images_the_evaluation_reads(small_set, tmp_pa
     assert distilled_identity(copy) != identity
     shutil.rmtree(copy)
     shutil.copytree(small_set, copy)
+    # the same images in another order: an image's row is its id in the augmentation stream and soft labels
+    pq.write_table(pa.Table.from_pylist(rows[::-1], schema=table.schema), copy / "manifest.parquet")
+    write_manifest(copy, "distilled", **meta)
+    assert distilled_identity(copy) != identity
+    shutil.rmtree(copy)
+    shutil.copytree(small_set, copy)
     rows[0]["class"] = (rows[0]["class"] + 1) % 10  # the same image under another label
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), copy / "manifest.parquet")
     write_manifest(copy, "distilled", **meta)
     assert distilled_identity(copy) != identity
+
+
+def test_stored_seeds_alone_make_the_summary_and_take_the_current_key(ray_session, small_set, digits_teacher,
+                                                                       digits_data, tmp_path):
+    """Every seed stored (here under the key of a run before 2026-12): no Ray Train run starts, the summary says
+    nothing was trained, and the record is rewritten under the current key so that a later run with
+    another seed count finds it too."""
+    from unidd_ray.artifacts import atomic_write_json, read_manifest, sha256_json
+    from unidd_ray.config import to_dict
+    from unidd_ray.data.prepare import read_dataset_info
+    from unidd_ray.pipeline import dataset_identity
+    from unidd_ray.stages.evaluate import RUN_NAME, SEEDS, EvalJob, distilled_identity, job_key, run_evaluations
+    from unidd_ray.teacher import read_teacher_info
+
+    cfg = _cfg(epochs=5, seeds=1)
+    teacher = read_teacher_info(digits_teacher).sha256
+    old_key = sha256_json({"evaluate": to_dict(cfg), "distilled": read_manifest(small_set, "distilled")["files"],
+                           "teacher": teacher, "soft_labels": None})
+    out = tmp_path / "eval"
+    atomic_write_json(out / SEEDS / "seed-0.json", {"job": 3, "seed": 0, "top1": 42.5, "seconds": 2.0, "key": old_key})
+    (summary,) = run_evaluations([EvalJob(small_set, out, cfg)], digits_teacher, digits_data,
+                                 storage_path=tmp_path / "ray")
+    assert not (tmp_path / "ray" / RUN_NAME).exists()
+    assert (summary["top1"], summary["seeds"], summary["seconds"]) == ([42.5], [0], 2.0)
+    assert (summary["trained_seeds"], summary["trained_seconds"]) == ([], 0)
+    current = job_key(EvalJob(small_set, out, cfg), distilled_identity(small_set), teacher,
+                      dataset_identity(read_dataset_info(digits_data)))
+    assert json.loads((out / SEEDS / "seed-0.json").read_text())["key"] == current
 
 
 # ----------------------------------------------------------------------------- augmentation stream

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import socket
 import stat
 from pathlib import Path
 
@@ -240,7 +241,10 @@ def test_embedded_ray_listens_on_loopback_only(ray_session):
 
 
 def _listeners_and_sum(config):
-    """A Ray Train worker's all-reduce of its rank + 1 and the sockets its process listens on."""
+    """Every Ray Train worker's all-reduce of its rank + 1, the sockets its process listens on and the
+    interface gloo was told to bind to (gathered on every rank)."""
+    import os
+
     import psutil
     import torch
     import torch.distributed as dist
@@ -249,8 +253,11 @@ def _listeners_and_sum(config):
     dist.all_reduce(total)
     sockets = [(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet")
                if c.status == psutil.CONN_LISTEN]
-    dist.barrier()  # every worker has listed its sockets before any leaves the group
-    return {"rank": dist.get_rank(), "sum": float(total), "listening": sockets}
+    mine = {"rank": dist.get_rank(), "sum": float(total), "listening": sockets,
+            "gloo_interface": os.environ.get("GLOO_SOCKET_IFNAME")}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)  # also: no worker leaves before every one has listed its sockets
+    return everyone
 
 
 def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path):
@@ -273,10 +280,14 @@ def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path
                            run_config=RunConfig(name="listeners", storage_path=str(tmp_path)))
     result = trainer.fit()
     assert result.error is None
-    report = result.return_value  # rank 0's
-    assert report["sum"] == 3.0  # 1 + 2: both workers are in one group
-    assert report["listening"]  # gloo's own socket at least
-    assert [address for address in report["listening"] if not _loopback(address[0])] == []
+    workers = result.return_value  # rank 0's: every rank's report
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert [w["sum"] for w in workers] == [3.0, 3.0]  # 1 + 2: both workers are in one group
+    loopback = {name for _, name in socket.if_nameindex() if name in ("lo", "lo0")}
+    for w in workers:
+        assert w["listening"]  # gloo's own socket at least
+        assert [address for address in w["listening"] if not _loopback(address[0])] == [], w
+        assert w["gloo_interface"] in loopback  # gloo binds there whatever the host name resolves to
     assert set(glob.glob(f"{tempfile.gettempdir()}/{PREFIX}*")) == before  # the store's folder is gone
 
 
@@ -310,3 +321,59 @@ def test_workers_on_several_nodes_keep_rays_tcp_rendezvous(monkeypatch):
     assert started == [group]
     with pytest.raises(ValueError, match="gloo' or 'nccl"):
         rendezvous.FileRendezvousTorchConfig(backend="mpi")
+
+
+def test_file_rendezvous_has_a_folder_per_start_removed_at_shutdown(monkeypatch, tmp_path):
+    """A restarted group (on_start again) gets a fresh folder, so it cannot read the last group's keys; shutdown
+    removes every folder through worker 0 and keeps, for the next shutdown, those it could not remove."""
+    import tempfile
+
+    from ray.train.torch.config import _TorchBackend
+
+    from unidd_ray import rendezvous
+    from unidd_ray.ray_utils import torch_config
+
+    class Group:
+        worker_dead = False
+
+        def __len__(self):
+            return 2
+
+        def execute(self, fn, *args, **kwargs):
+            if fn is rendezvous._node_id:
+                return ["node-a", "node-a"]
+            calls.append(fn.__name__)  # _bind_to_loopback, _set_torch_distributed_env_vars: not run here
+            return [None, None]
+
+        def execute_single(self, rank, fn, *args, **kwargs):
+            assert rank == 0
+            return fn(*args, **kwargs)
+
+        def execute_single_async(self, rank, fn, *args, **kwargs):
+            if fn is rendezvous._remove_folder:
+                if self.worker_dead:
+                    raise RuntimeError("worker 0 is dead")
+                return fn(*args, **kwargs)
+            calls.append((rank, kwargs["init_method"], kwargs["world_size"]))
+            return None
+
+    calls = []
+    monkeypatch.setattr(rendezvous.ray, "get", lambda refs, timeout=None: refs)
+    monkeypatch.setattr(_TorchBackend, "on_shutdown", lambda self, group, config: None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config, group = torch_config(False), Group()
+    backend = config.backend_cls()
+    backend.on_start(group, config)
+    backend.on_start(group, config)  # a restart
+    folders = sorted(tmp_path.glob(f"{rendezvous.PREFIX}*"))
+    assert len(folders) == 2
+    urls = [c[1] for c in calls if isinstance(c, tuple)]
+    assert urls == [f"file://{folders[0]}/store"] * 2 + [f"file://{folders[1]}/store"] * 2 or \
+        urls == [f"file://{folders[1]}/store"] * 2 + [f"file://{folders[0]}/store"] * 2
+    assert [c for c in calls if isinstance(c, str)].count("_bind_to_loopback") == 2
+    group.worker_dead = True
+    backend.on_shutdown(group, config)
+    assert sorted(tmp_path.glob(f"{rendezvous.PREFIX}*")) == folders
+    group.worker_dead = False
+    backend.on_shutdown(group, config)
+    assert list(tmp_path.glob(f"{rendezvous.PREFIX}*")) == []

@@ -325,8 +325,8 @@ def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
 
 def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS
-    from unidd_ray.stages.evaluate import (EvalJob, check_student, distilled_identity, finished_seeds, job_key,
-                                          run_evaluations, validate_evaluate, write_real_subset)
+    from unidd_ray.stages.evaluate import (SEEDS, EvalJob, check_student, distilled_identity, finished_seeds,
+                                          job_key, run_evaluations, validate_evaluate, write_real_subset)
     from unidd_ray.stages.recover import run_recover, validate_inputs
 
     unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
@@ -420,6 +420,8 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         legacy = run / f"{prefix}-{legacy_evaluate_key(eval_cfg, info, tinfo, files)}"
         if not _evaluated(eval_dir, eval_cfg.seeds) and (legacy / "summary.json").is_file():
             eval_dir = legacy
+        elif (legacy / SEEDS).is_dir() and not eval_dir.exists():  # a run interrupted under the old key: its
+            legacy.rename(eval_dir)  # finished seeds move to the new directory (their old keys are accepted)
         job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
         planned.append((method, ipc, eval_dir, job, seconds[method, ipc]))
         job_keys[id(job)] = job_key(job, identity, tinfo.sha256, dataset_identity(info))
@@ -442,11 +444,11 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
                         num_workers=recipe.data.num_workers)
         eval_wall = time.perf_counter() - t0
     summaries = {str(eval_dir): json.loads((eval_dir / "summary.json").read_text()) for _, _, eval_dir, _, _ in planned}
-    student_seconds = sum(summaries[str(job.out_dir)]["seconds"] for job in todo) or 1.0
+    student_seconds = sum(summaries[str(job.out_dir)]["trained_seconds"] for job in todo) or 1.0
     for method, ipc, eval_dir, job, set_seconds in planned:
         summary = summaries[str(eval_dir)]
         # the shared evaluation's wall time, apportioned by the students' own time
-        share = eval_wall * summary["seconds"] / student_seconds if id(job) in pending else 0.0
+        share = eval_wall * summary["trained_seconds"] / student_seconds if id(job) in pending else 0.0
         rows.append({"method": method, "ipc": ipc, "top1_mean": summary["top1_mean"],
                      "top1_std": summary["top1_std"], "seeds": len(summary["seeds"]),
                      "seconds": round(set_seconds + share, 1), "labels": summary["labels"],

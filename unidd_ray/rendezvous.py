@@ -1,11 +1,13 @@
-"""Ray Train's torch process group formed through a file when its workers share a node.
+"""Ray Train's torch process group formed through a file and loopback sockets when its workers share a node.
 
 Ray's torch backend has worker 0 host a ``TCPStore`` for the rendezvous, and torch binds that store to
-every interface of the machine (``::``), whatever address the node has: a one-machine run (the embedded
-instance, a single-node cluster, ``ray job submit`` to a workstation) would listen on the network for
-its whole length.  A worker group whose workers are all on one node meets through torch's ``FileStore``
-in a fresh private folder made by worker 0 instead (gloo's own sockets bind to the node's address, NCCL
-uses its own transport); a group spread over several nodes keeps Ray's TCP rendezvous.
+every interface of the machine (``::``), whatever address the node has; gloo then binds its own sockets
+to the address the host name resolves to.  A one-machine run (the embedded instance, a single-node
+cluster, ``ray job submit`` to a workstation) would listen on the network for its whole length.  A
+worker group whose workers are all on one node meets through torch's ``FileStore`` in a fresh private
+folder made by worker 0 instead, and its gloo and NCCL sockets are bound to the loopback interface
+(``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, unless already set); a group spread over several
+nodes keeps Ray's TCP rendezvous and the interfaces the libraries choose.
 
 This module subclasses Ray Train's torch backend (``ray.train.torch.config._TorchBackend``) and calls
 its process-group helpers; ``tests/test_storage.py`` checks the listeners of a two-worker run.
@@ -23,10 +25,25 @@ from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
 PREFIX = "unidd-ray-rendezvous-"
+REMOVE_TIMEOUT_S = 30  # Ray may give up on a hung process-group shutdown; the folder's removal queues behind it
 
 
 def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
+
+
+def _bind_to_loopback() -> str | None:
+    """Have gloo and NCCL bind this worker's sockets to the loopback interface (its peers are on this node);
+    returns the interface gloo will use."""
+    import os
+    import socket
+
+    names = {name for _, name in socket.if_nameindex()}
+    loopback = next((name for name in ("lo", "lo0") if name in names), None)
+    if loopback is not None:
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(variable, loopback)
+    return os.environ.get("GLOO_SOCKET_IFNAME")
 
 
 def _make_folder() -> str:
@@ -50,6 +67,7 @@ class FileRendezvousBackend(_TorchBackend):
             return super().on_start(worker_group, backend_config)  # several machines: Ray's TCP store
         folder = worker_group.execute_single(0, _make_folder)
         self._folders.append(folder)
+        worker_group.execute(_bind_to_loopback)
         if not isinstance(worker_group, V1WorkerGroup):  # Ray Train v2 sets these before the group forms
             worker_group.execute(_set_torch_distributed_env_vars)
         n = len(worker_group)
@@ -61,12 +79,13 @@ class FileRendezvousBackend(_TorchBackend):
         try:
             super().on_shutdown(worker_group, backend_config)
         finally:
+            kept = []
             for folder in self._folders:
-                try:  # on the node of the group's worker 0 (a restarted group may have moved: best effort)
-                    worker_group.execute_single(0, _remove_folder, folder)
-                except Exception:  # noqa: BLE001 - a dead worker leaves an empty folder in its node's temp dir
-                    pass
-            self._folders.clear()
+                try:  # on the node of the group's worker 0; a dead or hung worker keeps it for the next shutdown
+                    ray.get(worker_group.execute_single_async(0, _remove_folder, folder), timeout=REMOVE_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 - an empty folder (or a store file) left in a temp directory
+                    kept.append(folder)
+            self._folders = kept
 
 
 @dataclass

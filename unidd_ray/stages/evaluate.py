@@ -369,9 +369,11 @@ def _check_job(job: EvalJob, info, tinfo) -> dict:
 
 
 def distilled_identity(distilled_dir: str | Path, manifest: dict | None = None) -> str:
-    """What an evaluation reads of a distilled set: every image's path, class and sha256.  The set's summary
-    (wall times), config and optional ``.beton`` are left out, so a set recomputed bit for bit, or written with
-    other performance settings, is the same input.  ``manifest``: its ``manifest.json``, if already read."""
+    """What an evaluation reads of a distilled set: every image's path, class and sha256, in the order of
+    ``manifest.parquet`` (an image's row is its id in the augmentation stream and in stored soft labels).
+    The set's summary (wall times), config and optional ``.beton`` are left out, so a set recomputed bit for
+    bit, or written with other performance settings, is the same input.  ``manifest``: its
+    ``manifest.json``, if already read."""
     import pyarrow.parquet as pq
 
     from unidd_ray.artifacts import read_manifest, sha256_json
@@ -379,7 +381,7 @@ def distilled_identity(distilled_dir: str | Path, manifest: dict | None = None) 
     files = (manifest or read_manifest(distilled_dir, "distilled", verify=False))["files"]
     rows = pq.read_table(Path(distilled_dir) / "manifest.parquet", columns=["path", "class"]).to_pylist()
     try:
-        return sha256_json(sorted((r["path"], int(r["class"]), files[r["path"]]) for r in rows))
+        return sha256_json([(r["path"], int(r["class"]), files[r["path"]]) for r in rows])
     except KeyError as exc:
         raise ValueError(f"{distilled_dir}: image {exc} of manifest.parquet is not in manifest.json; "
                          "the set is damaged: recover it again") from None
@@ -394,7 +396,7 @@ def job_key(job: EvalJob, distilled: str, teacher_sha256: str, dataset: dict) ->
     from unidd_ray.pipeline import evaluate_settings
 
     return sha256_json({"evaluate": evaluate_settings(job.cfg), "distilled": distilled, "teacher": teacher_sha256,
-                        "dataset": dataset, "soft_labels": _soft_labels_input(job)})
+                        "dataset": dataset, "soft_labels": _soft_labels_content(job)})
 
 
 def reusable_keys(job: EvalJob, distilled: str, manifest: dict, teacher_sha256: str, dataset: dict) -> set[str]:
@@ -406,14 +408,20 @@ def reusable_keys(job: EvalJob, distilled: str, manifest: dict, teacher_sha256: 
 
     def legacy(settings: dict) -> str:
         return sha256_json({"evaluate": settings, "distilled": manifest["files"], "teacher": teacher_sha256,
-                            "soft_labels": _soft_labels_input(job)})
+                            "soft_labels": str(Path(job.soft_labels).resolve()) if job.soft_labels else None})
 
     return {job_key(job, distilled, teacher_sha256, dataset),
             legacy({**evaluate_settings(job.cfg), "seeds": job.cfg.seeds}), legacy(to_dict(job.cfg))}
 
 
-def _soft_labels_input(job: EvalJob) -> str | None:
-    return str(Path(job.soft_labels).resolve()) if job.soft_labels else None
+def _soft_labels_content(job: EvalJob) -> str | None:
+    """The stored soft labels a job trains with, by content (a relabel into the same folder is other labels),
+    or None: online labels, or hard labels (which read none)."""
+    from unidd_ray.artifacts import read_manifest, sha256_json
+
+    if not job.soft_labels or job.cfg.hard_labels:
+        return None
+    return sha256_json(read_manifest(job.soft_labels, verify=False)["files"])
 
 
 def finished_seeds(out_dir: Path, keys: set[str]) -> dict[int, dict]:
@@ -471,13 +479,18 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     keys = [job_key(j, d, tinfo.sha256, dataset) for j, d in zip(jobs, identities)]
     finished = [finished_seeds(Path(j.out_dir), reusable_keys(j, d, m, tinfo.sha256, dataset))
                 for j, d, m in zip(jobs, identities, manifests)]
+    for job, key, found in zip(jobs, keys, finished):  # records kept under an older key take the current one,
+        for seed, record in found.items():  # so a later run with another seed count still finds them
+            if record["key"] != key:
+                found[seed] = {**record, "key": key}
+                atomic_write_json(Path(job.out_dir) / SEEDS / f"seed-{seed}.json", found[seed])
     tasks = [(i, s) for i, j in enumerate(jobs) for s in range(j.cfg.seeds) if s not in finished[i]]
     workers = min(cfg0.workers, max(1, len(tasks))) if cfg0.split == "seeds" else cfg0.workers  # none idle
-    require_resources("evaluate", workers=workers, cpus=cfg0.cpus_per_worker, gpus=1 if cfg0.use_gpu else 0)
     storage_path = Path(storage_path).resolve()
     started = time.perf_counter()
     records: list[dict] = []  # this run's students
     if tasks:
+        require_resources("evaluate", workers=workers, cpus=cfg0.cpus_per_worker, gpus=1 if cfg0.use_gpu else 0)
         shutil.rmtree(storage_path / RUN_NAME, ignore_errors=True)
         job_dicts = [{"evaluate": to_dict(j.cfg), "distilled_dir": str(Path(j.distilled_dir).resolve()),
                       "out_dir": str(Path(j.out_dir).resolve()), "key": k, "name": j.name or Path(j.distilled_dir).name,
@@ -502,7 +515,8 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     wall = time.perf_counter() - started
     summaries = []
     for i, (job, manifest) in enumerate(zip(jobs, manifests)):
-        mine = {**finished[i], **{int(r["seed"]): r for r in records if int(r["job"]) == i}}
+        trained = {int(r["seed"]): r for r in records if int(r["job"]) == i}
+        mine = {**finished[i], **trained}
         seeds = list(range(job.cfg.seeds))
         missing = [s for s in seeds if s not in mine]
         if missing:
@@ -515,9 +529,11 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
             "labels": "hard" if cfg.hard_labels else ("stored" if job.soft_labels else "soft"),
             "seeds": seeds, "top1": accs, "top1_mean": statistics.fmean(accs),
             "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            # the students' own training + testing time, and the wall time of the run that held them
-            "seconds": sum(float(mine[s]["seconds"]) for s in seeds), "wall_seconds": wall,
-            "evaluated_with": len(jobs), "config": to_dict(cfg),
+            # the students' own training + testing time; the seeds this call trained (the others were stored),
+            # their time, and the wall time of the call, which held ``evaluated_with`` sets
+            "seconds": sum(float(mine[s]["seconds"]) for s in seeds),
+            "trained_seeds": sorted(trained), "trained_seconds": sum(float(r["seconds"]) for r in trained.values()),
+            "wall_seconds": wall, "evaluated_with": len(jobs), "config": to_dict(cfg),
         }
         out_dir = Path(job.out_dir)
         atomic_write_json(out_dir / "summary.json", summary)
