@@ -4,9 +4,13 @@ failure), ``recovery_concurrency`` (how many worker groups the cluster holds) an
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -308,3 +312,55 @@ def test_prepare_reuses_a_dataset_stored_under_the_legacy_key(tmp_path, digits_d
     data_dir, info = prepare_stage(recipe, tmp_path)
     assert data_dir == tmp_path / f"data-{legacy_data_key(recipe)}" and info.name == "digits"
     assert not (tmp_path / f"data-{data_key(recipe)}").exists()
+
+
+def test_an_interrupted_evaluation_under_the_legacy_key_moves_to_the_new_one(tmp_path, monkeypatch):
+    """An evaluation directory of a run interrupted before 2026-12 (old key, finished seeds, no summary) is moved
+    to the new key, and the evaluation runs there, where its seeds are found; a finished one is used as is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unidd_ray.artifacts import atomic_write_json, read_manifest, write_manifest
+    from unidd_ray.config import EvaluateConfig, section_from
+    from unidd_ray.pipeline import evaluate_key, legacy_evaluate_key, recover_key
+    from unidd_ray.stages import evaluate as evaluate_stage
+    from unidd_ray.stages.evaluate import SEEDS, distilled_identity
+
+    _fake_stages(monkeypatch)
+    _recorded_recoveries(monkeypatch)
+    evaluated = []
+
+    def run_evaluations(jobs, *args, **kwargs):
+        for job in jobs:
+            evaluated.append(Path(job.out_dir))
+            atomic_write_json(Path(job.out_dir) / "summary.json", {
+                "seeds": list(range(job.cfg.seeds)), "top1": [50.0] * job.cfg.seeds, "top1_mean": 50.0,
+                "top1_std": 0.0, "seconds": 1.0, "trained_seconds": 1.0, "labels": "soft"})
+
+    monkeypatch.setattr(evaluate_stage, "run_evaluations", run_evaluations)
+    evaluate = EvaluateConfig(seeds=2, student_options={"width": 16, "depth": 2, "norm": "batch"})
+    recipe = Recipe(out=str(tmp_path / "run"), methods=["cfm"], ipcs=[1], evaluate=evaluate)
+    run = recipe.run_dir.resolve()
+    info = SimpleNamespace(fingerprint="f" * 64, storage="raw")
+    tinfo = SimpleNamespace(sha256="t" * 64)
+    cfm = section_from(recipe, "recover", {"method": "cfm", "ipc": 1})
+    distilled = run / f"cfm-ipc1-{recover_key(cfm, info, tinfo, 's' * 12)}"
+    (distilled / "images").mkdir(parents=True)
+    (distilled / "images" / "0.png").write_bytes(b"png")
+    pq.write_table(pa.Table.from_pylist([{"path": "images/0.png", "class": 0}]), distilled / "manifest.parquet")
+    write_manifest(distilled, "distilled", dataset_fingerprint="f" * 64)
+    files = read_manifest(distilled, "distilled")["files"]
+    legacy = run / f"eval-cfm-ipc1-{legacy_evaluate_key(evaluate, info, tinfo, files)}"
+    atomic_write_json(legacy / SEEDS / "seed-0.json", {"seed": 0, "top1": 12.5, "seconds": 1.0, "key": "old"})
+    new = run / f"eval-cfm-ipc1-{evaluate_key(evaluate, info, tinfo, distilled_identity(distilled))}"
+
+    run_pipeline(recipe, report=False)
+    assert evaluated == [new] and not legacy.exists()
+    assert json.loads((new / SEEDS / "seed-0.json").read_text())["top1"] == 12.5
+    # a finished directory under the legacy key is used as is
+    shutil.rmtree(new)
+    atomic_write_json(legacy / "summary.json", {"seeds": [0, 1], "top1": [60.0, 61.0], "top1_mean": 60.5,
+                                                "top1_std": 0.7, "seconds": 2.0, "labels": "soft"})
+    results = run_pipeline(recipe, report=False)
+    assert evaluated == [new] and not new.exists()
+    assert results["stages"]["eval-cfm-ipc1"] == str(legacy) and results["rows"][1]["top1"] == [60.0, 61.0]
