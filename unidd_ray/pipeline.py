@@ -81,7 +81,12 @@ def key_settings(kind: str, settings: dict) -> dict:
 
 
 def stage_key(kind: str, settings: dict, **inputs) -> str:
-    return sha256_json({"kind": kind, "settings": key_settings(kind, settings), "inputs": inputs})[:12]
+    return _hashed_key(kind, key_settings(kind, settings), inputs)
+
+
+def _hashed_key(kind: str, settings: dict, inputs: dict) -> str:
+    """A stage directory's key from the settings that go into it and its inputs."""
+    return sha256_json({"kind": kind, "settings": settings, "inputs": inputs})[:12]
 
 
 def dataset_identity(info) -> dict:
@@ -169,10 +174,9 @@ def evaluate_key(cfg: EvaluateConfig, info, tinfo, distilled: str) -> str:
 def legacy_evaluate_key(cfg: EvaluateConfig, info, tinfo, distilled_files: dict) -> str:
     """The key evaluation directories had before 2026-12 (seed count in, the distilled set's whole manifest
     file list, no dataset fingerprint): a finished one is still reused."""
-    settings = {**key_settings("evaluate", to_dict(cfg)), "seeds": cfg.seeds}
-    return sha256_json({"kind": "evaluate", "settings": settings,
-                        "inputs": {"teacher": tinfo.sha256, "distilled": sha256_json(distilled_files),
-                                   **lossy_storage(info), **data_parallel_input(cfg)}})[:12]
+    return _hashed_key("evaluate", {**key_settings("evaluate", to_dict(cfg)), "seeds": cfg.seeds},
+                       {"teacher": tinfo.sha256, "distilled": sha256_json(distilled_files), **lossy_storage(info),
+                        **data_parallel_input(cfg)})
 
 
 def _storage(stage_dir: Path, recipe: Recipe) -> Path:
@@ -414,10 +418,10 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         hard = BASELINES.get(method, False)
         eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
         prefix = f"eval-{method}-ipc{ipc}"
-        identity = distilled_identity(distilled)
+        manifest = read_manifest(distilled, "distilled", verify=False)
+        identity = distilled_identity(distilled, manifest)
         eval_dir = run / f"{prefix}-{evaluate_key(eval_cfg, info, tinfo, identity)}"
-        files = read_manifest(distilled, verify=False)["files"]
-        legacy = run / f"{prefix}-{legacy_evaluate_key(eval_cfg, info, tinfo, files)}"
+        legacy = run / f"{prefix}-{legacy_evaluate_key(eval_cfg, info, tinfo, manifest['files'])}"
         if not _evaluated(eval_dir, eval_cfg.seeds) and (legacy / "summary.json").is_file():
             eval_dir = legacy
         elif (legacy / SEEDS).is_dir() and not eval_dir.exists():  # a run interrupted under the old key: its

@@ -346,9 +346,9 @@ def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateCon
     return run_evaluations([job], teacher_dir, data_dir, storage_path=storage_path, num_workers=num_workers)[0]
 
 
-def _check_job(job: EvalJob, info, tinfo) -> dict:
+def _check_job(job: EvalJob, info, tinfo) -> tuple[dict, str]:
     """Validate one job before any worker starts (its student is :func:`check_student`'s); returns its
-    distilled manifest."""
+    distilled manifest and :func:`distilled_identity`."""
     import pyarrow.parquet as pq
 
     from unidd_ray.artifacts import read_manifest
@@ -359,13 +359,13 @@ def _check_job(job: EvalJob, info, tinfo) -> dict:
         raise ValueError(f"{job.distilled_dir} was distilled from another dataset than the evaluation data")
     images = pq.read_metadata(Path(job.distilled_dir) / "manifest.parquet").num_rows
     validate_evaluate(cfg, images=images)
+    identity = distilled_identity(job.distilled_dir, distilled)
     if job.soft_labels is not None and not cfg.hard_labels:  # refuse mismatched labels before starting any worker
         from unidd_ray.stages.relabel import check_soft_labels
 
         check_soft_labels(job.soft_labels, _settings(cfg), images, teacher_sha256=tinfo.sha256,
-                          distilled=distilled_identity(job.distilled_dir, distilled),
-                          distilled_files=distilled["files"])
-    return distilled
+                          distilled=identity, distilled_files=distilled["files"])
+    return distilled, identity
 
 
 def distilled_identity(distilled_dir: str | Path, manifest: dict | None = None) -> str:
@@ -470,12 +470,11 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     if len(layout) > 1:
         raise ValueError(f"jobs evaluated together must share evaluate.workers, cpus_per_worker, use_gpu and "
                          f"split; got {sorted(layout, key=str)}: evaluate them in separate calls")
-    manifests = [_check_job(j, info, tinfo) for j in jobs]
+    manifests, identities = zip(*[_check_job(j, info, tinfo) for j in jobs])
     for cfg in {json.dumps([j.cfg.student, j.cfg.student_options], sort_keys=True): j.cfg for j in jobs}.values():
         check_student(cfg, tinfo)  # once per student, not in every worker
     cfg0 = jobs[0].cfg
     dataset = dataset_identity(info)
-    identities = [distilled_identity(j.distilled_dir, m) for j, m in zip(jobs, manifests)]
     keys = [job_key(j, d, tinfo.sha256, dataset) for j, d in zip(jobs, identities)]
     finished = [finished_seeds(Path(j.out_dir), reusable_keys(j, d, m, tinfo.sha256, dataset))
                 for j, d, m in zip(jobs, identities, manifests)]
