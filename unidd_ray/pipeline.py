@@ -207,21 +207,65 @@ def _complete_distilled(path: Path) -> bool:
     return True
 
 
+def _recorded_stat(data_dir: Path) -> str | None:
+    from unidd_ray.data.dataset_info import SOURCE_STAT_FILE
+
+    try:
+        return json.loads((data_dir / SOURCE_STAT_FILE).read_text()).get("stat")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _record_stat(data_dir: Path, origin: str, stat: str | None) -> None:
+    from unidd_ray.data.dataset_info import SOURCE_STAT_FILE
+
+    if stat is not None:
+        atomic_write_json(data_dir / SOURCE_STAT_FILE, {"origin": origin, "stat": stat})
+
+
 def prepare_stage(recipe: Recipe, run: Path):
-    """The prepared dataset of the recipe (content-addressed, reused when complete)."""
+    """The prepared dataset of the recipe: reused when complete and made from the source as it is now.
+
+    A prepared directory is named by the recipe's data settings and records a stat signature of its
+    source's files (:func:`unidd_ray.data.hashing.source_stat`: paths, sizes, modification times).  While
+    that matches, the directory is reused without reading the source.  When it does not (or a directory
+    from before the record has none), the source is read and fingerprinted: a directory prepared from
+    those bytes is reused and its record refreshed; otherwise the source changed in place and is
+    prepared again into ``data-<key>-<source fingerprint>``, beside the directory of the old bytes, so the
+    stages made on those keep theirs (every later key holds the prepared dataset's fingerprint).
+    """
+    from unidd_ray.data.hashing import source_stat
     from unidd_ray.data.prepare import prepare_dataset, read_dataset_info
     from unidd_ray.data.sources import load_source
 
-    data_dir, legacy = run / f"data-{data_key(recipe)}", run / f"data-{legacy_data_key(recipe)}"
-    if not (data_dir / "dataset.json").is_file() and (legacy / "dataset.json").is_file():
-        data_dir = legacy
-    if (data_dir / "dataset.json").is_file():
-        _log(f"prepare: reusing {data_dir}")
+    key = data_key(recipe)
+    candidates = dict.fromkeys([run / f"data-{key}", run / f"data-{legacy_data_key(recipe)}",
+                                *sorted(run.glob(f"data-{key}-*"))])
+    complete = {d: read_dataset_info(d) for d in candidates if (d / "dataset.json").is_file()}
+    stats = {d: source_stat(info.source.get("origin", "")) for d, info in complete.items()}
+    for data_dir, info in complete.items():
+        if stats[data_dir] is None or stats[data_dir] == _recorded_stat(data_dir):
+            _log(f"prepare: reusing {data_dir}")
+            return data_dir, info
+    source = load_source(recipe.data.dataset, recipe.data.root, **recipe.data.options)
+    stat = source_stat(source.origin)
+    for data_dir, info in complete.items():
+        if info.source.get("fingerprint") == source.fingerprint:
+            _log(f"prepare: reusing {data_dir} (its source {source.origin} was read again: same bytes)")
+            _record_stat(data_dir, source.origin, stat)
+            return data_dir, info
+    data_dir = run / f"data-{key}"
+    if data_dir in complete:
+        previous = complete[data_dir].source.get("fingerprint", "?")
+        data_dir = run / f"data-{key}-{source.fingerprint[:12]}"
+        _log(f"prepare: the source {source.origin} changed since it was prepared (fingerprint {previous[:12]} -> "
+             f"{source.fingerprint[:12]}): preparing it again -> {data_dir}")
     else:
         _log(f"prepare: {recipe.data.dataset} -> {data_dir}")
-        source = load_source(recipe.data.dataset, recipe.data.root, **recipe.data.options)
-        prepare_dataset(source, data_dir, max_resolution=recipe.data.max_resolution,
-                        jpeg_quality=recipe.data.jpeg_quality)
+    info = prepare_dataset(source, data_dir, max_resolution=recipe.data.max_resolution,
+                           jpeg_quality=recipe.data.jpeg_quality)
+    if source_stat(source.origin) == stat:  # not touched while it was written: the record stands for these bytes
+        _record_stat(data_dir, source.origin, stat)
     return data_dir, read_dataset_info(data_dir)
 
 

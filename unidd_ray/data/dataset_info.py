@@ -25,6 +25,9 @@ from unidd_ray.data.hashing import file_sha256
 
 FORMAT_VERSION = 1
 INFO_FILE = "dataset.json"
+# Written beside dataset.json by the pipeline: the stat signature of the source when it was last checked
+# (unidd_ray.data.hashing.source_stat), so a re-run reads the source's bytes again only when files changed.
+SOURCE_STAT_FILE = "source-stat.json"
 LABELS_FILE = "labels.npz"
 BETON_FILES = {"train": "train.beton", "val": "val.beton"}
 STORAGES = ("raw", "jpeg")

@@ -79,3 +79,33 @@ def stored_fingerprint(source_fingerprint: str, geometry: dict | None) -> str:
     digest = hashlib.sha256(f"unidd_ray stored {source_fingerprint}\n".encode())
     digest.update(json.dumps(geometry, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def source_stat(origin: str | Path) -> str | None:
+    """A cheap signature of the files of a source: sha256 over the relative path, size and modification
+    time (ns) of every file under ``origin`` (or of ``origin`` itself when it is a file).
+
+    Unlike a fingerprint it reads no file's bytes, so it can be taken on every run of a pipeline to tell
+    whether a source may have changed since it was prepared: an equal signature means the same files
+    untouched; a different one (also a file merely touched) calls for the real fingerprint.  ``None``
+    when ``origin`` is not a path on disk (a source bundled with a library, such as ``digits``).
+    """
+    if not str(origin):
+        return None
+    root = Path(origin)
+    if not root.exists():
+        return None
+    if root.is_file():
+        entries = [(root.name, root)]
+    else:
+        entries = sorted((str(Path(dirpath, name).relative_to(root)), Path(dirpath, name))
+                         for dirpath, _, names in os.walk(root) for name in names)
+    digest = hashlib.sha256(b"unidd_ray source stat\n")
+    for name, path in entries:
+        try:
+            st = path.stat()
+        except OSError:  # a dangling link or a file removed while walking: part of the signature as such
+            digest.update(f"{name}\0missing\n".encode())
+            continue
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

@@ -39,12 +39,12 @@ import numpy as np
 
 from unidd_ray.data.beton import (ArraySamples, ErrorLog, FileSamples, StoragePlan, mean_std, page_size_for,
                                   pixel_moments, plan_storage, writer_geometry)
-from unidd_ray.data.dataset_info import (BETON_FILES, FORMAT_VERSION, INFO_FILE, LABELS_FILE, DatasetInfo,
-                                         read_dataset_info, verify_dataset)
+from unidd_ray.data.dataset_info import (BETON_FILES, FORMAT_VERSION, INFO_FILE, LABELS_FILE, SOURCE_STAT_FILE,
+                                         DatasetInfo, read_dataset_info, verify_dataset)
 from unidd_ray.data.hashing import file_sha256, stored_fingerprint
 from unidd_ray.data.source_types import SPLITS, SourceDataset, validate_source
 
-OWN_FILES = frozenset({*BETON_FILES.values(), LABELS_FILE, INFO_FILE})
+OWN_FILES = frozenset({*BETON_FILES.values(), LABELS_FILE, INFO_FILE, SOURCE_STAT_FILE})
 
 __all__ = ["DatasetInfo", "prepare_dataset", "read_dataset_info", "verify_dataset"]
 
@@ -121,8 +121,9 @@ def _publish(staging: Path, out: Path, names: list[str]) -> None:
     if not out.exists():
         os.replace(staging, out)
         return
-    with contextlib.suppress(FileNotFoundError):
-        (out / INFO_FILE).unlink()
+    for stale in (INFO_FILE, SOURCE_STAT_FILE):  # the stat record belonged to the data being replaced
+        with contextlib.suppress(FileNotFoundError):
+            (out / stale).unlink()
     for name in names:
         os.replace(staging / name, out / name)
     os.replace(staging / INFO_FILE, out / INFO_FILE)
