@@ -370,7 +370,8 @@ def test_stored_seeds_alone_make_the_summary_and_take_the_current_key(ray_sessio
     from unidd_ray.config import to_dict
     from unidd_ray.data.prepare import read_dataset_info
     from unidd_ray.pipeline import dataset_identity
-    from unidd_ray.stages.evaluate import RUN_NAME, SEEDS, EvalJob, distilled_identity, job_key, run_evaluations
+    from unidd_ray.stages.evaluate import (RUN_NAME, SEEDS, EvalJob, distilled_identity, job_key, run_evaluations,
+                                          seed_record)
     from unidd_ray.teacher import read_teacher_info
 
     cfg = _cfg(epochs=5, seeds=1)
@@ -386,7 +387,26 @@ def test_stored_seeds_alone_make_the_summary_and_take_the_current_key(ray_sessio
     assert (summary["trained_seeds"], summary["trained_seconds"]) == ([], 0)
     current = job_key(EvalJob(small_set, out, cfg), distilled_identity(small_set), teacher,
                       dataset_identity(read_dataset_info(digits_data)))
-    assert json.loads((out / SEEDS / "seed-0.json").read_text())["key"] == current
+    assert json.loads(seed_record(out, 0, current).read_text())["key"] == current
+    assert [p.name for p in (out / SEEDS).iterdir()] == [seed_record(out, 0, current).name]  # the old name is gone
+
+
+def test_evaluations_with_other_settings_in_one_folder_keep_their_seeds(ray_session, small_set, digits_teacher,
+                                                                        digits_data, tmp_path):
+    """``evaluate --out`` twice into one folder with settings that change the students: each run's seeds stay
+    (named by seed and key), so going back to the first settings trains nothing."""
+    from unidd_ray.stages.evaluate import RUN_NAME, SEEDS, EvalJob, run_evaluations
+
+    first, other = _cfg(epochs=5, seeds=1), _cfg(epochs=5, seeds=1, lr=3e-3)
+    out = tmp_path / "eval"
+    (a,) = run_evaluations([EvalJob(small_set, out, first)], digits_teacher, digits_data, storage_path=tmp_path / "r")
+    (b,) = run_evaluations([EvalJob(small_set, out, other)], digits_teacher, digits_data, storage_path=tmp_path / "r")
+    assert b["trained_seeds"] == [0] and len(list((out / SEEDS).iterdir())) == 2
+    shutil.rmtree(tmp_path / "r" / RUN_NAME)
+    (again,) = run_evaluations([EvalJob(small_set, out, first)], digits_teacher, digits_data,
+                               storage_path=tmp_path / "r")
+    assert not (tmp_path / "r" / RUN_NAME).exists()  # no Ray Train run: the first settings' seed was kept
+    assert again["top1"] == a["top1"] and again["trained_seeds"] == []
 
 
 # ----------------------------------------------------------------------------- augmentation stream

@@ -374,7 +374,7 @@ def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
 def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     from unidd_ray.distill import METHODS, SPECTRAL_METHODS
     from unidd_ray.stages.evaluate import (SEEDS, EvalJob, check_student, distilled_identity, finished_seeds,
-                                          job_key, run_evaluations, validate_evaluate, write_real_subset)
+                                          reusable_keys, run_evaluations, validate_evaluate, write_real_subset)
     from unidd_ray.stages.recover import run_recover, validate_inputs
 
     unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
@@ -457,7 +457,7 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         seconds[job.method, job.ipc] = spent
 
     planned = []  # (method, ipc, eval_dir, EvalJob, seconds spent on the set)
-    job_keys = {}  # id(EvalJob) -> the key of its per-seed results
+    job_keys = {}  # id(EvalJob) -> the keys of the per-seed results it takes
     for method, ipc, distilled in sets:
         hard = BASELINES.get(method, False)
         eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
@@ -472,7 +472,7 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
             legacy.rename(eval_dir)  # finished seeds move to the new directory (their old keys are accepted)
         job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
         planned.append((method, ipc, eval_dir, job, seconds[method, ipc]))
-        job_keys[id(job)] = job_key(job, identity, tinfo.sha256, dataset_identity(info))
+        job_keys[id(job)] = reusable_keys(job, identity, manifest, tinfo.sha256, dataset_identity(info))
         stages[prefix] = str(eval_dir)
 
     # ---- evaluate every set that lacks a summary of the seeds asked for, in one worker group
@@ -480,7 +480,7 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     pending = {id(job) for job in todo}
     for method, ipc, eval_dir, job, _ in planned:
         if id(job) in pending:
-            stored = [s for s in finished_seeds(eval_dir, {job_keys[id(job)]}) if s < job.cfg.seeds]
+            stored = [s for s in finished_seeds(eval_dir, job_keys[id(job)]) if s < job.cfg.seeds]
             _log(f"evaluate {method} IPC {ipc}: {job.cfg.seeds} seeds" + (f", {len(stored)} stored" if stored else "")
                  + f", student {job.cfg.student}")
         else:

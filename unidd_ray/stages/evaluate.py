@@ -296,7 +296,7 @@ def _evaluate_loop(config: dict) -> list[dict]:
                                      wrap=_DistWrap() if world > 1 and not by_seed else None)
         record = {"job": j, "seed": seed, "top1": acc, "seconds": time.perf_counter() - t0, "key": job["key"]}
         if by_seed or rank == 0:  # a finished seed survives a crash of the rest of the group
-            atomic_write_json(Path(job["out_dir"]) / SEEDS / f"seed-{seed}.json", record)
+            atomic_write_json(seed_record(job["out_dir"], seed, job["key"]), record)
         done.append(record)
     if by_seed:
         import torch.distributed as dist
@@ -336,6 +336,13 @@ class EvalJob:
 
 SEEDS = ".seeds"  # each finished seed's result, under the output directory: a later run with the same settings
 # (after a crash, or with more seeds) trains only the seeds missing there
+
+
+def seed_record(out_dir: str | Path, seed: int, key: str) -> Path:
+    """Where a finished seed's result is kept: named by the seed and its :func:`job_key`, so evaluations with
+    other settings written to the same ``--out`` keep theirs side by side.  (Before 2026-12 the name held the
+    seed only: ``seed-<seed>.json``; :func:`finished_seeds` reads both.)"""
+    return Path(out_dir) / SEEDS / f"seed-{seed}-{key[:16]}.json"
 
 
 def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateConfig, *, storage_path,
@@ -424,18 +431,21 @@ def _soft_labels_content(job: EvalJob) -> str | None:
     return sha256_json(read_manifest(job.soft_labels, verify=False)["files"])
 
 
-def finished_seeds(out_dir: Path, keys: set[str]) -> dict[int, dict]:
-    """Per-seed results left by an interrupted run of the same evaluation (a key among ``keys``)."""
+def finished_seeds(out_dir: Path, keys: set[str], *, paths: dict[int, Path] | None = None) -> dict[int, dict]:
+    """Per-seed results left by an earlier run of the same evaluation (a key among ``keys``); ``paths``, if
+    given, receives the file each was read from."""
     import json
 
     found = {}
-    for path in sorted((out_dir / SEEDS).glob("seed-*.json")):
+    for path in sorted((Path(out_dir) / SEEDS).glob("seed-*.json")):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if record.get("key") in keys:
             found[int(record["seed"])] = record
+            if paths is not None:
+                paths[int(record["seed"])] = path
     return found
 
 
@@ -476,13 +486,17 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     cfg0 = jobs[0].cfg
     dataset = dataset_identity(info)
     keys = [job_key(j, d, tinfo.sha256, dataset) for j, d in zip(jobs, identities)]
-    finished = [finished_seeds(Path(j.out_dir), reusable_keys(j, d, m, tinfo.sha256, dataset))
-                for j, d, m in zip(jobs, identities, manifests)]
-    for job, key, found in zip(jobs, keys, finished):  # records kept under an older key take the current one,
-        for seed, record in found.items():  # so a later run with another seed count still finds them
-            if record["key"] != key:
+    paths = [{} for _ in jobs]
+    finished = [finished_seeds(Path(j.out_dir), reusable_keys(j, d, m, tinfo.sha256, dataset), paths=p)
+                for j, d, m, p in zip(jobs, identities, manifests, paths)]
+    for job, key, found, where in zip(jobs, keys, finished, paths):  # records kept under an older key or name
+        for seed, record in found.items():  # take the current ones, so a later run with another seed count finds them
+            current = seed_record(job.out_dir, seed, key)
+            if record["key"] != key or where[seed] != current:
                 found[seed] = {**record, "key": key}
-                atomic_write_json(Path(job.out_dir) / SEEDS / f"seed-{seed}.json", found[seed])
+                atomic_write_json(current, found[seed])
+                if where[seed] != current:
+                    where[seed].unlink(missing_ok=True)
     tasks = [(i, s) for i, j in enumerate(jobs) for s in range(j.cfg.seeds) if s not in finished[i]]
     workers = min(cfg0.workers, max(1, len(tasks))) if cfg0.split == "seeds" else cfg0.workers  # none idle
     storage_path = Path(storage_path).resolve()
