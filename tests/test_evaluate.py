@@ -553,6 +553,35 @@ def test_relabel_stores_keyed_soft_labels(relabelled, small_set, teacher):
     torch.testing.assert_close(torch.tensor([r["logits"] for r in rows]), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relabel_lays_out_the_teacher_as_the_evaluation_does(small_set, digits_teacher, tmp_path, monkeypatch,
+                                                             channels_last):
+    """``evaluate.channels_last`` reaches relabel: the teacher's weights and every batch it labels are NHWC when
+    it is set (as in the online evaluation, so both compute in the same summation order), NCHW otherwise."""
+    import unidd_ray.teacher
+    from unidd_ray.stages.relabel import relabel
+
+    layouts = []
+    real_load = unidd_ray.teacher.load_teacher
+
+    def spied(*args, **kwargs):
+        model, tinfo = real_load(*args, **kwargs)
+
+        def record(conv, inputs):
+            layouts.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
+                            conv.weight.is_contiguous(memory_format=torch.channels_last)))
+
+        # a convolution with several input channels (with one, NCHW and NHWC are the same strides)
+        deep = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1][-1]
+        deep.register_forward_pre_hook(record)
+        return model, tinfo
+
+    monkeypatch.setattr(unidd_ray.teacher, "load_teacher", spied)
+    relabel(small_set, digits_teacher, tmp_path / "labels", _cfg(epochs=2, channels_last=channels_last),
+            batch_size=7, progress=False)
+    assert layouts and set(layouts) == {(channels_last, channels_last)}
+
+
 class _Tampered:
     """Stored labels with one field of one epoch (``epoch=None``: of every epoch) changed: logits moved to the
     next class, a crop or box shifted, a flip inverted, partners rotated."""

@@ -40,6 +40,7 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
 
     from unidd_ray.artifacts import atomic_file, atomic_write_text, read_manifest, write_manifest
     from unidd_ray.evaluation import augment_batch, epoch_augment
+    from unidd_ray.models import memory_format
     from unidd_ray.stages.evaluate import _settings, distilled_identity, load_distilled, validate_evaluate
     from unidd_ray.teacher import load_teacher, read_teacher_info
 
@@ -51,6 +52,8 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
         raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than the one {distilled_dir} "
                          "was distilled from; relabel it with that dataset's teacher")
     teacher, tinfo = load_teacher(teacher_dir, device=device)
+    layout = memory_format(cfg.channels_last)  # the teacher and batches as the online evaluation lays them out
+    teacher.to(memory_format=layout)
     images, _, _ = load_distilled(distilled_dir, mean=tinfo.mean, std=tinfo.std)
     images = images.to(device)
     settings = _settings(cfg)
@@ -73,7 +76,7 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
                 for start in range(0, n, batch_size):
                     ids = torch.arange(start, min(n, start + batch_size))
                     mixed, _, _ = augment_batch(images, ids.to(device), aug)
-                    logits.append(teacher(mixed).float().cpu())
+                    logits.append(teacher(mixed.contiguous(memory_format=layout)).float().cpu())
             z = torch.cat(logits).numpy()
             writer.write_table(pa.table({
                 "epoch": np.full(n, epoch, dtype=np.int32), "image_id": np.arange(n, dtype=np.int32),
