@@ -242,13 +242,16 @@ def prepare_stage(recipe: Recipe, run: Path):
     candidates = dict.fromkeys([run / f"data-{key}", run / f"data-{legacy_data_key(recipe)}",
                                 *sorted(run.glob(f"data-{key}-*"))])
     complete = {d: read_dataset_info(d) for d in candidates if (d / "dataset.json").is_file()}
-    stats = {d: source_stat(info.source.get("origin", "")) for d, info in complete.items()}
+    # one walk per origin (the candidates share theirs), taken before the source is read: a file changed
+    # while it is read then fails the next run's check instead of passing it
+    stats = {origin: source_stat(origin) for origin in {info.source.get("origin", "") for info in complete.values()}}
     for data_dir, info in complete.items():
-        if stats[data_dir] is None or stats[data_dir] == _recorded_stat(data_dir):
+        stat = stats[info.source.get("origin", "")]
+        if stat is None or stat == _recorded_stat(data_dir):
             _log(f"prepare: reusing {data_dir}")
             return data_dir, info
     source = load_source(recipe.data.dataset, recipe.data.root, **recipe.data.options)
-    stat = source_stat(source.origin)
+    stat = stats[source.origin] if source.origin in stats else source_stat(source.origin)
     for data_dir, info in complete.items():
         if info.source.get("fingerprint") == source.fingerprint:
             _log(f"prepare: reusing {data_dir} (its source {source.origin} was read again: same bytes)")
