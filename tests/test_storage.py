@@ -288,7 +288,8 @@ def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path
         assert w["listening"]  # gloo's own socket at least
         assert [address for address in w["listening"] if not _loopback(address[0])] == [], w
         assert w["gloo_interface"] in loopback  # gloo binds there whatever the host name resolves to
-    assert set(glob.glob(f"{tempfile.gettempdir()}/{PREFIX}*")) == before  # the store's folder is gone
+    # the store's folder is gone (the start may also have swept folders that stopped runs left)
+    assert set(glob.glob(f"{tempfile.gettempdir()}/{PREFIX}*")) <= before
 
 
 def test_workers_on_several_nodes_keep_rays_tcp_rendezvous(monkeypatch):
@@ -377,3 +378,49 @@ def test_file_rendezvous_has_a_folder_per_start_removed_at_shutdown(monkeypatch,
     group.worker_dead = False
     backend.on_shutdown(group, config)
     assert list(tmp_path.glob(f"{rendezvous.PREFIX}*")) == []
+
+
+def test_a_later_start_removes_the_rendezvous_folders_stopped_runs_left(monkeypatch, tmp_path):
+    """A run stopped before its shutdown leaves its folder, with or without torch's store file in it; the
+    next folder made on that node removes those whose maker (worker 0, named in the folder) has exited, and
+    empty ones an hour old, but never a live maker's folder with a store file, a fresh one (a group forming
+    now) or another program's."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from unidd_ray import rendezvous
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    hours_ago = time.time() - 2 * 3600
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)
+    dead_pid, live_pid = int(exited.stdout), os.getpid()
+
+    def folder(name, files=(), old=True):
+        path = tmp_path / name
+        path.mkdir()
+        for f in files:
+            (path / f).write_bytes(b"x")
+        if old:
+            os.utime(path, (hours_ago, hours_ago))
+        return path
+
+    removed = [folder(f"{rendezvous.PREFIX}{dead_pid}-a1", files=["store"], old=False),  # killed maker
+               folder(f"{rendezvous.PREFIX}{dead_pid}-b2"),
+               folder(f"{rendezvous.PREFIX}olds_1x"),  # named before the pid was: empty and old
+               folder(f"{rendezvous.PREFIX}{live_pid}-d4")]  # empty for an hour: its group has ended
+    kept = [folder(f"{rendezvous.PREFIX}{live_pid}-c3", files=["store"]),  # a long run, store untouched for hours
+            folder(f"{rendezvous.PREFIX}{live_pid}-d5", old=False),  # a group forming now
+            folder(f"{rendezvous.PREFIX}olds_2y", files=["store"]),
+            folder(f"{rendezvous.PREFIX}news_3z", old=False),
+            folder("someone-elses-folder"),
+            folder(f"other-{rendezvous.PREFIX}{dead_pid}-e5")]
+    made = rendezvous._make_folder()
+    assert os.path.dirname(made) == str(tmp_path)
+    assert os.path.basename(made).startswith(f"{rendezvous.PREFIX}{live_pid}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in kept] + [os.path.basename(made)])
+    assert all((p / "store").read_bytes() == b"x" for p in kept if p.name.endswith(("c3", "2y")))
+    assert not any(p.exists() for p in removed)

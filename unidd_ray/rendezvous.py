@@ -15,8 +15,10 @@ its process-group helpers; ``tests/test_storage.py`` checks the listeners of a t
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 
 import ray
@@ -26,6 +28,7 @@ from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch
 
 PREFIX = "unidd-ray-rendezvous-"
 REMOVE_TIMEOUT_S = 30  # Ray may give up on a hung process-group shutdown; the folder's removal queues behind it
+ABANDONED_AFTER_S = 3600  # an empty rendezvous folder this old belongs to no live group (see _sweep_abandoned)
 
 
 def _node_id() -> str:
@@ -46,8 +49,46 @@ def _bind_to_loopback() -> str | None:
     return os.environ.get("GLOO_SOCKET_IFNAME")
 
 
+def _owner_gone(name: str) -> bool:
+    """Whether the process that made the rendezvous folder ``name`` (its pid follows the prefix) has exited.
+    A pid taken again by another process only keeps a dead folder; it never gets a live one removed."""
+    pid = name[len(PREFIX):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False  # made before the pid was part of the name: judged by emptiness and age alone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive under another user, or not ours to probe
+        return False
+    return False
+
+
+def _sweep_abandoned(parent: str, now: float) -> None:
+    """Remove the rendezvous folders in ``parent`` that a run stopped before its shutdown (Ctrl-C, a killed
+    driver or worker) left behind: those whose maker, the group's worker 0, has exited, and empty ones not
+    touched for ``ABANDONED_AFTER_S``.  Worker 0 lives as long as its group, and a live group's folder holds
+    torch's store file from the moment the group forms, seconds after the folder is made."""
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(PREFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if _owner_gone(entry.name):
+                shutil.rmtree(entry.path)
+            elif now - entry.stat(follow_symlinks=False).st_mtime > ABANDONED_AFTER_S:
+                os.rmdir(entry.path)  # removes nothing that is not empty
+        except OSError:  # not empty, not ours, or removed by another worker meanwhile
+            continue
+
+
 def _make_folder() -> str:
-    return tempfile.mkdtemp(prefix=PREFIX)
+    parent = tempfile.gettempdir()
+    _sweep_abandoned(parent, time.time())
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent)
 
 
 def _remove_folder(folder: str) -> None:
@@ -57,7 +98,7 @@ def _remove_folder(folder: str) -> None:
 class FileRendezvousBackend(_TorchBackend):
     """Ray's torch backend, with the rendezvous store in a file when the workers share a node: one fresh
     folder per worker-group start (a restarted group must not read the last group's keys), removed at
-    shutdown."""
+    shutdown; one a stopped run left behind is removed by a later start on that node."""
 
     def __init__(self):
         self._folders: list[str] = []
