@@ -141,3 +141,79 @@ def test_evaluate_refuses_a_bad_student_before_ray_starts(tmp_path, monkeypatch,
     assert cli.main([*common, "--set", "evaluate.batch_size=0"]) == 2
     assert "evaluate.batch_size must be at least 1, or null" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+# ----------------------------------------------------------------------------- recover_by_ipc
+def test_recover_by_ipc_sets_one_ipcs_settings_over_the_recover_section():
+    recipe = load_recipe("fashion-mnist", overrides=["recover.lr=0.05", "recover_by_ipc={1: {lr: 0.1, alpha: 0.3}}"])
+    one, ten = recipe.recover_for(1), recipe.recover_for(10, method="dm")
+    assert (one.ipc, one.lr, one.alpha, one.method) == (1, 0.1, 0.3, "cfm")
+    assert (ten.ipc, ten.lr, ten.alpha, ten.method) == (10, 0.05, recipe.recover.alpha, "dm")
+    assert recipe.recover.lr == 0.05  # the section itself is not changed
+    assert recipe.recover_for(1, lr=0.2).lr == 0.2  # an explicit override wins over the entry
+
+
+def test_a_set_recover_key_holds_at_every_ipc_unless_an_ipc_is_set_after_it():
+    """``--set recover.lr=...`` means that lr everywhere, also for an IPC the recipe gives its own; a later
+    ``--set recover_by_ipc.1.lr=...`` sets IPC 1's again."""
+    assert load_recipe("fashion-mnist").recover_by_ipc == {1: {"lr": 0.1}}  # the recipe's entry
+    recipe = load_recipe("fashion-mnist", overrides=["recover.lr=0.0125"])
+    assert [recipe.recover_for(ipc).lr for ipc in (1, 10)] == [0.0125, 0.0125]
+    assert recipe.recover_by_ipc == {}  # the emptied entry goes
+    later = load_recipe("fashion-mnist", overrides=["recover.lr=0.0125", "recover_by_ipc.1.lr=0.2"])
+    assert [later.recover_for(ipc).lr for ipc in (1, 10)] == [0.2, 0.0125]
+    other = load_recipe("fashion-mnist", overrides=["recover.alpha=0.3"])  # another key leaves the entry alone
+    assert (other.recover_for(1).lr, other.recover_for(1).alpha, other.recover_for(10).lr) == (0.1, 0.3, 0.05)
+
+
+def test_a_dotted_override_reaches_an_ipc_entry_of_a_recipe_file(tmp_path):
+    """``--set recover_by_ipc.1.lr=...`` names the entry ``1:`` of a YAML file (an integer key), not a second one."""
+    config = tmp_path / "mine.yaml"
+    config.write_text("recover: {lr: 0.05}\nrecover_by_ipc:\n  1: {lr: 0.1}\n")
+    recipe = load_recipe(config=config, overrides=["recover_by_ipc.1.lr=0.2", "recover_by_ipc.50.iterations=250",
+                                                   "recover_by_ipc.50.lr=1e-2"])
+    assert recipe.recover_by_ipc == {1: {"lr": 0.2}, 50: {"iterations": 250, "lr": 0.01}}
+    assert isinstance(recipe.recover_by_ipc[50]["lr"], float)  # type-checked like the section's own keys
+    assert load_recipe(config=config, overrides=["recover_by_ipc={}"]).recover_for(1).lr == 0.05
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{one: {lr: 0.1}}", r"recover_by_ipc: 'one' is not an IPC \(a positive integer\)"),
+    ("{0: {lr: 0.1}}", r"recover_by_ipc: 0 is not an IPC"),
+    ("{1: 0.1}", r"recover_by_ipc.1 must be a mapping of recover keys"),
+    ("{1: {lrr: 0.1}}", r"unknown config key\(s\) \['recover_by_ipc.1.lrr'\]"),
+    ("{1: {lr: fast}}", r"recover_by_ipc.1.lr must be a number"),
+    ("{1: {method: dm}}", r"recover_by_ipc.1 cannot set \['method'\]"),
+    ("{1: {ipc: 2}}", r"recover_by_ipc.1 cannot set \['ipc'\]"),
+    ("{1: {lr: 0.1}, '1': {alpha: 0.3}}", "recover_by_ipc gives IPC 1 twice"),
+])
+def test_bad_recover_by_ipc_entries_are_refused_when_the_recipe_is_read(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("fashion-mnist", overrides=[f"recover_by_ipc={value}"])
+
+
+def test_recover_command_reads_the_ipcs_entry(tmp_path, monkeypatch):
+    """``unidd-ray recover --ipc 1`` recovers with the recipe's IPC-1 settings and writes them as the set's
+    config.yaml; ``--ipc 10`` keeps the section's."""
+    import json
+
+    import yaml
+
+    from unidd_ray import cli
+    from unidd_ray.stages import recover
+
+    calls = []
+
+    def run_recover(data, teacher, stats, out, cfg, **kwargs):
+        calls.append((cfg, yaml.safe_load(kwargs["recipe_yaml"])))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"per_slot": {"0": {"loss": 1.0}}, "images": 10,
+                                                      "method": cfg.method, "ipc": cfg.ipc, "seconds": 0.0}))
+
+    monkeypatch.setattr(recover, "run_recover", run_recover)
+    monkeypatch.setattr(cli, "_ray", lambda args, recipe: None)
+    for ipc in (1, 10):
+        assert cli.main(["recover", "--recipe", "fashion-mnist", "--data", "d", "--teacher", "t", "--stats", "s",
+                         "--ipc", str(ipc), "--method", "krr", "--out", str(tmp_path / f"ipc{ipc}")]) == 0
+    assert [(c.ipc, c.method, c.lr) for c, _ in calls] == [(1, "krr", 0.1), (10, "krr", 0.05)]
+    assert [written["recover"]["lr"] for _, written in calls] == [0.1, 0.05]

@@ -364,3 +364,53 @@ def test_an_interrupted_evaluation_under_the_legacy_key_moves_to_the_new_one(tmp
     results = run_pipeline(recipe, report=False)
     assert evaluated == [new] and not new.exists()
     assert results["stages"]["eval-cfm-ipc1"] == str(legacy) and results["rows"][1]["top1"] == [60.0, 61.0]
+
+
+def test_each_ipc_recovers_with_its_recover_by_ipc_entry(tmp_path, monkeypatch):
+    """The pipeline gives every method the recover settings of its IPC: the ``recover_by_ipc`` entry over the
+    section; an IPC without one keeps the section's settings, and so its stage key.  Each set's config.yaml holds
+    its resolved settings, and the random subset of an IPC is drawn with that IPC's seed, like the recoveries'
+    real starts."""
+    import yaml
+
+    from unidd_ray.config import from_dict
+    from unidd_ray.pipeline import random_key, recover_key
+    from unidd_ray.stages import recover
+
+    _fake_stages(monkeypatch)
+    started = []
+
+    def run(data_dir, teacher_dir, stats_dir, out, cfg, **kwargs):
+        started.append((cfg, yaml.safe_load(kwargs["recipe_yaml"])))
+        if len(started) == 4:
+            raise RuntimeError("recorded")  # the plan is what is tested: stop before the evaluations
+
+    monkeypatch.setattr(recover, "validate_inputs", lambda *a: None)
+    monkeypatch.setattr(recover, "run_recover", run)
+    base = Recipe(out=str(tmp_path / "run"), methods=["dm", "cfm"], ipcs=[1, 10], recover=RecoverConfig(lr=0.05),
+                  parallel_recoveries=1)
+    recipe = replace(base, recover_by_ipc={1: {"lr": 0.1, "seed": 3}})
+    with pytest.raises(RuntimeError, match="recorded"):
+        run_pipeline(recipe, report=False)
+    cfgs = [cfg for cfg, _ in started]
+    assert [(c.method, c.ipc, c.lr, c.seed) for c in cfgs] == [("dm", 1, 0.1, 3), ("cfm", 1, 0.1, 3),
+                                                               ("dm", 10, 0.05, 0), ("cfm", 10, 0.05, 0)]
+    for cfg, written in started:  # a recipe whose recover section is the set's own
+        assert from_dict(Recipe, written).recover == cfg
+    info = SimpleNamespace(fingerprint="f" * 64, storage="raw", resolution=28)
+    tinfo = SimpleNamespace(sha256="t" * 64, resolution=28)
+    assert recover_key(cfgs[3], info, tinfo, "s") == recover_key(base.recover_for(10, method="cfm"), info, tinfo, "s")
+    assert random_key(recipe, 1, info, tinfo) == random_key(replace(base, recover=RecoverConfig(seed=3)), 1, info,
+                                                           tinfo)
+    assert random_key(recipe, 10, info, tinfo) == random_key(base, 10, info, tinfo)
+
+
+def test_recovery_concurrency_fits_the_largest_worker_group(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    recipe = Recipe(recover=RecoverConfig(workers=1, cpus_per_worker=1))
+    assert recovery_concurrency(recipe, [RecoverConfig(workers=1, cpus_per_worker=1)] * 2) == 8
+    assert recovery_concurrency(recipe, [RecoverConfig(workers=1, cpus_per_worker=1),
+                                         RecoverConfig(workers=2, cpus_per_worker=2)]) == 2

@@ -11,7 +11,7 @@ import yaml
 
 from unidd_ray.config import ConfigError, load_recipe, to_dict
 from unidd_ray.tune import (TrialSettings, flatten_sample, load_space, reports_per_trial, to_tune_domain,
-                            trial_recipe)
+                            trial_recipe, tuned_recipe)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
@@ -163,6 +163,32 @@ def test_trial_recipe_applies_overrides_and_trial_settings():
     assert reports_per_trial(trial) == 3
     assert reports_per_trial(TrialSettings(eval_epochs=25, eval_every=10, seeds=2)) == 6
     assert reports_per_trial(TrialSettings(eval_epochs=25, eval_every=0, seeds=2)) == 2
+
+
+
+def test_a_trial_reads_its_ipcs_entry_and_a_sampled_value_beats_it():
+    """A trial at IPC 1 recovers with the recipe's recover_by_ipc entry for IPC 1, except where the sweep samples
+    the same key: a swept value must never be overridden by the recipe."""
+    recipe = load_recipe("digits", overrides=["recover.lr=0.05", "recover_by_ipc={1: {lr: 0.1, alpha: 0.3}}"])
+    trial = TrialSettings(ipc=1, iterations=7)
+    r = trial_recipe(recipe, {"recover.alpha": 0.7}, trial)
+    assert (r.recover.lr, r.recover.alpha) == (0.1, 0.7)
+    assert r.recover_for(1) == r.recover  # the entry is folded into the section
+    r = trial_recipe(recipe, {"recover.alpha": 0.7}, TrialSettings(ipc=2, iterations=7))
+    assert (r.recover.lr, r.recover.alpha) == (0.05, 0.7)
+
+
+def test_the_tuned_recipe_holds_the_tuned_value_at_every_ipc(tmp_path):
+    recipe = load_recipe("digits", overrides=["recover_by_ipc={1: {lr: 0.1, alpha: 0.3}, 50: {lr: 0.02}}",
+                                              "methods=[random, dm, cfm]"])
+    data = tuned_recipe(recipe, {"recover.method": "krr", "recover.lr": 0.2})
+    assert data["recover_by_ipc"] == {1: {"alpha": 0.3}}  # lr tuned: gone from every entry, the empty one dropped
+    written = tmp_path / "best_recipe.yaml"
+    written.write_text(yaml.safe_dump(data, sort_keys=False))
+    tuned = load_recipe(config=written)
+    assert [tuned.recover_for(ipc).lr for ipc in (1, 10, 50)] == [0.2, 0.2, 0.2]
+    assert tuned.recover_for(1).alpha == 0.3 and tuned.methods == ["random", "krr"]
+    assert tuned.name == f"{recipe.name}-tuned" and tuned.out is None
 
 
 # ----------------------------------------------------------------------------- several seeds per trial

@@ -9,6 +9,7 @@ instance unless ``--address`` or ``RAY_ADDRESS`` names a cluster.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def cmd_stats(args) -> int:
     if args.inspect:
         from unidd_ray.spectral import beta_schedule
 
-        r = recipe.recover
+        r = recipe.recover_for(recipe.recover.ipc)
         betas = beta_schedule(r.schedule, r.beta_max, r.ipc, beta_min=r.beta_min)
         stats = load_stats(args.inspect)
         rows = []
@@ -133,10 +134,12 @@ def cmd_recover(args) -> int:
     extra = [f"recover.{k}={v}" for k, v in (("ipc", args.ipc), ("method", args.method), ("workers", args.workers))
              if v is not None]
     recipe = _recipe(args, extra)
+    cfg = recipe.recover_for(recipe.recover.ipc)  # with the recipe's recover_by_ipc entry for this IPC
     out = Path(args.out)
     _ray(args, recipe)
-    run_recover(args.data, args.teacher, args.stats, out, recipe.recover, storage_path=_storage(args, recipe, out),
-                resume=args.resume, num_workers=recipe.data.num_workers, recipe_yaml=recipe_to_yaml(recipe))
+    run_recover(args.data, args.teacher, args.stats, out, cfg, storage_path=_storage(args, recipe, out),
+                resume=args.resume, num_workers=recipe.data.num_workers,
+                recipe_yaml=recipe_to_yaml(dataclasses.replace(recipe, recover=cfg)))
     summary = json.loads((out / "summary.json").read_text())
     rows = [{"slot": b, **v} for b, v in summary["per_slot"].items()]
     print(_table(rows, list(rows[0])))

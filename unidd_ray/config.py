@@ -147,6 +147,9 @@ class Recipe:
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
+    # recover settings of one IPC over the `recover` section, e.g. {1: {lr: 0.1}}: the pipeline, `recover`
+    # and Tune trials read a set's settings with recover_for(ipc)
+    recover_by_ipc: dict[int, dict] = field(default_factory=dict)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     methods: list[str] = field(default_factory=lambda: ["random", "dm", "sre2l", "cfm"])
     ipcs: list[int] = field(default_factory=lambda: [10])
@@ -164,6 +167,12 @@ class Recipe:
             if repeated:
                 raise ConfigError(f"{name} lists {repeated} more than once; give each entry once, "
                                   f"e.g. {name}={list(dict.fromkeys(values))}")
+        self.recover_by_ipc = _checked_recover_by_ipc(self.recover_by_ipc, self.recover)
+
+    def recover_for(self, ipc: int, **overrides) -> RecoverConfig:
+        """The recover settings of the IPC-``ipc`` sets: the ``recover`` section, this IPC's ``recover_by_ipc``
+        entry over it, then ``overrides`` (e.g. ``method``)."""
+        return section_from(self, "recover", {**self.recover_by_ipc.get(ipc, {}), **overrides, "ipc": ipc})
 
     @property
     def run_dir(self) -> Path:
@@ -172,6 +181,31 @@ class Recipe:
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it and the valid choices."""
+
+
+def _checked_recover_by_ipc(table: dict, recover: RecoverConfig) -> dict[int, dict]:
+    """``recover_by_ipc`` with integer IPCs and type-checked settings; each entry must name recover keys
+    other than ``ipc`` and ``method`` (the entry's own IPC; the method comes from ``methods``)."""
+    example = "e.g. recover_by_ipc={1: {lr: 0.1}}"
+    out: dict[int, dict] = {}
+    for raw, settings in table.items():
+        ipc = int(raw) if isinstance(raw, str) and raw.strip().isdigit() else raw
+        if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+            raise ConfigError(f"recover_by_ipc: {raw!r} is not an IPC (a positive integer); {example}")
+        if ipc in out:
+            raise ConfigError(f"recover_by_ipc gives IPC {ipc} twice; merge its settings into one entry")
+        where = f"recover_by_ipc.{ipc}"
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{where} must be a mapping of recover keys, got {settings!r}; {example}")
+        if not settings:
+            continue  # an entry emptied by overrides
+        fixed = sorted({"ipc", "method"} & set(settings))
+        if fixed:
+            raise ConfigError(f"{where} cannot set {fixed}: an entry's IPC is its own and the method comes from "
+                              "`methods`")
+        resolved = from_dict(RecoverConfig, {**to_dict(recover), **settings}, where)
+        out[ipc] = {k: getattr(resolved, k) for k in settings}
+    return out
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -295,16 +329,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``data`` (a recipe mapping) with ``section.key=value`` overrides applied in order.  An override of
+    ``recover.<key>`` sets that key at every IPC: it also drops ``<key>`` from the ``recover_by_ipc`` entries
+    (a later ``recover_by_ipc.<ipc>.<key>=...`` sets one IPC's again)."""
     data = _deep_copy(data)
     for text in overrides or []:
         path, value = parse_override(text)
+        if len(path) == 2 and path[0] == "recover" and isinstance(data.get("recover_by_ipc"), dict):
+            for entry in data["recover_by_ipc"].values():
+                if isinstance(entry, dict):
+                    entry.pop(path[1], None)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            node = node.setdefault(_existing_key(node, part), {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
-        node[path[-1]] = value
+        node[_existing_key(node, path[-1])] = value
     return data
+
+
+def _existing_key(node: dict, part: str):
+    """The key of ``node`` that an override's ``part`` names: the integer key an IPC entry of a YAML file
+    has (``recover_by_ipc.1.lr`` names ``{1: {lr: ...}}``), else ``part`` itself."""
+    if part not in node and part.isdigit() and int(part) in node:
+        return int(part)
+    return part
 
 
 def _deep_copy(data):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from unidd_ray.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_json
-from unidd_ray.config import EvaluateConfig, Recipe, RecoverConfig, recipe_to_yaml, section_from, to_dict
+from unidd_ray.config import EvaluateConfig, Recipe, RecoverConfig, recipe_to_yaml, to_dict
 
 PERFORMANCE_KEYS = {
     "stats": {"actors", "cpus_per_actor", "gpus_per_actor", "max_retries", "blocks_per_unit"},
@@ -136,7 +136,7 @@ def random_key(recipe: Recipe, ipc: int, info, tinfo) -> str:
     """The random real subset's key.  It is written at the teacher's side, like the recovered sets (an input
     only when that differs from the stored side, so that earlier directories keep their keys)."""
     resolution = {} if tinfo.resolution == info.resolution else {"resolution": tinfo.resolution}
-    return stage_key("random", {"ipc": ipc, "seed": recipe.recover.seed}, dataset=info.fingerprint,
+    return stage_key("random", {"ipc": ipc, "seed": recipe.recover_for(ipc).seed}, dataset=info.fingerprint,
                      **lossy_storage(info), **resolution)
 
 
@@ -315,10 +315,10 @@ class _Recovery:
     stats_dir: Path | None
 
 
-def recovery_concurrency(recipe: Recipe) -> int:
-    """How many recoveries run at once: ``recipe.parallel_recoveries``, or as many of the recovery's
-    worker groups (``recover.workers`` × ``cpus_per_worker`` CPUs, one GPU per worker with
-    ``use_gpu``) as the Ray cluster holds side by side now; at least one."""
+def recovery_concurrency(recipe: Recipe, cfgs: list[RecoverConfig] | None = None) -> int:
+    """How many recoveries run at once: ``recipe.parallel_recoveries``, or as many of the largest worker group
+    among ``cfgs`` (``workers`` × ``cpus_per_worker`` CPUs, one GPU per worker with ``use_gpu``; default: the
+    ``recover`` section's) as the Ray cluster holds side by side now; at least one."""
     if recipe.parallel_recoveries is not None:
         return recipe.parallel_recoveries
     import ray
@@ -326,11 +326,12 @@ def recovery_concurrency(recipe: Recipe) -> int:
     if not ray.is_initialized():
         return 1
     have = ray.cluster_resources()
-    cfg = recipe.recover
-    fits = int(have.get("CPU", 0) // (cfg.workers * cfg.cpus_per_worker)) if cfg.cpus_per_worker > 0 else 1
-    if cfg.use_gpu:
-        fits = min(fits, int(have.get("GPU", 0) // cfg.workers))
-    return max(1, fits)
+
+    def fits(cfg: RecoverConfig) -> int:
+        n = int(have.get("CPU", 0) // (cfg.workers * cfg.cpus_per_worker)) if cfg.cpus_per_worker > 0 else 1
+        return min(n, int(have.get("GPU", 0) // cfg.workers)) if cfg.use_gpu else n
+
+    return max(1, min(fits(cfg) for cfg in (cfgs or [recipe.recover])))
 
 
 T = TypeVar("T")
@@ -415,18 +416,21 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     seconds: dict[tuple[str, int], float] = {}  # time spent producing each set in this run
     recoveries = []  # the recoveries still to run
     for ipc in recipe.ipcs:
+        if recipe.recover_by_ipc.get(ipc):
+            entry = ", ".join(f"{k}={v}" for k, v in recipe.recover_by_ipc[ipc].items())
+            _log(f"IPC {ipc}: recover_by_ipc sets {entry} over the recover section")
         for method in recipe.methods:
             if method in BASELINES:
                 distilled = run / f"random-ipc{ipc}-{random_key(recipe, ipc, info, tinfo)}"
                 t0 = time.perf_counter()
                 if not _complete_distilled(distilled):
                     _log(f"random real subset, IPC {ipc} -> {distilled}")
-                    write_real_subset(data_dir, distilled, ipc=ipc, seed=recipe.recover.seed,
+                    write_real_subset(data_dir, distilled, ipc=ipc, seed=recipe.recover_for(ipc).seed,
                                       num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml,
                                       resolution=tinfo.resolution)
                 seconds[method, ipc] = time.perf_counter() - t0
             else:
-                cfg = section_from(recipe, "recover", {"method": method, "ipc": ipc})
+                cfg = recipe.recover_for(ipc, method=method)
                 spectral = method in SPECTRAL_METHODS
                 key = recover_key(cfg, info, tinfo, stats_id if spectral else None)
                 distilled = run / f"{method}-ipc{ipc}-{key}"
@@ -441,7 +445,7 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
     # ---- recover, several at once when the cluster holds their worker groups side by side; every
     # recovery's inputs are checked first, so bad input fails before any of them starts
     checked = [validate_inputs(data_dir, teacher_dir, job.stats_dir, job.cfg) for job in recoveries]
-    at_once = min(len(recoveries), recovery_concurrency(recipe)) if recoveries else 0
+    at_once = min(len(recoveries), recovery_concurrency(recipe, [j.cfg for j in recoveries])) if recoveries else 0
     if at_once > 1:
         _log(f"{len(recoveries)} recoveries, {at_once} at a time")
 
@@ -449,8 +453,11 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         t0 = time.perf_counter()
         resume = (job.out.parent / f"{job.out.name}.partial" / "plan.json").is_file()
         _log(f"recover {job.method} IPC {job.ipc} -> {job.out}" + (" (resuming)" if resume else ""))
+        # the set's config.yaml: the recipe with this recovery's resolved recover section (method, IPC, its
+        # recover_by_ipc entry)
         run_recover(data_dir, teacher_dir, job.stats_dir, job.out, job.cfg, storage_path=_storage(job.out, recipe),
-                    resume=resume, num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml, checked=inputs)
+                    resume=resume, num_workers=recipe.data.num_workers, checked=inputs,
+                    recipe_yaml=recipe_to_yaml(replace(recipe, recover=job.cfg)))
         spent = time.perf_counter() - t0
         _log(f"recover {job.method} IPC {job.ipc}: done in {spent:.0f}s")
         return spent

@@ -265,12 +265,32 @@ def flatten_sample(config: dict) -> dict:
 
 
 def trial_recipe(recipe: Recipe, overrides: dict, trial: TrialSettings) -> Recipe:
+    """A trial's recipe: the recipe's settings for the trial's IPC (its ``recover_by_ipc`` entry folded into
+    ``recover``), the sampled ``overrides`` over them, then the trial section's keys."""
     data = to_dict(recipe)
+    data["recover"] = to_dict(recipe.recover_for(trial.ipc))
+    data["recover_by_ipc"] = {}
     data = apply_overrides(data, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                   for k, v in overrides.items()])
     data["recover"].update(ipc=trial.ipc, iterations=trial.iterations, workers=1)
     data["evaluate"].update(epochs=trial.eval_epochs, eval_every=trial.eval_every, seeds=trial.seeds)
     return from_dict(Recipe, data)
+
+
+def tuned_recipe(recipe: Recipe, overrides: dict) -> dict:
+    """The recipe a sweep recommends: ``recipe`` with a trial's ``overrides``, as a mapping to write.  A tuned
+    recover key holds at every IPC (``apply_overrides`` drops it from the ``recover_by_ipc`` entries; an entry
+    left empty goes); the pipeline runs the recipe's baselines and the tuned method."""
+    data = apply_overrides(to_dict(recipe), [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                                             for k, v in overrides.items()])
+    data["recover_by_ipc"] = {ipc: entry for ipc, entry in data["recover_by_ipc"].items() if entry}
+    data["name"] = f"{recipe.name}-tuned"
+    data["out"] = None
+    from unidd_ray.pipeline import BASELINES
+
+    data["methods"] = [m for m in recipe.methods if m in BASELINES] + [data["recover"]["method"]]
+    from_dict(Recipe, data)  # the written file must load
+    return data
 
 
 def _trial_classes(trial: TrialSettings, num_classes: int) -> list[int]:
@@ -417,16 +437,7 @@ def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concur
         raise RuntimeError(f"no trial reported {ranked!r}; see the trial logs under {experiment}"
                            + (f" (first error: {errors[0]['error']})" if errors else ""))
     best = rows[0]
-    best_recipe = apply_overrides(to_dict(recipe), [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                                                    for k, v in best["overrides"].items()])
-    best_recipe["name"] = f"{recipe.name}-tuned"
-    best_recipe["out"] = None
-    # the pipeline runs one recovery per entry of `methods`, overriding recover.method: keep the baselines
-    # and run the tuned method
-    from unidd_ray.pipeline import BASELINES
-
-    best_recipe["methods"] = [m for m in recipe.methods if m in BASELINES] + [best_recipe["recover"]["method"]]
-    from_dict(Recipe, best_recipe)  # the written file must load
+    best_recipe = tuned_recipe(recipe, best["overrides"])
     atomic_write_text(out / "best_recipe.yaml",
                       f"# best of {len(rows)} trials of {space_file} ({space.metric} {best[space.metric]:.2f}, the mean "
                       f"of {len(best['seeds'])} seeds)\n"

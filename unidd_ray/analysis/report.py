@@ -90,10 +90,10 @@ def analyse_run(run_dir: str | Path) -> dict:
     teacher, tinfo = load_teacher(stages["teacher"])
     layers = resolve_layers(teacher, None)
     real_moments = load_stats(stages["stats"]) if "stats" in stages else None
-    betas = beta_schedule(recipe.recover.schedule, recipe.recover.beta_max, max(recipe.ipcs),
-                          beta_min=recipe.recover.beta_min)
+    recover = recipe.recover_for(max(recipe.ipcs))
+    betas = beta_schedule(recover.schedule, recover.beta_max, recover.ipc, beta_min=recover.beta_min)
     report = {"run": str(run_dir), "accuracy": results["rows"], "methods": {}, "real": {},
-              "filter": {"schedule": recipe.recover.schedule, "beta_max": recipe.recover.beta_max, "betas": betas},
+              "filter": {"schedule": recover.schedule, "beta_max": recover.beta_max, "betas": betas},
               "layers": layers}
     for key, path in stages.items():
         if key in ("data", "teacher", "stats") or key.startswith("eval-"):
