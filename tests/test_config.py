@@ -156,10 +156,12 @@ def test_recover_by_ipc_sets_one_ipcs_settings_over_the_recover_section():
 def test_a_set_recover_key_holds_at_every_ipc_unless_an_ipc_is_set_after_it():
     """``--set recover.lr=...`` means that lr everywhere, also for an IPC the recipe gives its own; a later
     ``--set recover_by_ipc.1.lr=...`` sets IPC 1's again."""
-    assert load_recipe("fashion-mnist").recover_by_ipc == {1: {"lr": 0.1}}  # the recipe's entry
+    assert load_recipe("fashion-mnist").recover_by_ipc == {1: {"lr": 0.1, "iterations": 2000}}  # the recipe's entry
     recipe = load_recipe("fashion-mnist", overrides=["recover.lr=0.0125"])
     assert [recipe.recover_for(ipc).lr for ipc in (1, 10)] == [0.0125, 0.0125]
-    assert recipe.recover_by_ipc == {}  # the emptied entry goes
+    assert recipe.recover_by_ipc == {1: {"iterations": 2000}}
+    both = load_recipe("fashion-mnist", overrides=["recover.lr=0.0125", "recover.iterations=500"])
+    assert both.recover_by_ipc == {} and both.recover_for(1).iterations == 500  # the emptied entry goes
     later = load_recipe("fashion-mnist", overrides=["recover.lr=0.0125", "recover_by_ipc.1.lr=0.2"])
     assert [later.recover_for(ipc).lr for ipc in (1, 10)] == [0.2, 0.0125]
     other = load_recipe("fashion-mnist", overrides=["recover.alpha=0.3"])  # another key leaves the entry alone
