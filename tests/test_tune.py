@@ -165,7 +165,6 @@ def test_trial_recipe_applies_overrides_and_trial_settings():
     assert reports_per_trial(TrialSettings(eval_epochs=25, eval_every=0, seeds=2)) == 2
 
 
-
 def test_a_trial_reads_its_ipcs_entry_and_a_sampled_value_beats_it():
     """A trial at IPC 1 recovers with the recipe's recover_by_ipc entry for IPC 1, except where the sweep samples
     the same key: a swept value must never be overridden by the recipe."""
