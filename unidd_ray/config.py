@@ -198,7 +198,7 @@ def _checked_recover_by_ipc(table: dict, recover: RecoverConfig) -> dict[int, di
         if not isinstance(settings, dict):
             raise ConfigError(f"{where} must be a mapping of recover keys, got {settings!r}; {example}")
         if not settings:
-            continue  # an entry emptied by overrides
+            continue  # an empty entry sets nothing
         fixed = sorted({"ipc", "method"} & set(settings))
         if fixed:
             raise ConfigError(f"{where} cannot set {fixed}: an entry's IPC is its own and the method comes from "
@@ -330,15 +330,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``data`` (a recipe mapping) with ``section.key=value`` overrides applied in order.  An override of
-    ``recover.<key>`` sets that key at every IPC: it also drops ``<key>`` from the ``recover_by_ipc`` entries
-    (a later ``recover_by_ipc.<ipc>.<key>=...`` sets one IPC's again)."""
+    ``recover.<key>`` sets that key at every IPC: it also drops ``<key>`` from the ``recover_by_ipc`` entries,
+    and an entry left empty (a later ``recover_by_ipc.<ipc>.<key>=...`` sets one IPC's again)."""
     data = _deep_copy(data)
     for text in overrides or []:
         path, value = parse_override(text)
-        if len(path) == 2 and path[0] == "recover" and isinstance(data.get("recover_by_ipc"), dict):
-            for entry in data["recover_by_ipc"].values():
+        by_ipc = data.get("recover_by_ipc")
+        if len(path) == 2 and path[0] == "recover" and isinstance(by_ipc, dict):
+            for ipc, entry in list(by_ipc.items()):
                 if isinstance(entry, dict):
                     entry.pop(path[1], None)
+                    if not entry:
+                        del by_ipc[ipc]  # nothing left for that IPC
         node = data
         for part in path[:-1]:
             node = node.setdefault(_existing_key(node, part), {})

@@ -264,14 +264,18 @@ def flatten_sample(config: dict) -> dict:
     return out
 
 
+def _override_texts(overrides: dict) -> list[str]:
+    """``{"section.key": value}`` as ``section.key=value`` override texts (values in YAML flow style)."""
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in overrides.items()]
+
+
 def trial_recipe(recipe: Recipe, overrides: dict, trial: TrialSettings) -> Recipe:
     """A trial's recipe: the recipe's settings for the trial's IPC (its ``recover_by_ipc`` entry folded into
     ``recover``), the sampled ``overrides`` over them, then the trial section's keys."""
     data = to_dict(recipe)
     data["recover"] = to_dict(recipe.recover_for(trial.ipc))
     data["recover_by_ipc"] = {}
-    data = apply_overrides(data, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                                  for k, v in overrides.items()])
+    data = apply_overrides(data, _override_texts(overrides))
     data["recover"].update(ipc=trial.ipc, iterations=trial.iterations, workers=1)
     data["evaluate"].update(epochs=trial.eval_epochs, eval_every=trial.eval_every, seeds=trial.seeds)
     return from_dict(Recipe, data)
@@ -279,11 +283,9 @@ def trial_recipe(recipe: Recipe, overrides: dict, trial: TrialSettings) -> Recip
 
 def tuned_recipe(recipe: Recipe, overrides: dict) -> dict:
     """The recipe a sweep recommends: ``recipe`` with a trial's ``overrides``, as a mapping to write.  A tuned
-    recover key holds at every IPC (``apply_overrides`` drops it from the ``recover_by_ipc`` entries; an entry
-    left empty goes); the pipeline runs the recipe's baselines and the tuned method."""
-    data = apply_overrides(to_dict(recipe), [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                                             for k, v in overrides.items()])
-    data["recover_by_ipc"] = {ipc: entry for ipc, entry in data["recover_by_ipc"].items() if entry}
+    recover key holds at every IPC (``apply_overrides`` drops it from the ``recover_by_ipc`` entries); the
+    pipeline runs the recipe's baselines and the tuned method."""
+    data = apply_overrides(to_dict(recipe), _override_texts(overrides))
     data["name"] = f"{recipe.name}-tuned"
     data["out"] = None
     from unidd_ray.pipeline import BASELINES
