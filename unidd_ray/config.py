@@ -331,7 +331,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``data`` (a recipe mapping) with ``section.key=value`` overrides applied in order.  An override of
     ``recover.<key>`` sets that key at every IPC: it also drops ``<key>`` from the ``recover_by_ipc`` entries,
-    and an entry left empty (a later ``recover_by_ipc.<ipc>.<key>=...`` sets one IPC's again)."""
+    and drops an entry that this leaves empty (a later ``recover_by_ipc.<ipc>.<key>=...`` sets one IPC's
+    again)."""
     data = _deep_copy(data)
     for text in overrides or []:
         path, value = parse_override(text)
