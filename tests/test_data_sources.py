@@ -278,6 +278,7 @@ def test_restricted_unpickler_refuses_forged_dtypes(tmp_path, what, protocol):
 def test_build_checks_refuse_object_dtypes_without_the_dtype_allow_list(tmp_path, monkeypatch, what):
     """The BUILD checks alone stop object dtypes, even if numpy.dtype itself were let through."""
     monkeypatch.setattr(safe_pickle, "_dtype", np.dtype)
+    monkeypatch.setattr(safe_pickle, "_CALLABLES", safe_pickle._CALLABLES | {np.dtype})
     path = tmp_path / "batch"
     path.write_bytes(pickle.dumps({b"data": _forged_payloads()[what]}, protocol=2))
     with pytest.raises(SourceError, match=r"batch cannot be loaded safely \(refusing (the|a numpy \w+) state"):

@@ -28,8 +28,16 @@ _LAYOUTS = {
 }
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _text(value, path: Path) -> str:
+    """A key or class name as text: Python 2 pickles hold UTF-8 bytes; anything else is a corrupt file."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, bytes):
+        raise SourceError(f"{path}: expected text, found a {type(value).__name__}; the file is corrupt")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: {value[:40]!r} is not UTF-8 text ({exc.reason}); the file is corrupt") from None
 
 
 def _load_dict(path: Path) -> dict:
@@ -40,7 +48,7 @@ def _load_dict(path: Path) -> dict:
     data = load_restricted_pickle(path)
     if not isinstance(data, dict):
         raise SourceError(f"{path} is not a CIFAR batch: it holds a {type(data).__name__}, not a dict")
-    return {_text(key): value for key, value in data.items()}
+    return {_text(key, path): value for key, value in data.items()}
 
 
 def _field(batch: dict, key: str, path: Path):
@@ -102,7 +110,11 @@ def _load(name: str, root: str | None) -> SourceDataset:
     directory = _resolve_root(root, name, layout["folder"], layout["meta"])
     fingerprint = Fingerprint(name)
     meta_path = directory / layout["meta"]
-    names = [_text(n) for n in _field(_load_dict(meta_path), layout["names"], meta_path)]
+    names = _field(_load_dict(meta_path), layout["names"], meta_path)
+    if not isinstance(names, list):
+        raise SourceError(f"{meta_path}: {layout['names']!r} must be a list of class names, got a "
+                          f"{type(names).__name__}; the file is corrupt")
+    names = [_text(n, meta_path) for n in names]
     if len(names) != layout["classes"]:
         raise SourceError(f"{meta_path}: expected {layout['classes']} names under {layout['names']!r}, got "
                           f"{len(names)}; the file belongs to another dataset")
