@@ -34,6 +34,18 @@ def ray_session():
 
 
 @pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if a command starts or joins Ray (the CLI's start, the pipeline's, any other)."""
+    from unidd_ray import cli, pipeline, ray_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    for module in (cli, pipeline, ray_utils):
+        monkeypatch.setattr(module, "init_ray" if module is not cli else "_ray", refuse)
+
+
+@pytest.fixture
 def no_training(monkeypatch):
     """Ray Train stand-in for checks that come before any training: a stage gets as far as starting its
     workers, where ``fit`` makes the run directory (as Ray Train does for its checkpoints) and raises the

@@ -127,7 +127,7 @@ def test_evaluate_refuses_a_bad_student_before_ray_starts(tmp_path, monkeypatch,
                         resolution=28, dataset="fashion-mnist", dataset_fingerprint="f" * 64, mean=[0.5], std=[0.25])
     save_teacher(tinfo.build(), tinfo, tmp_path / "teacher")
 
-    def no_ray(args, recipe):
+    def no_ray(*args):
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(cli, "_ray", no_ray)
@@ -135,11 +135,11 @@ def test_evaluate_refuses_a_bad_student_before_ray_starts(tmp_path, monkeypatch,
               str(tmp_path / "teacher"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "eval")]
     assert cli.main([*common, "--student", "resnet18", "--set", "evaluate.student_options={width: 64}"]) == 2
     err = capsys.readouterr().err
-    assert "evaluate.student 'resnet18'" in err and "takes options ['stem'], not ['width']" in err
+    assert "evaluate.student_options do not suit 'resnet18'" in err and "takes options ['stem'], not ['width']" in err
     assert cli.main([*common, "--student", "vgg11"]) == 2
-    assert "unknown model 'vgg11'" in capsys.readouterr().err
+    assert "evaluate.student must be one of" in capsys.readouterr().err
     assert cli.main([*common, "--set", "evaluate.batch_size=0"]) == 2
-    assert "evaluate.batch_size must be at least 1, or null" in capsys.readouterr().err
+    assert "evaluate.batch_size must be an integer >= 1 (or null), got 0" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
 
 
@@ -213,7 +213,8 @@ def test_recover_command_reads_the_ipcs_entry(tmp_path, monkeypatch):
                                                       "method": cfg.method, "ipc": cfg.ipc, "seconds": 0.0}))
 
     monkeypatch.setattr(recover, "run_recover", run_recover)
-    monkeypatch.setattr(cli, "_ray", lambda args, recipe: None)
+    monkeypatch.setattr(recover, "validate_inputs", lambda *args: None)
+    monkeypatch.setattr(cli, "_ray", lambda *args: None)
     for ipc in (1, 10):
         assert cli.main(["recover", "--recipe", "fashion-mnist", "--data", "d", "--teacher", "t", "--stats", "s",
                          "--ipc", str(ipc), "--method", "krr", "--out", str(tmp_path / f"ipc{ipc}")]) == 0

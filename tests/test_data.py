@@ -293,7 +293,7 @@ def test_prepare_refuses_a_foreign_directory_and_detects_tampering(tmp_path, fm_
     with open(copy / "val.beton", "r+b") as f:
         f.seek(100)
         f.write(b"\x01\x02")
-    with pytest.raises(ValueError, match="val.beton does not match its sha256"):
+    with pytest.raises(ValueError, match="val.beton does not match the sha256 recorded in dataset.json"):
         verify_dataset(copy)
     json.loads((copy / "dataset.json").read_text())
 

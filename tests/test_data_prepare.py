@@ -100,7 +100,7 @@ def test_verify_and_read_errors(digits, tmp_path):
     data = bytearray((copy / "val.beton").read_bytes())
     data[-10] ^= 0xFF
     (copy / "val.beton").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="val.beton does not match its sha256"):
+    with pytest.raises(ValueError, match="val.beton does not match the sha256 recorded in dataset.json"):
         verify_dataset(copy)
     (copy / "train.beton").write_bytes(b"short")
     with pytest.raises(ValueError, match="train.beton has 5 bytes but dataset.json records"):

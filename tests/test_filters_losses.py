@@ -522,13 +522,14 @@ def test_a_class_missing_from_the_real_statistics_is_refused_by_name():
 
 
 def test_beta_min_is_refused_where_it_has_no_meaning():
-    from unidd_ray.distill import method_filter
+    from unidd_ray.config import ConfigError, RecoverConfig
+    from unidd_ray.methods import method_filter
 
     with pytest.raises(ValueError, match="constant schedule has no floor"):
         beta_schedule("constant", 0.1, 3, beta_min=0.01)
     with pytest.raises(ValueError, match="constant schedule has no floor"):
         make_filter("cfm", beta_max=0.1, schedule="constant", beta_min=0.01)
     common = dict(beta_max=0.1, schedule="cosine", mtt_eta=0.01, mtt_steps=2)
-    with pytest.raises(ValueError, match="krr uses one fixed beta"):
-        method_filter("krr", beta_min=0.01, **common)
-    assert method_filter("krr", beta_min=None, **common).beta == 0.1
+    with pytest.raises(ConfigError, match="recover.beta_min does not suit method 'krr': krr uses one fixed beta"):
+        RecoverConfig(method="krr", beta_min=0.01, **common)
+    assert method_filter(RecoverConfig(method="krr", beta_min=None, **common)).beta == 0.1

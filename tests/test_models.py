@@ -63,8 +63,8 @@ def test_squeeze_checks_the_teacher_before_any_worker_starts(options, weights, m
     from unidd_ray.stages.squeeze import squeeze
 
     torch.save(_convnet(width=16).state_dict(), tmp_path / "w16.pt")
-    model = ModelConfig(arch="convnet", options=options, weights=str(tmp_path / weights) if weights else None)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
+        model = ModelConfig(arch="convnet", options=options, weights=str(tmp_path / weights) if weights else None)
         squeeze(digits_data, tmp_path / "teacher", squeeze_cfg=SqueezeConfig(epochs=1, workers=1, cpus_per_worker=1),
                 model_cfg=model, data_cfg=DataConfig(dataset="digits"), storage_path=tmp_path / "ray")
     assert not (tmp_path / "teacher").exists() and not (tmp_path / "ray").exists()

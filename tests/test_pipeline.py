@@ -256,3 +256,28 @@ def test_resume_after_killed_stage_equals_uninterrupted_run(first, tmp_path):
     assert _distilled_files(resumed["stages"]["cfm-ipc2"]) == _distilled_files(cfm_dir)
     assert _row(resumed, "cfm")["top1"] == _row(results, "cfm")["top1"], killed_in
     assert _row(resumed, "random")["top1"] == _row(results, "random")["top1"]
+
+
+# ----------------------------------------------------------------------------- healing
+def test_a_damaged_stage_is_verified_and_computed_again(first, tmp_path):
+    """Flipped bytes in the prepared data and in one recovered image: the re-run names both, prepares the data
+    again and recovers the set again, bit for bit, so every other stage and the evaluation are reused."""
+    run, _, _, results = first
+    run3 = tmp_path / "run"
+    shutil.copytree(run, run3, symlinks=True, ignore=shutil.ignore_patterns("*.ray"))
+    data_dir = run3 / Path(results["stages"]["data"]).name
+    cfm_dir = run3 / Path(results["stages"]["cfm-ipc2"]).name
+    image = sorted((cfm_dir / "images").rglob("*.png"))[3]
+    for path, offset in ((data_dir / "train.beton", 70000), (image, 40)):
+        data = bytearray(path.read_bytes())
+        data[offset:offset + 16] = bytes(b ^ 0x5A for b in data[offset:offset + 16])
+        path.write_bytes(bytes(data))
+    log, _ = _run(run3)
+    assert f"[pipeline] {data_dir.name} is damaged ({data_dir / 'train.beton'} does not match" in log, log[-3000:]
+    assert f"[pipeline] {cfm_dir.name} is damaged ({image} does not match its recorded sha256" in log, log[-3000:]
+    assert f"[pipeline] recover cfm IPC 2 -> {cfm_dir}" in log
+    for line in ("squeeze: reusing", "stats: reusing", "recover dm IPC 2: reusing", "evaluate cfm IPC 2: reusing"):
+        assert f"[pipeline] {line}" in log, line
+    healed = _results(run3)
+    assert _distilled_files(healed["stages"]["cfm-ipc2"]) == _distilled_files(results["stages"]["cfm-ipc2"])
+    assert [r.get("top1") for r in healed["rows"]] == [r.get("top1") for r in results["rows"]]

@@ -101,21 +101,24 @@ def test_recovery_concurrency(monkeypatch):
     assert recovery_concurrency(replace(recipe, recover=RecoverConfig(workers=3, cpus_per_worker=4))) == 1
 
 
-def test_parallel_recoveries_below_one_is_refused_before_any_work(tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(ValueError, match="parallel_recoveries must be at least 1"):
-        run_pipeline(Recipe(out=str(out), parallel_recoveries=0))
-    assert not out.exists()
+def test_parallel_recoveries_below_one_is_refused_when_the_recipe_is_built(tmp_path):
+    from unidd_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parallel_recoveries must be an integer >= 1 \(or null\), got 0"):
+        Recipe(out=str(tmp_path / "run"), parallel_recoveries=0)
 
 
 def _fake_stages(monkeypatch) -> list[str]:
-    """Fake prepare, squeeze and statistics stages (a 10-class, 1-channel, 28 px teacher); returns the names of
-    the stages called, in order."""
+    """Fake prepare, squeeze and statistics stages (a 10-class, 1-channel, 28 px dataset of 50 images per class
+    and its teacher); returns the names of the stages called, in order."""
     from types import SimpleNamespace
 
-    from unidd_ray import pipeline
+    import numpy as np
 
-    info = SimpleNamespace(fingerprint="f" * 64, name="fake", storage="raw", resolution=28)
+    from unidd_ray import pipeline
+    from unidd_ray.data import loading
+
+    info = SimpleNamespace(fingerprint="f" * 64, name="fake", storage="raw", resolution=28, num_classes=10, channels=1)
     tinfo = SimpleNamespace(sha256="t" * 64, val_top1=90.0, arch="convnet", resolution=28, num_classes=10,
                             in_channels=1)
     called = []
@@ -130,6 +133,8 @@ def _fake_stages(monkeypatch) -> list[str]:
     monkeypatch.setattr(pipeline, "teacher_stage", stage("teacher", tinfo))
     monkeypatch.setattr(pipeline, "stats_stage", lambda recipe, run, *a, **k: (called.append("stats"),
                                                                                (run / "stats", "s" * 12))[1])
+    monkeypatch.setattr(pipeline, "init_ray", lambda *a: None)
+    monkeypatch.setattr(loading, "read_labels", lambda data_dir, split: np.repeat(np.arange(10), 50))
     return called
 
 
@@ -162,43 +167,27 @@ def _recorded_recoveries(monkeypatch) -> tuple[list, list]:
     return checked, started
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"epochs": 0}, "evaluate.epochs must be at least 1"),
-    ({"batch_size": 0}, "evaluate.batch_size must be at least 1, or null"),
-    ({"temperature": float("nan")}, "evaluate.temperature must be a positive number"),
-    ({"crop_scale": (1.0, 0.5)}, "evaluate.crop_scale must be"),
-    ({"split": "batch"}, "evaluate.split must be"),
-])
-def test_bad_evaluate_settings_are_refused_before_any_stage(tmp_path, monkeypatch, override, message):
-    from unidd_ray.config import EvaluateConfig
-
-    called = _fake_stages(monkeypatch)
-    checked, started = _recorded_recoveries(monkeypatch)
-    out = tmp_path / "run"
-    with pytest.raises(ValueError, match=message):
-        run_pipeline(Recipe(out=str(out), evaluate=EvaluateConfig(**override)), report=False)
-    assert called == [] and checked == [] and started == [] and not out.exists()
-
-
-@pytest.mark.parametrize("override, message", [
-    ({"student": "resnet18"}, r"evaluate.student 'resnet18'.*takes options \['stem'\], not \['depth', 'norm', 'width'\]"),
-    ({"student": "vgg11", "student_options": {}}, "unknown model 'vgg11'"),
-    ({"student_options": {"width": 16, "norm": "layer"}}, "evaluate.student 'convnet'"),
+@pytest.mark.parametrize("recipe, message", [
+    ({"ipcs": [1, 60]}, "IPC 60 is larger than the 50 training images of class 0"),
+    ({"teacher": {"arch": "convnet", "options": {"width": 8, "depth": 6}}},
+     "teacher: convnet with options .* does not build: resolution 28 is too small for 6 pooling stages"),
+    ({"evaluate": {"student_options": {"width": 16, "norm": "layer"}}},
+     "evaluate: convnet with options .* does not build: unknown norm 'layer'"),
     # 10 classes at IPC 1: a batch of 6 leaves the last batch 4 images, fewer than the 5 workers
-    ({"split": "data", "workers": 5, "batch_size": 6}, "the last one too.*at least 5"),
+    ({"evaluate": {"split": "data", "workers": 5, "batch_size": 6}}, "the last one too.*at least 5"),
 ])
-def test_the_student_and_batches_are_checked_before_any_recovery(tmp_path, monkeypatch, override, message):
-    """What needs the teacher (the student's build, the sets' sizes) is checked right after it, before the
-    statistics and any recovery."""
-    from unidd_ray.config import EvaluateConfig
+def test_what_needs_the_data_is_checked_before_the_teacher(tmp_path, monkeypatch, recipe, message):
+    """The sets' sizes against the classes, the teacher's and the student's build for the data's shape, and the
+    evaluation's batches are checked once the data is prepared, before the teacher is trained."""
+    from unidd_ray.config import from_dict
 
     called = _fake_stages(monkeypatch)
     checked, started = _recorded_recoveries(monkeypatch)
-    evaluate = EvaluateConfig(**{"student_options": {"width": 16, "depth": 2, "norm": "batch"}, **override})
-    recipe = Recipe(out=str(tmp_path / "run"), methods=["dm", "cfm"], ipcs=[1, 10], evaluate=evaluate)
+    recipe = from_dict(Recipe, {"out": str(tmp_path / "run"), "methods": ["random", "dm", "cfm"], "ipcs": [1, 10],
+                                **recipe})
     with pytest.raises(ValueError, match=message):
         run_pipeline(recipe, report=False)
-    assert called == ["data", "teacher"] and checked == [] and started == []
+    assert called == ["data"] and checked == [] and started == []
 
 
 def test_recover_keys_hold_the_settings_each_method_reads():
@@ -206,14 +195,17 @@ def test_recover_keys_hold_the_settings_each_method_reads():
     method reads moves them all; cfm's key is the whole section's, as it was before methods had their own."""
     from types import SimpleNamespace
 
-    from unidd_ray.config import to_dict
+    from unidd_ray.config import ConfigError, to_dict
     from unidd_ray.pipeline import recover_key, stage_key
 
     info = SimpleNamespace(fingerprint="f" * 64, storage="raw")
     tinfo = SimpleNamespace(sha256="t" * 64)
 
     def key(method, **changes):
-        cfg = RecoverConfig(method=method, **changes)
+        try:
+            cfg = RecoverConfig(method=method, **changes)
+        except ConfigError:
+            return None  # a setting the method refuses (krr's one beta has no floor)
         return recover_key(cfg, info, tinfo, "s" * 12 if method not in ("sre2l", "ce") else None)
 
     methods = ["cfm", "krr", "dc", "dm", "mtt", "sre2l", "ce"]
@@ -221,11 +213,12 @@ def test_recover_keys_hold_the_settings_each_method_reads():
     assert len(set(base.values())) == len(methods)
 
     def moved(**changes):
-        return sorted(m for m in methods if key(m, **changes) != base[m])
+        return sorted(m for m in methods if key(m, **changes) not in (base[m], None))
 
     assert moved(beta_max=0.05) == ["cfm", "krr"]
     for cfm_only in ({"schedule": "linear"}, {"beta_min": 1e-3}):
         assert moved(**cfm_only) == ["cfm"]
+    assert key("krr", beta_min=1e-3) is None
     assert moved(precision="float32") == ["cfm", "krr"]
     assert moved(mtt_eta=0.2) == ["cfm", "mtt"]  # cfm keeps every setting
     assert moved(bn_weight=0.05) == ["cfm", "sre2l"]
@@ -246,13 +239,11 @@ def test_recover_keys_hold_the_settings_each_method_reads():
 def test_unread_settings_name_recover_settings_and_methods():
     import dataclasses
 
-    from unidd_ray.distill import METHODS
-    from unidd_ray.pipeline import UNREAD_RECOVER_SETTINGS
+    from unidd_ray.methods import REGISTRY
 
-    assert sorted(UNREAD_RECOVER_SETTINGS) == sorted(METHODS)
     fields = {f.name for f in dataclasses.fields(RecoverConfig)}
-    for method, unread in UNREAD_RECOVER_SETTINGS.items():
-        assert set(unread) <= fields - {"method", "ipc"}, method
+    for name, method in REGISTRY.items():
+        assert method.name == name and set(method.unread) <= fields - {"method", "ipc"}, name
 
 
 def test_evaluate_key_leaves_out_the_seed_count_and_holds_the_dataset():
@@ -346,6 +337,7 @@ def test_an_interrupted_evaluation_under_the_legacy_key_moves_to_the_new_one(tmp
     cfm = section_from(recipe, "recover", {"method": "cfm", "ipc": 1})
     distilled = run / f"cfm-ipc1-{recover_key(cfm, info, tinfo, 's' * 12)}"
     (distilled / "images").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: fashion-mnist\n")  # written first by a pipeline before 2026-12
     (distilled / "images" / "0.png").write_bytes(b"png")
     pq.write_table(pa.Table.from_pylist([{"path": "images/0.png", "class": 0}]), distilled / "manifest.parquet")
     write_manifest(distilled, "distilled", dataset_fingerprint="f" * 64)
@@ -414,3 +406,46 @@ def test_recovery_concurrency_fits_the_largest_worker_group(monkeypatch):
     assert recovery_concurrency(recipe, [RecoverConfig(workers=1, cpus_per_worker=1)] * 2) == 8
     assert recovery_concurrency(recipe, [RecoverConfig(workers=1, cpus_per_worker=1),
                                          RecoverConfig(workers=2, cpus_per_worker=2)]) == 2
+
+
+def test_a_damaged_set_is_recovered_again_and_an_intact_one_reused(tmp_path, monkeypatch, capsys):
+    """A stored set is verified before it is reused (every image's checksum): a damaged one is discarded and
+    recovered again, an intact one is reused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unidd_ray.artifacts import atomic_write_json, write_manifest
+    from unidd_ray.pipeline import recover_key
+    from unidd_ray.stages import recover
+
+    _fake_stages(monkeypatch)
+    started = []
+
+    def run(data_dir, teacher_dir, stats_dir, out, cfg, **kwargs):
+        started.append(cfg.method)
+        raise RuntimeError("recorded")  # the plan is what is tested: stop before the evaluations
+
+    monkeypatch.setattr(recover, "validate_inputs", lambda *a: None)
+    monkeypatch.setattr(recover, "run_recover", run)
+    recipe = Recipe(out=str(tmp_path / "run"), methods=["dm", "cfm"], ipcs=[1], parallel_recoveries=1)
+    run_dir = recipe.run_dir.resolve()
+    atomic_write_json(run_dir / "pipeline.json", {"stages": {}})  # an earlier run's directory
+    info = SimpleNamespace(fingerprint="f" * 64, storage="raw")
+    tinfo = SimpleNamespace(sha256="t" * 64)
+    sets = {}
+    for method in ("dm", "cfm"):
+        key = recover_key(recipe.recover_for(1, method=method), info, tinfo, "s" * 12)
+        sets[method] = run_dir / f"{method}-ipc1-{key}"
+        (sets[method] / "images").mkdir(parents=True)
+        (sets[method] / "images" / "0.png").write_bytes(b"png")
+        pq.write_table(pa.Table.from_pylist([{"path": "images/0.png", "class": 0}]), sets[method] / "manifest.parquet")
+        write_manifest(sets[method], "distilled", dataset_fingerprint="f" * 64)
+    (sets["cfm"] / "images" / "0.png").write_bytes(b"pnh")
+    with pytest.raises(RuntimeError, match="recorded"):
+        run_pipeline(recipe, report=False)
+    assert started == ["cfm"]
+    log = capsys.readouterr().out
+    damaged = sets["cfm"] / "images" / "0.png"
+    assert f"{sets['cfm'].name} is damaged ({damaged} does not match its recorded sha256" in log
+    assert f"recover dm IPC 1: reusing {sets['dm']}" in log
+    assert not sets["cfm"].exists() and (sets["dm"] / "images" / "0.png").read_bytes() == b"png"

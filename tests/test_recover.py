@@ -350,7 +350,7 @@ def test_alpha_scale_emu_weights_the_t_th_batch_by_t(digits_data, digits_teacher
 
 
 def test_refuses_an_unknown_alpha_scale(tmp_path, digits_data, digits_teacher, digits_stats):
-    with pytest.raises(ValueError, match="unknown recover.alpha_scale 'slot'.*'emu'"):
+    with pytest.raises(ValueError, match=r"recover.alpha_scale must be one of \['constant', 'emu'\], got 'slot'"):
         _recover(tmp_path, digits_data, digits_teacher, digits_stats, alpha_scale="slot")
     _nothing_written(tmp_path)
 
@@ -422,8 +422,9 @@ def test_refuses_a_teacher_of_another_dataset(tmp_path, digits_data, digits_teac
     shutil.copytree(digits_teacher, teacher)
     meta = json.loads((teacher / "teacher.json").read_text())
     meta["dataset_fingerprint"] = "0" * 64
+    del meta["info_sha256"]  # as teacher.json was before its checksum: read, and its dataset compared
     (teacher / "teacher.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="another dataset"):
+    with pytest.raises(ValueError, match="was trained on dataset 000000000000…, not on"):
         _recover(tmp_path, digits_data, teacher, digits_stats)
     _nothing_written(tmp_path)
 
@@ -467,7 +468,7 @@ def test_singular_covariance_is_fine_for_positive_beta_only(digits_stats):
 
 
 def test_refuses_unknown_method(tmp_path, digits_data, digits_teacher, digits_stats, capsys):
-    with pytest.raises(ValueError, match="unknown recovery method 'nope'"):
+    with pytest.raises(ValueError, match=r"recover.method must be one of \['cfm'.*got 'nope'"):
         _recover(tmp_path, digits_data, digits_teacher, digits_stats, method="nope")
     _nothing_written(tmp_path)
     from unidd_ray.cli import main
@@ -475,7 +476,7 @@ def test_refuses_unknown_method(tmp_path, digits_data, digits_teacher, digits_st
     rc = main(["recover", "--recipe", "digits", "--data", str(digits_data), "--teacher", str(digits_teacher),
                "--stats", str(digits_stats), "--method", "nope", "--out", str(tmp_path / "out"),
                "--storage-path", str(tmp_path / "ray")])
-    assert rc == 2 and "unknown recovery method" in capsys.readouterr().err
+    assert rc == 2 and "recover.method must be one of" in capsys.readouterr().err
     _nothing_written(tmp_path)
 
 
@@ -510,22 +511,24 @@ def test_refuses_more_workers_than_classes_and_missing_stats(tmp_path, digits_da
         _recover(tmp_path, digits_data, digits_teacher, None, method="sre2l", workers=11)
     with pytest.raises(ValueError, match="needs --stats"):
         _recover(tmp_path, digits_data, digits_teacher, None, method="cfm")
-    with pytest.raises(ValueError, match="recover.sync"):
+    with pytest.raises(ValueError, match=r"recover.sync must be one of \['round', 'step'\], got 'always'"):
         _recover(tmp_path, digits_data, digits_teacher, None, method="sre2l", sync="always")
     _nothing_written(tmp_path)
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"iterations": 0}, "recover.iterations must be at least 1, got 0"),
-    ({"lr": 0.0}, "recover.lr must be positive, got 0.0"),
-    ({"alpha": -0.1}, "recover.alpha must be 0 or more"),
+    ({"iterations": 0}, "recover.iterations must be an integer >= 1, got 0"),
+    ({"lr": 0.0}, "recover.lr must be a finite number > 0, got 0.0"),
+    ({"alpha": -0.1}, "recover.alpha must be a finite number >= 0"),
     ({"crop_scale": (0.0, 1.0)}, r"recover.crop_scale must be \[low, high\]"),
     ({"crop_scale": (0.9, 0.5)}, r"recover.crop_scale must be \[low, high\]"),
-    ({"method": "dm", "schedule": "cosin"}, "unknown recover.schedule 'cosin'"),
-    ({"signal": "bogus"}, r"unknown recover.signal 'bogus'; choose one of \['mean', 'class', 'soft'\]"),
-    ({"method": "dm", "signal": "bogus"}, "unknown recover.signal 'bogus'"),
-    ({"method": "dm", "covariance": "bogus"}, r"unknown recover.covariance 'bogus'; choose one of \['total'"),
-    ({"method": "mtt", "covariance": "bogus"}, "unknown recover.covariance 'bogus'"),
+    ({"method": "dm", "schedule": "cosin"}, r"recover.schedule must be one of \['cosine'.*got 'cosin'"),
+    ({"signal": "bogus"}, r"recover.signal must be one of \['mean', 'class', 'soft'\], got 'bogus'"),
+    ({"method": "dm", "signal": "bogus"}, "recover.signal must be one of"),
+    ({"method": "dm", "covariance": "bogus"}, r"recover.covariance must be one of \['total'"),
+    ({"method": "mtt", "covariance": "bogus"}, "recover.covariance must be one of"),
+    ({"adam_betas": (2.0, 3.0)}, r"recover.adam_betas must be two numbers in \[0, 1\)"),
+    ({"beta_max": 0.0}, "recover.beta_max must be a finite number > 0"),
 ])
 def test_refuses_bad_settings_before_any_work(setting, message, tmp_path, digits_data, digits_teacher, digits_stats,
                                               no_training):
@@ -626,13 +629,14 @@ def test_resume_refuses_a_plan_that_records_no_identity(tmp_path, digits_data, d
 
 
 def test_resume_without_plan_starts_over(tmp_path, digits_data, digits_teacher, digits_stats, no_training):
-    """A crash between making the staging directory and writing plan.json: nothing to resume, start over."""
+    """A crash between making the staging directory and writing plan.json (its temporary file left): nothing to
+    resume, start over."""
     staging = tmp_path / "out.partial"
     staging.mkdir()
-    (staging / "leftover").write_text("x")
+    (staging / ".plan.json.k2j4h5.tmp").write_text("{")
     with pytest.raises(no_training):
         _start(tmp_path, digits_data, digits_teacher, digits_stats, resume=True)
-    assert (staging / "plan.json").is_file() and not (staging / "leftover").exists()
+    assert (staging / "plan.json").is_file() and not (staging / ".plan.json.k2j4h5.tmp").exists()
 
 
 def test_plan_records_the_identity_of_the_run(cli_run, digits_data, digits_teacher, digits_stats):

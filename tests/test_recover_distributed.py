@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,7 @@ from unidd_ray.config import RecoverConfig, from_dict
 from unidd_ray.ray_utils import init_ray
 from unidd_ray.stages.recover import run_recover
 import json
+import shutil
 init_ray(sys.argv[1])
 cfg = from_dict(RecoverConfig, json.loads(sys.argv[2]))
 run_recover(sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], cfg, storage_path=sys.argv[7])
@@ -170,14 +172,14 @@ def test_crash_while_finalizing_resumes_to_the_same_output(reference, ray_sessio
     from unidd_ray.artifacts import read_manifest
 
     out, storage = tmp_path / "out", tmp_path / "ray"
-    out.mkdir()
-    (out / "stale.txt").write_text("an earlier output")
+    shutil.copytree(reference, out)  # an earlier output of the same kind, marked
+    (out / "summary.json").write_text('{"earlier": true}')
     cfg = RecoverConfig(**CFG)
 
     class Crash(Exception):
         pass
 
-    def crash(src, dst):
+    def crash(src, dst, kind):
         raise Crash("simulated crash before the rename")
 
     monkeypatch.setattr(recover, "replace_directory", crash)
@@ -185,7 +187,7 @@ def test_crash_while_finalizing_resumes_to_the_same_output(reference, ray_sessio
         run_recover(digits_data, digits_teacher, digits_stats, out, cfg, storage_path=storage, progress=False)
     monkeypatch.undo()
     staging = tmp_path / "out.partial"
-    assert (out / "stale.txt").exists()  # the earlier output is untouched until the new one replaces it
+    assert "earlier" in (out / "summary.json").read_text()  # untouched until the new output replaces it
     assert (staging / "manifest.json").exists() and (staging / recover.RECORDS).is_dir()
     assert not any(name.startswith(".") for name in read_manifest(staging)["files"])
     log = next((staging / recover.RECORDS).glob(f"{recover.EXECUTIONS}-*.jsonl"))
@@ -196,6 +198,6 @@ def test_crash_while_finalizing_resumes_to_the_same_output(reference, ray_sessio
                           progress=False)
     _assert_same_output(resumed, reference)
     assert all(b["executions"] == 1 for b in _batches(resumed).values())
-    assert not (out / "stale.txt").exists() and not staging.exists()
+    assert "earlier" not in (out / "summary.json").read_text() and not staging.exists()
     assert not (out / recover.RECORDS).exists() and not list(tmp_path.glob(".out.*"))
     read_manifest(out)  # every recorded checksum verifies

@@ -60,10 +60,10 @@ def test_plan_blocks_and_units():
     assert plan.blocks[0] == (0, 128) and plan.blocks[-1] == (1408, 1438)
     assert len(plan.blocks) == 12 and sum(b - a for a, b in plan.blocks) == 1438
     assert plan.units == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    with pytest.raises(ValueError, match="multiple of stats.batch_size"):
-        make_plan(100, StatsConfig(batch_size=64, block_size=100))
-    with pytest.raises(ValueError, match="positive"):
-        make_plan(100, StatsConfig(batch_size=64, block_size=128, blocks_per_unit=0))
+    with pytest.raises(ValueError, match=r"stats.block_size must be a multiple of stats.batch_size \(64\)"):
+        StatsConfig(batch_size=64, block_size=100)
+    with pytest.raises(ValueError, match="stats.blocks_per_unit must be an integer >= 1"):
+        StatsConfig(batch_size=64, block_size=128, blocks_per_unit=0)
 
 
 def test_worker_in_process_matches_block_fold(digits_data, digits_teacher, single_actor):

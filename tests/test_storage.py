@@ -50,20 +50,22 @@ def test_atomic_writes_get_the_modes_of_the_umask(tmp_path, umask):
     atomic_write_json(tmp_path / "b.json", {"b": 1})
     with atomic_file(tmp_path / "c.pt") as tmp:
         tmp.write_bytes(b"c")
-    with atomic_directory(tmp_path / "d") as d:
-        atomic_write_bytes(d / "inner.bin", b"d")
+    with atomic_directory(tmp_path / "d", "stats") as d:
+        atomic_write_bytes(d / "stats.parquet", b"d")
     plain_file, plain_dir = tmp_path / "plain", tmp_path / "plain-dir"
     plain_file.write_bytes(b"")
     plain_dir.mkdir()
     assert stat.S_IMODE(plain_file.stat().st_mode) == 0o666 & ~umask
-    for name in ("a.bin", "b.json", "c.pt", "d/inner.bin"):
+    for name in ("a.bin", "b.json", "c.pt", "d/stats.parquet"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == stat.S_IMODE(plain_dir.stat().st_mode) == 0o777 & ~umask
 
 
 def _output(path: Path, text: str) -> Path:
+    """A (teacher) output whose config.yaml holds ``text``."""
     path.mkdir()
-    (path / "x.txt").write_text(text)
+    (path / "teacher.json").write_text('{"arch": "convnet"}')
+    (path / "config.yaml").write_text(text)
     return path
 
 
@@ -84,17 +86,17 @@ def test_replace_directory_removes_what_a_crash_left_aside(tmp_path, monkeypatch
 
     monkeypatch.setattr(artifacts.os, "replace", crash_on_second)
     with pytest.raises(OSError, match="between the renames"):
-        artifacts.replace_directory(_output(tmp_path / "second", "second"), dst)
+        artifacts.replace_directory(_output(tmp_path / "second", "second"), dst, "teacher")
     monkeypatch.undo()
     left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith(".old")]
-    assert len(left) == 1 and (left[0] / "out" / "x.txt").read_text() == "first" and not dst.exists()
+    assert len(left) == 1 and (left[0] / "out" / "config.yaml").read_text() == "first" and not dst.exists()
     others = [_output(tmp_path / ".out.partial.abcd1234.old", "other"), _output(tmp_path / ".out.abcd1234.tmp", "tmp")]
 
-    artifacts.replace_directory(_output(tmp_path / "third", "third"), dst)
-    assert (dst / "x.txt").read_text() == "third"
+    artifacts.replace_directory(_output(tmp_path / "third", "third"), dst, "teacher")
+    assert (dst / "config.yaml").read_text() == "third"
     assert not any(p.exists() for p in left) and all(p.exists() for p in others)
-    artifacts.replace_directory(_output(tmp_path / "fourth", "fourth"), dst)  # over an existing output
-    assert (dst / "x.txt").read_text() == "fourth"
+    artifacts.replace_directory(_output(tmp_path / "fourth", "fourth"), dst, "teacher")  # over an existing output
+    assert (dst / "config.yaml").read_text() == "fourth"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "second", *(p.name for p in others)])
 
 

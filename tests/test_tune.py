@@ -65,8 +65,9 @@ def test_good_space_loads(tmp_path):
     ("space: {recover.alpha: high}", "must be a number"),
     ("space: {recover.mtt_steps: {uniform: [1, 20]}}", "must be an integer"),
     ("space: {recover.mtt_steps: {randint: [1.5, 20]}}", "integer bounds"),
-    ("space: {recover.schedule: {choice: [cosine, wobbly]}}", "unknown schedule 'wobbly'"),
-    ("space: {recover.method: {choice: [cfm, magic]}}", "unknown method 'magic'"),
+    ("space: {recover.schedule: {choice: [cosine, wobbly]}}", "recover.schedule must be one of ['cosine', 'linear', "
+                                                             "'constant', 'geometric'], got 'wobbly'"),
+    ("space: {recover.method: {choice: [cfm, magic]}}", "recover.method must be one of ['cfm', 'krr'"),
     ("space: {recover.ipc: {choice: [1, 2]}}", "set by the 'trial' section"),
     ("space: {evaluate.epochs: {randint: [1, 5]}}", "set by the 'trial' section"),
     ("space: {family: {choice: [{recover.method: dm}, {recover.bogus: 1}]}}", "unknown key 'recover.bogus'"),
@@ -99,7 +100,7 @@ def test_bad_spaces_are_refused(tmp_path, body, message):
 def test_cli_tune_reports_bad_space(tmp_path, monkeypatch, capsys):
     from unidd_ray import cli
 
-    monkeypatch.setattr(cli, "_ray", lambda args, recipe: None)  # the space is checked before any Ray work
+    monkeypatch.setattr(cli, "_ray", lambda *args: None)  # the space is checked before any Ray work
     args = cli.build_parser().parse_args(["tune", "--space", "s.yaml", "--recipe", "digits", "--samples", "4",
                                           "--concurrent", "2"])
     assert (args.samples, args.concurrent, args.resume) == (4, 2, False)

@@ -120,32 +120,132 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
             os.unlink(tmp)
 
 
+# ----------------------------------------------------------------------------- whose directory is it
+# The top-level names each kind of output directory is made of.  A directory of that kind holding anything
+# else (a user's notes, a project's sources) is not replaced: its other files would be deleted with it.
+OUTPUT_ENTRIES = {
+    "teacher": {"teacher.pt", "teacher.json", "config.yaml"},
+    "stats": {"stats.parquet", MANIFEST, "summary.json", "config.yaml"},
+    "distilled": {"images", "manifest.parquet", MANIFEST, "summary.json", "config.yaml", "batches.json",
+                  "distilled.beton", "plan.json", "emu_state.pt", ".batches"},
+    "soft_labels": {"soft_labels.parquet", "config.yaml", MANIFEST},
+    "evaluation": {"summary.json", "config.yaml", ".seeds"},
+    "tune": {"ranking.json", "ranking.md", "best_recipe.yaml", "ray"},
+}
+# What an output of a kind without a manifest holds once finished (a record file and a key it always has),
+# and what it holds while in progress (an evaluation keeps its finished seeds, a sweep its Ray Tune state,
+# before the first summary).
+_FINISHED = {"teacher": ("teacher.json", "arch"), "evaluation": ("summary.json", "top1"),
+             "tune": ("ranking.json", "rows")}
+_IN_PROGRESS = {"evaluation": ".seeds", "tune": "ray"}
+# A pipeline's run directory: its record, the files it writes and the stage directories it names.
+RUN_RECORD = "pipeline.json"
+_RUN_FILES = {RUN_RECORD, "config.yaml", "results.json", "results.md", "report.html", "report.json", "report"}
+_RUN_STAGE = re.compile(r"(data|teacher|stats|[a-z0-9_-]+-ipc\d+|eval-[a-z0-9_-]+-ipc\d+)(-[0-9a-f]{12})+(\.partial)?|tune-.+")
+
+
+class OutputError(ArtifactError):
+    """An output path holds something the tool did not write there; nothing was changed."""
+
+
+def output_kind(directory: str | Path) -> str | None:
+    """The kind of output ``directory`` holds (``teacher``, ``stats``, ``distilled``, ..., ``run``), or None
+    when it holds none: the kind its manifest names, else the one whose record is there."""
+    directory = Path(directory)
+    kind = _json_object(directory / MANIFEST).get("kind")
+    if kind in OUTPUT_ENTRIES:
+        return kind
+    for kind, (record, key) in _FINISHED.items():
+        if key in _json_object(directory / record):
+            return kind
+    names = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+    for kind, progress in _IN_PROGRESS.items():
+        if progress in names and names <= OUTPUT_ENTRIES[kind]:
+            return kind
+    if (directory / RUN_RECORD).is_file() or (names and _run_names(names) == names and "config.yaml" in names
+                                               and len(names) > 1):
+        return "run"  # written before 2026-12 (no record yet): its config and the stages it named
+    return None
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``, or an empty one when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _run_names(names: set[str]) -> set[str]:
+    """The names among ``names`` that a pipeline writes into its run directory (hidden ones are its
+    staging, checkpoint and lock folders)."""
+    return {n for n in names if n in _RUN_FILES or n.startswith(".") or _RUN_STAGE.fullmatch(n)}
+
+
+def check_output(path: str | Path, kind: str, *, option: str = "--out") -> None:
+    """Refuse to write an output of ``kind`` to ``path`` unless ``path`` is new, an empty directory, or an
+    earlier output of the same kind made only of that kind's files (re-runs and ``--resume`` replace it).
+    A pipeline's run directory (``kind="run"``) may hold any stage directory the pipeline names.
+
+    Raises :class:`OutputError` naming the path, what is in the way and the fix; changes nothing.
+    """
+    path = Path(path)
+    fix = f"give {option} a new or empty directory"
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise OutputError(f"{path} exists and is not a directory; {fix}")
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return
+    found = output_kind(path)
+    if found != kind:
+        what = f"a {found} output" if found else f"files unidd-ray did not write ({_listing(names)})"
+        raise OutputError(f"{path} holds {what}, not a {kind} output: unidd-ray only replaces an earlier output of "
+                          f"the same kind; {fix}")
+    own = _run_names(set(names)) if kind == "run" else OUTPUT_ENTRIES[kind]
+    foreign = [n for n in names if n not in own]
+    if foreign:
+        raise OutputError(f"{path} holds a {kind} output and files it is not made of ({_listing(foreign)}), which "
+                          f"writing there could overwrite or delete; move them out, or {fix}")
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 @contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
+def atomic_directory(final: str | Path, kind: str) -> Iterator[Path]:
     """Build a directory in a temporary sibling and move it to ``final`` only if the block succeeds.
 
-    An existing ``final`` is replaced only after the new one is complete.
+    ``final`` must be new, empty or an earlier output of ``kind`` (:func:`check_output`, checked before the
+    block runs and again before the move); an existing one is replaced only after the new one is complete.
     """
     final = Path(final)
+    check_output(final, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         os.chmod(tmp, directory_mode())  # mkdtemp makes it 0700
-        replace_directory(tmp, final)
+        replace_directory(tmp, final, kind)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def replace_directory(src: str | Path, dst: str | Path) -> None:
-    """Move the finished directory ``src`` to ``dst``; an existing ``dst`` is removed only once ``src`` has
-    replaced it (until then it is moved aside under a hidden name beside it, ``.NAME.XXXXXXXX.old``).
+def replace_directory(src: str | Path, dst: str | Path, kind: str) -> None:
+    """Move the finished directory ``src`` to ``dst``; an existing ``dst`` (an earlier output of ``kind``:
+    anything else is refused by :func:`check_output`) is removed only once ``src`` has replaced it (until then
+    it is moved aside under a hidden name beside it, ``.NAME.XXXXXXXX.old``).
 
     Such a folder left behind by a crash between the two renames holds an output that has been
     superseded; the next replacement of ``dst`` removes it.
     """
     src, dst = Path(src), Path(dst)
+    check_output(dst, kind)
     if dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
         os.replace(dst, old / dst.name)

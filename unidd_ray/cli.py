@@ -4,22 +4,35 @@ Every stage command takes ``--recipe NAME`` (built-in) or ``--config FILE``
 plus repeatable ``--set section.key=value`` overrides; explicit flags such as
 ``--ipc`` are shorthands for the matching ``--set``.  Ray is the embedded local
 instance unless ``--address`` or ``RAY_ADDRESS`` names a cluster.
+
+Every setting is checked when the recipe is read, and every check of a stage's
+inputs runs before Ray starts.  A mistake (a bad value, a missing or damaged
+input, an output path holding someone else's files, an output another command
+is writing) ends the command with one line naming it and the fix, and exit
+status 2; ``-v`` shows the traceback too.  Ctrl-C keeps all finished work
+(exit status 130): run the same command again to continue.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from unidd_ray.config import ConfigError, Recipe, available_recipes, load_recipe, recipe_to_yaml
+from unidd_ray.locks import LockHeld
 
 
-def _recipe(args, extra: list[str] | None = None) -> Recipe:
-    overrides = list(args.set or []) + list(extra or [])
-    return load_recipe(args.recipe, config=args.config, overrides=overrides)  # refuses --recipe with --config
+def _recipe(args, extra: list[str] | None = None, *, first: list[str] | None = None) -> Recipe:
+    """The recipe of ``--recipe``/``--config`` with ``first``, ``--set`` and ``extra`` applied in that order (every
+    value checked); ``--address`` over its ``ray_address``."""
+    overrides = [*(first or []), *(args.set or []), *(extra or [])]
+    recipe = load_recipe(args.recipe, config=args.config, overrides=overrides)  # refuses --recipe with --config
+    return dataclasses.replace(recipe, ray_address=args.address) if getattr(args, "address", None) else recipe
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -30,16 +43,21 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
+def _add_wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="when another command is writing the same output, wait for it instead of stopping")
+
+
 def _storage(args, recipe: Recipe, out: Path) -> Path:
     from unidd_ray.artifacts import stage_storage
 
     return stage_storage(out, getattr(args, "storage_path", None) or recipe.storage_path)
 
 
-def _ray(args, recipe: Recipe) -> None:
+def _ray(recipe: Recipe) -> None:
     from unidd_ray.ray_utils import init_ray
 
-    init_ray(args.address or recipe.ray_address)
+    init_ray(recipe.ray_address)
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -55,7 +73,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_prepare(args) -> int:
-    from unidd_ray.data.prepare import prepare_dataset
+    from unidd_ray.data.prepare import check_target, prepare_dataset
     from unidd_ray.data.sources import load_source
 
     options = {}
@@ -64,9 +82,12 @@ def cmd_prepare(args) -> int:
             raise ConfigError(f"--option {kv!r}: write it as KEY=VALUE, e.g. --option val_fraction=0.1")
         key, value = kv.split("=", 1)
         options[key] = value
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (writer processes), got {args.workers}")
+    check_target(Path(args.out).absolute())  # before the source is read, which may take long
     source = load_source(args.dataset, args.root, **options)
     info = prepare_dataset(source, args.out, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-                           num_workers=args.workers)
+                           num_workers=args.workers, wait=args.wait)
     rows = [{"split": s, "images": info.splits[s]["count"]} for s in ("train", "val")]
     print(_table(rows, ["split", "images"]))
     print(f"{info.name}: {info.num_classes} classes, {info.resolution} px, {info.channels} channel(s) -> {args.out}")
@@ -74,13 +95,15 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_squeeze(args) -> int:
-    from unidd_ray.stages.squeeze import squeeze
+    from unidd_ray.stages.squeeze import check_squeeze, squeeze
 
     recipe = _recipe(args)
     out = Path(args.out)
-    _ray(args, recipe)
+    check_squeeze(args.data, out, squeeze_cfg=recipe.squeeze, model_cfg=recipe.teacher, data_cfg=recipe.data)
+    _ray(recipe)
     squeeze(args.data, out, squeeze_cfg=recipe.squeeze, model_cfg=recipe.teacher, data_cfg=recipe.data,
-            storage_path=_storage(args, recipe, out), resume=args.resume, recipe_yaml=recipe_to_yaml(recipe))
+            storage_path=_storage(args, recipe, out), resume=args.resume, recipe_yaml=recipe_to_yaml(recipe),
+            wait=args.wait)
     info = json.loads((out / "teacher.json").read_text())
     print(_table([{"arch": info["arch"], "dataset": info["dataset"], "val_top1": info["val_top1"],
                    "sha256": info["sha256"][:12]}], ["arch", "dataset", "val_top1", "sha256"]))
@@ -114,11 +137,12 @@ def cmd_stats(args) -> int:
         return 0
     if not (args.data and args.teacher and args.out):
         raise ConfigError("stats needs --data, --teacher and --out (or --inspect DIR)")
-    from unidd_ray.stages.stats import run_stats
+    from unidd_ray.stages.stats import check_stats, run_stats
 
-    _ray(args, recipe)
+    check_stats(args.data, args.teacher, args.out, recipe.stats)
+    _ray(recipe)
     out = run_stats(args.data, args.teacher, args.out, recipe.stats, num_workers=recipe.data.num_workers,
-                    recipe_yaml=recipe_to_yaml(recipe))
+                    recipe_yaml=recipe_to_yaml(recipe), wait=args.wait)
     summary = json.loads((Path(out) / "summary.json").read_text())
     print(_table([{"layer": k, "C": v["channels"], "trace": v["total"]["trace"], "eig_min": v["total"]["eig_min"],
                    "eig_max": v["total"]["eig_max"]} for k, v in summary["layers"].items()],
@@ -129,17 +153,21 @@ def cmd_stats(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from unidd_ray.stages.recover import run_recover
+    from unidd_ray.artifacts import check_output
+    from unidd_ray.stages.recover import check_staging, run_recover, validate_inputs
 
     extra = [f"recover.{k}={v}" for k, v in (("ipc", args.ipc), ("method", args.method), ("workers", args.workers))
              if v is not None]
     recipe = _recipe(args, extra)
     cfg = recipe.recover_for(recipe.recover.ipc)  # with the recipe's recover_by_ipc entry for this IPC
-    out = Path(args.out)
-    _ray(args, recipe)
+    out = Path(args.out).resolve()
+    check_output(out, "distilled")
+    check_staging(out.parent / f"{out.name}.partial")
+    checked = validate_inputs(args.data, args.teacher, args.stats, cfg)
+    _ray(recipe)
     run_recover(args.data, args.teacher, args.stats, out, cfg, storage_path=_storage(args, recipe, out),
-                resume=args.resume, num_workers=recipe.data.num_workers,
-                recipe_yaml=recipe_to_yaml(dataclasses.replace(recipe, recover=cfg)))
+                resume=args.resume, num_workers=recipe.data.num_workers, checked=checked,
+                recipe_yaml=recipe_to_yaml(dataclasses.replace(recipe, recover=cfg)), wait=args.wait)
     summary = json.loads((out / "summary.json").read_text())
     rows = [{"slot": b, **v} for b, v in summary["per_slot"].items()]
     print(_table(rows, list(rows[0])))
@@ -155,25 +183,27 @@ def evaluate_recipe(args) -> Recipe:
     extra = [f"evaluate.{k}={v}" for k, v in (("student", args.student), ("seeds", args.seeds)) if v is not None]
     if args.hard_labels:
         extra.append("evaluate.hard_labels=true")
-    if args.student is not None and args.student != _recipe(args).evaluate.student:
-        return load_recipe(args.recipe, config=args.config,
-                           overrides=["evaluate.student_options={}", *(args.set or []), *extra])
+    if args.student is not None:
+        # the recipe's student, without the --set student options meant for --student
+        own = load_recipe(args.recipe, config=args.config,
+                          overrides=[s for s in args.set or [] if not s.startswith("evaluate.student_options")])
+        if args.student != own.evaluate.student:
+            return _recipe(args, extra, first=["evaluate.student_options={}"])
     return _recipe(args, extra)
 
 
 def cmd_evaluate(args) -> int:
-    from unidd_ray.stages.evaluate import check_student, run_evaluate, validate_evaluate
-    from unidd_ray.teacher import read_teacher_info
+    from unidd_ray.stages.evaluate import EvalJob, check_evaluations, run_evaluate
 
     recipe = evaluate_recipe(args)
     out = Path(args.out or Path(args.distilled) / "eval")
-    # the settings and the student, before Ray starts (the distilled set's own checks follow before any worker)
-    validate_evaluate(recipe.evaluate)
-    check_student(recipe.evaluate, read_teacher_info(args.teacher))
-    _ray(args, recipe)
+    # the settings, the data, the teacher, the distilled set and the student, before Ray starts
+    check_evaluations([EvalJob(args.distilled, out, recipe.evaluate, soft_labels=args.soft_labels)], args.teacher,
+                      args.data)
+    _ray(recipe)
     summary = run_evaluate(args.distilled, args.teacher, args.data, out, recipe.evaluate,
                            storage_path=_storage(args, recipe, out), soft_labels=args.soft_labels,
-                           num_workers=recipe.data.num_workers, recipe_yaml=recipe_to_yaml(recipe))
+                           num_workers=recipe.data.num_workers, recipe_yaml=recipe_to_yaml(recipe), wait=args.wait)
     print(_table([{"method": summary["method"], "ipc": summary["ipc"], "student": summary["student"],
                    "labels": summary["labels"], "top1_mean": summary["top1_mean"], "top1_std": summary["top1_std"],
                    "seeds": len(summary["seeds"])}],
@@ -185,27 +215,30 @@ def cmd_relabel(args) -> int:
     from unidd_ray.stages.relabel import relabel
 
     recipe = _recipe(args)
-    out = relabel(args.distilled, args.teacher, args.out, recipe.evaluate, recipe_yaml=recipe_to_yaml(recipe))
+    out = relabel(args.distilled, args.teacher, args.out, recipe.evaluate, recipe_yaml=recipe_to_yaml(recipe),
+                  wait=args.wait)
     print(f"soft labels for {recipe.evaluate.epochs} epochs -> {out}")
     return 0
 
 
 def cmd_pipeline(args) -> int:
+    from unidd_ray.artifacts import check_output
     from unidd_ray.pipeline import run_pipeline
 
     recipe = _recipe(args)
-    _ray(args, recipe)
-    run_pipeline(recipe)
+    check_output(recipe.run_dir, "run", option="out (--set out=DIR)")
+    run_pipeline(recipe, wait=args.wait)  # starts Ray once the checks that need only the data have passed
     return 0
 
 
 def cmd_tune(args) -> int:
-    from unidd_ray.tune import run_tune
+    from unidd_ray.tune import check_sweep, load_space, run_tune
 
     recipe = _recipe(args)
-    _ray(args, recipe)
+    check_sweep(args.samples, args.concurrent)
+    load_space(args.space)
     run_tune(recipe, args.space, samples=args.samples, concurrent=args.concurrent, resume=args.resume,
-             out=args.out)
+             out=args.out, wait=args.wait)
     return 0
 
 
@@ -220,6 +253,12 @@ def cmd_report(args) -> int:
 def cmd_spectra(args) -> int:
     from unidd_ray.demo import spectral_demo
 
+    if args.images < 2:
+        raise ConfigError(f"--images must be at least 2 (a covariance needs two images), got {args.images}")
+    if not args.beta_max > 0:
+        raise ConfigError(f"--beta-max must be positive, got {args.beta_max}")
+    if args.ipc < 1:
+        raise ConfigError(f"--ipc must be at least 1, got {args.ipc}")
     spectral_demo(images=args.images, beta_max=args.beta_max, ipc=args.ipc)
     return 0
 
@@ -227,9 +266,22 @@ def cmd_spectra(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unidd-ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)  # -v after the command too (without resetting one before it)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="write a real dataset as FFCV .beton files")
+    def command(name: str, text: str, fn, *, recipe: bool = True, writes: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, parents=[common])
+        if recipe:
+            _add_recipe_args(p)
+        if writes:
+            _add_wait_arg(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("prepare", "write a real dataset as FFCV .beton files", cmd_prepare, recipe=False)
     p.add_argument("--dataset", required=True)
     p.add_argument("--root", default=None)
     p.add_argument("--out", required=True)
@@ -237,28 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="source option, e.g. val_labels=FILE")
-    p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser("squeeze", help="train the teacher on Ray Train")
-    _add_recipe_args(p)
+    p = command("squeeze", "train the teacher on Ray Train", cmd_squeeze)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--storage-path", default=None)
-    p.set_defaults(fn=cmd_squeeze)
 
-    p = sub.add_parser("stats", help="real-feature statistics over a pool of Ray actors")
-    _add_recipe_args(p)
+    p = command("stats", "real-feature statistics over a pool of Ray actors", cmd_stats)
     p.add_argument("--data")
     p.add_argument("--teacher")
     p.add_argument("--out")
     p.add_argument("--actors", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--inspect", metavar="DIR", help="print per-layer spectra of an existing statistics artifact")
-    p.set_defaults(fn=cmd_stats)
 
-    p = sub.add_parser("recover", help="recover the synthetic images on Ray Train")
-    _add_recipe_args(p)
+    p = command("recover", "recover the synthetic images on Ray Train", cmd_recover)
     p.add_argument("--data", required=True)
     p.add_argument("--teacher", required=True)
     p.add_argument("--stats", default=None)
@@ -268,10 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--storage-path", default=None)
-    p.set_defaults(fn=cmd_recover)
 
-    p = sub.add_parser("evaluate", help="train students on a distilled set, test on the real val split")
-    _add_recipe_args(p)
+    p = command("evaluate", "train students on a distilled set, test on the real val split", cmd_evaluate)
     p.add_argument("--distilled", required=True)
     p.add_argument("--teacher", required=True)
     p.add_argument("--data", required=True)
@@ -281,46 +325,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-labels", default=None, help="a relabel artifact to use instead of the online teacher")
     p.add_argument("--out", default=None)
     p.add_argument("--storage-path", default=None)
-    p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("relabel", help="store the teacher's soft labels for the evaluation stream")
-    _add_recipe_args(p)
+    p = command("relabel", "store the teacher's soft labels for the evaluation stream", cmd_relabel)
     p.add_argument("--distilled", required=True)
     p.add_argument("--teacher", required=True)
     p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_relabel)
 
-    p = sub.add_parser("pipeline", help="prepare -> squeeze -> stats -> recover -> evaluate -> report")
-    _add_recipe_args(p)
-    p.set_defaults(fn=cmd_pipeline)
+    command("pipeline", "prepare -> squeeze -> stats -> recover -> evaluate -> report", cmd_pipeline)
 
-    p = sub.add_parser("tune", help="Ray Tune sweep over filters and their parameters")
-    _add_recipe_args(p)
+    p = command("tune", "Ray Tune sweep over filters and their parameters", cmd_tune)
     p.add_argument("--space", required=True)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--concurrent", type=int, default=2)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", default=None)
-    p.set_defaults(fn=cmd_tune)
 
-    p = sub.add_parser("report", help="spectral analysis and visual report of a pipeline run")
+    p = command("report", "spectral analysis and visual report of a pipeline run", cmd_report, recipe=False,
+                writes=False)
     p.add_argument("--run", required=True)
-    p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("spectra", help="spectral demo: covariance spectra and CFM filter responses")
+    p = command("spectra", "spectral demo: covariance spectra and CFM filter responses", cmd_spectra, recipe=False,
+                writes=False)
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--beta-max", type=float, default=0.1)
     p.add_argument("--ipc", type=int, default=10)
-    p.set_defaults(fn=cmd_spectra)
     return parser
+
+
+# A mistake of the user's or a condition of the machine, told in one line; anything else is a bug and shows its
+# traceback.  (ValueError covers this project's own checks: ConfigError, ArtifactError, SourceError, ...)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, LockHeld)
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a full disk."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = f"unidd-ray {args.command}"
     try:
         return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"unidd-ray {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{name}: interrupted; finished work is kept: run the same command again to continue"
+              + (" (with --resume)" if args.command in ("squeeze", "recover") else ""), file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into the user's mistakes and bugs below
+        if _no_space(exc):
+            where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+            message = (f"no space left on the device{where}: free some space or choose another output; finished "
+                       "work is kept and the same command continues from it")
+        elif isinstance(exc, USER_ERRORS):
+            message = _one_line(exc)
+        else:
+            raise  # a bug: the traceback is what helps
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{name}: error: {message}", file=sys.stderr)
         return 2
 
 

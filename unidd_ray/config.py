@@ -11,15 +11,38 @@ outputs (``config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import yaml
 
+from unidd_ray.data.sources import check_source_options
+from unidd_ray.methods import ALPHA_SCALES, BASELINES, METHODS, SYNC_MODES, method_filter
+from unidd_ray.models import available_models, check_model_options
+from unidd_ray.spectral import COVARIANCE_MODES, SCHEDULES, SIGNAL_KINDS
+from unidd_ray.spectral.filters import PRECISIONS
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it and the valid choices."""
+
+
+class InvalidSetting(ConfigError):
+    """One setting's value is invalid: ``<section>.<key> <what it must be>, got <value>``."""
+
+    def __init__(self, section: str, key: str, text: str):
+        super().__init__(f"{section + '.' if section else ''}{key} {text}")
+        self.section, self.key, self.text = section, key, text
+
+    def at(self, section: str) -> "InvalidSetting":
+        """The same error for the section as the recipe names it (e.g. ``recover_by_ipc.1``)."""
+        return InvalidSetting(section, self.key, self.text)
 
 
 @dataclass
@@ -32,12 +55,22 @@ class DataConfig:
     resolution: int | None = None  # training/eval side length (None: as stored)
     num_workers: int = 2  # FFCV loader threads
 
+    SECTION: ClassVar[str] = "data"
+
+    def __post_init__(self):
+        check_data(self)
+
 
 @dataclass
 class ModelConfig:
     arch: str = "convnet"
     options: dict = field(default_factory=dict)  # width, depth, norm, stem, ...
     weights: str | None = None  # torchvision-format state_dict to start from (weights_only load)
+
+    SECTION: ClassVar[str] = "teacher"
+
+    def __post_init__(self):
+        check_model(self)
 
 
 @dataclass
@@ -58,6 +91,11 @@ class SqueezeConfig:
     seed: int = 0
     eval_batch_size: int = 1024  # the per-epoch val pass (eval mode: a performance setting only)
 
+    SECTION: ClassVar[str] = "squeeze"
+
+    def __post_init__(self):
+        check_squeeze(self)
+
 
 @dataclass
 class StatsConfig:
@@ -69,6 +107,11 @@ class StatsConfig:
     blocks_per_unit: int = 1  # work unit = this many consecutive blocks
     layers: list[str] | None = None  # taps (None: every Conv2d input but residual 1x1 shortcuts)
     max_retries: int = 3  # re-runs of a unit whose actor died
+
+    SECTION: ClassVar[str] = "stats"
+
+    def __post_init__(self):
+        check_stats(self)
 
 
 @dataclass
@@ -109,6 +152,11 @@ class RecoverConfig:
     max_failures: int = 2
     fail_at_batch: int | None = None  # fault injection: fail once after this many finished batches
 
+    SECTION: ClassVar[str] = "recover"
+
+    def __post_init__(self):
+        check_recover(self)
+
 
 @dataclass
 class EvaluateConfig:
@@ -137,6 +185,11 @@ class EvaluateConfig:
     # faster convolutions on CPUs (benchmarks/evaluate.py)
     channels_last: bool = False
 
+    SECTION: ClassVar[str] = "evaluate"
+
+    def __post_init__(self):
+        check_evaluate(self)
+
 
 @dataclass
 class Recipe:
@@ -160,6 +213,7 @@ class Recipe:
     storage_path: str | None = None  # shared storage for Ray Train/Tune (None: <out>/ray)
 
     def __post_init__(self):
+        check_recipe(self)
         # a repeated entry would name the same stage directories twice, and the pipeline would write them twice
         for name in ("methods", "ipcs"):
             values = getattr(self, name)
@@ -168,6 +222,10 @@ class Recipe:
                 raise ConfigError(f"{name} lists {repeated} more than once; give each entry once, "
                                   f"e.g. {name}={list(dict.fromkeys(values))}")
         self.recover_by_ipc = _checked_recover_by_ipc(self.recover_by_ipc, self.recover)
+        for ipc in self.ipcs:  # each set's own settings: a method's rules hold for every IPC's entry
+            for method in self.methods:
+                if method not in BASELINES:
+                    self.recover_for(ipc, method=method)
 
     def recover_for(self, ipc: int, **overrides) -> RecoverConfig:
         """The recover settings of the IPC-``ipc`` sets: the ``recover`` section, this IPC's ``recover_by_ipc``
@@ -177,10 +235,6 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.out if self.out else Path("runs") / self.name)
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names it and the valid choices."""
 
 
 def _checked_recover_by_ipc(table: dict, recover: RecoverConfig) -> dict[int, dict]:
@@ -206,6 +260,176 @@ def _checked_recover_by_ipc(table: dict, recover: RecoverConfig) -> dict[int, di
         resolved = from_dict(RecoverConfig, {**to_dict(recover), **settings}, where)
         out[ipc] = {k: getattr(resolved, k) for k in settings}
     return out
+
+
+# ----------------------------------------------------------------------------- value checks
+# Every value is checked once, when its section is built (from a recipe, an override or in code): a bad
+# setting is refused before any stage starts, naming the key and what it accepts.
+def _fail(section: str, key: str, text: str, value) -> None:
+    raise InvalidSetting(section, key, f"{text}, got {value!r}")
+
+
+def _integer(section: str, key: str, value: int | None, low: int, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < low:
+        _fail(section, key, f"must be an integer >= {low}" + (" (or null)" if optional else ""), value)
+
+
+def _number(section: str, key: str, value: float | None, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """``value`` must be a finite number in [low, high] (an open end with ``low_open``/``high_open``)."""
+    if value is None and optional:
+        return
+    ok = value is not None and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        _fail(section, key, "must be a finite number" + (f" {' and '.join(bounds)}" if bounds else ""), value)
+
+
+def _choice(section: str, key: str, value, choices) -> None:
+    if value not in choices:
+        _fail(section, key, f"must be one of {list(choices)}", value)
+
+
+def _crop_scale(section: str, key: str, value: tuple[float, float]) -> None:
+    low, high = value
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
+        _fail(section, key, "must be [low, high] with 0 < low <= high <= 1", list(value))
+
+
+def check_data(cfg: "DataConfig") -> None:
+    try:
+        check_source_options(cfg.dataset, cfg.options)
+    except ValueError as exc:
+        raise InvalidSetting("data", "dataset" if "unknown dataset source" in str(exc) else "options",
+                             f"is not usable: {exc}") from None
+    _integer("data", "max_resolution", cfg.max_resolution, 8)
+    _integer("data", "jpeg_quality", cfg.jpeg_quality, 1)
+    if cfg.jpeg_quality > 100:
+        _fail("data", "jpeg_quality", "must lie in 1..100", cfg.jpeg_quality)
+    _integer("data", "resolution", cfg.resolution, 1, optional=True)
+    _integer("data", "num_workers", cfg.num_workers, 1)
+
+
+def check_model(cfg: "ModelConfig") -> None:
+    _choice(cfg.SECTION, "arch", cfg.arch, available_models())
+    _model_options(cfg.SECTION, "options", cfg.arch, cfg.options)
+    # (the weights file is read where the teacher is trained, e.g. on a cluster's shared storage: checked there)
+
+
+def check_squeeze(cfg: "SqueezeConfig") -> None:
+    _integer("squeeze", "epochs", cfg.epochs, 0)
+    _integer("squeeze", "batch_size", cfg.batch_size, 1)
+    _number("squeeze", "lr", cfg.lr, low=0, low_open=True)
+    _number("squeeze", "momentum", cfg.momentum, low=0, high=1, high_open=True)
+    _number("squeeze", "weight_decay", cfg.weight_decay, low=0)
+    _number("squeeze", "label_smoothing", cfg.label_smoothing, low=0, high=1, high_open=True)
+    _integer("squeeze", "warmup_epochs", cfg.warmup_epochs, 0)
+    _crop_scale("squeeze", "crop_scale", cfg.crop_scale)
+    _integer("squeeze", "workers", cfg.workers, 1)
+    _number("squeeze", "cpus_per_worker", cfg.cpus_per_worker, low=0, low_open=True)
+    _integer("squeeze", "max_failures", cfg.max_failures, 0)
+    _integer("squeeze", "seed", cfg.seed, 0)
+    _integer("squeeze", "eval_batch_size", cfg.eval_batch_size, 1)
+
+
+def check_stats(cfg: "StatsConfig") -> None:
+    _integer("stats", "actors", cfg.actors, 1)
+    _number("stats", "cpus_per_actor", cfg.cpus_per_actor, low=0, low_open=True)
+    _number("stats", "gpus_per_actor", cfg.gpus_per_actor, low=0)
+    _integer("stats", "batch_size", cfg.batch_size, 1)
+    _integer("stats", "block_size", cfg.block_size, 1)
+    if cfg.block_size % cfg.batch_size:
+        _fail("stats", "block_size", f"must be a multiple of stats.batch_size ({cfg.batch_size}) so that forward "
+                                     "batches never straddle a merge block", cfg.block_size)
+    _integer("stats", "blocks_per_unit", cfg.blocks_per_unit, 1)
+    if cfg.layers is not None and (not cfg.layers or not all(isinstance(n, str) and n for n in cfg.layers)):
+        _fail("stats", "layers", "must be a non-empty list of module names (or null: every Conv2d input)", cfg.layers)
+    _integer("stats", "max_retries", cfg.max_retries, 0)
+
+
+def check_recover(cfg: "RecoverConfig") -> None:
+    section = cfg.SECTION
+    _choice(section, "method", cfg.method, METHODS)
+    _integer(section, "ipc", cfg.ipc, 1)
+    _integer(section, "iterations", cfg.iterations, 1)
+    _number(section, "lr", cfg.lr, low=0, low_open=True)
+    if not all(math.isfinite(b) and 0 <= b < 1 for b in cfg.adam_betas):
+        _fail(section, "adam_betas", "must be two numbers in [0, 1) (Adam's decay rates)", list(cfg.adam_betas))
+    _number(section, "alpha", cfg.alpha, low=0)
+    _choice(section, "alpha_scale", cfg.alpha_scale, ALPHA_SCALES)
+    _number(section, "beta_max", cfg.beta_max, low=0, low_open=True)
+    _choice(section, "schedule", cfg.schedule, SCHEDULES)
+    _number(section, "beta_min", cfg.beta_min, low=0, optional=True)
+    _choice(section, "precision", cfg.precision, PRECISIONS)
+    _number(section, "mtt_eta", cfg.mtt_eta, low=0, low_open=True)
+    _integer(section, "mtt_steps", cfg.mtt_steps, 1)
+    _number(section, "bn_weight", cfg.bn_weight, low=0)
+    _choice(section, "signal", cfg.signal, SIGNAL_KINDS)
+    _choice(section, "covariance", cfg.covariance, COVARIANCE_MODES)
+    _integer(section, "classes_per_batch", cfg.classes_per_batch, 1, optional=True)
+    _integer(section, "workers", cfg.workers, 1)
+    _number(section, "cpus_per_worker", cfg.cpus_per_worker, low=0, low_open=True)
+    _choice(section, "sync", cfg.sync, SYNC_MODES)
+    _crop_scale(section, "crop_scale", cfg.crop_scale)
+    _integer(section, "max_roll", cfg.max_roll, 0, optional=True)
+    _integer(section, "seed", cfg.seed, 0)
+    _integer(section, "max_failures", cfg.max_failures, 0)
+    _integer(section, "fail_at_batch", cfg.fail_at_batch, 1, optional=True)
+    try:
+        method_filter(cfg)  # the method's own checks of the filter settings it reads (a schedule's beta_min...)
+    except ValueError as exc:  # the only setting a filter refuses that is not checked above: beta_min's range
+        raise InvalidSetting(section, "beta_min", f"does not suit method {cfg.method!r}: {exc}") from None
+
+
+def _model_options(section: str, key: str, arch: str, options: dict) -> None:
+    try:
+        check_model_options(arch, options)
+    except ValueError as exc:
+        raise InvalidSetting(section, key, f"do not suit {arch!r}: {exc}; set {section}.{key} to its options ({{}} "
+                                           "for its defaults)") from None
+
+
+def check_evaluate(cfg: "EvaluateConfig") -> None:
+    _choice("evaluate", "student", cfg.student, available_models())
+    _model_options("evaluate", "student_options", cfg.student, cfg.student_options)
+    _integer("evaluate", "epochs", cfg.epochs, 1)
+    _integer("evaluate", "batch_size", cfg.batch_size, 1, optional=True)
+    _number("evaluate", "lr", cfg.lr, low=0, low_open=True)
+    _number("evaluate", "weight_decay", cfg.weight_decay, low=0)
+    _number("evaluate", "temperature", cfg.temperature, low=0, low_open=True)
+    _crop_scale("evaluate", "crop_scale", cfg.crop_scale)
+    _number("evaluate", "cutmix", cfg.cutmix, low=0)
+    _integer("evaluate", "seeds", cfg.seeds, 1)
+    _integer("evaluate", "aug_seed", cfg.aug_seed, 0)
+    _integer("evaluate", "eval_every", cfg.eval_every, 0)
+    _integer("evaluate", "eval_batch_size", cfg.eval_batch_size, 1)
+    _integer("evaluate", "workers", cfg.workers, 1)
+    _choice("evaluate", "split", cfg.split, ("data", "seeds"))
+    _number("evaluate", "cpus_per_worker", cfg.cpus_per_worker, low=0, low_open=True)
+
+
+def check_recipe(recipe: "Recipe") -> None:
+    """The recipe-level settings (each section checks its own when it is built)."""
+    if not recipe.methods:
+        _fail("", "methods", "must name at least one method", recipe.methods)
+    for method in recipe.methods:
+        if method not in METHODS and method not in BASELINES:
+            _fail("", "methods", f"must hold methods among {list(BASELINES) + list(METHODS)}", method)
+    if not recipe.ipcs:
+        _fail("", "ipcs", "must name at least one IPC", recipe.ipcs)
+    for ipc in recipe.ipcs:
+        _integer("", "ipcs", ipc, 1)
+    _integer("", "parallel_recoveries", recipe.parallel_recoveries, 1, optional=True)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -282,7 +506,11 @@ def from_dict(cls, data: dict, where: str = ""):
         prefix = f"{where}." if where else ""
         raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {names}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except InvalidSetting as exc:
+        section = getattr(cls, "SECTION", None)
+        raise (exc.at(where) if where and section and exc.section == section else exc) from None
 
 
 def to_dict(obj) -> dict:
@@ -307,14 +535,21 @@ def available_recipes() -> list[str]:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+                          "save the recipe as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {_one_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
     return data
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -375,6 +610,8 @@ def load_recipe(recipe: str | None = None, *, config: str | Path | None = None,
         raise ConfigError("give either a recipe name or a config file, not both")
     if config is not None:
         path = Path(config)
+        if path.is_dir():
+            raise ConfigError(f"--config {path} is a directory; give a recipe YAML file (e.g. {path}/config.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         data = _read_yaml(path)

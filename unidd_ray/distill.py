@@ -19,38 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unidd_ray.methods import ALPHA_SCALES, get_method, method_filter
 from unidd_ray.models import bn_layers, layer_channels, memory_format, resolve_layers, tapped
-from unidd_ray.spectral import (
-    EMU,
-    RealSideCache,
-    batch_statistics,
-    make_filter,
-    unidd_layer_loss,
-)
+from unidd_ray.spectral import EMU, RealSideCache, batch_statistics, unidd_layer_loss
 from unidd_ray.spectral.moments import BatchStatistics, Moments
-
-SPECTRAL_METHODS = ("cfm", "krr", "dc", "dm", "mtt")
-METHODS = SPECTRAL_METHODS + ("sre2l", "ce")
-ALPHA_SCALES = ("constant", "emu")
-
-
-def method_filter(method: str, *, beta_max: float, schedule: str, beta_min: float | None, mtt_eta: float,
-                  mtt_steps: int, precision: str = "float64"):
-    """The registered spectral filter behind a recovery method (``None`` for sre2l / ce)."""
-    if method == "cfm":
-        return make_filter("cfm", beta_max=beta_max, schedule=schedule, beta_min=beta_min, precision=precision)
-    if method == "krr":
-        if beta_min is not None:
-            raise ValueError(f"krr uses one fixed beta (beta_max), but beta_min={beta_min} was given; leave "
-                             "beta_min unset, or use the cfm method for a schedule")
-        return make_filter("krr", beta=beta_max, precision=precision)
-    if method == "mtt":
-        return make_filter("mtt", eta=mtt_eta, steps=mtt_steps)
-    if method in ("dc", "dm"):
-        return make_filter(method)
-    if method in ("sre2l", "ce"):
-        return None
-    raise ValueError(f"unknown recovery method {method!r}; choose one of {list(METHODS)}")
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -156,8 +128,7 @@ class Distiller:
     def __init__(self, teacher: nn.Module, real: dict[str, Moments] | None, settings: RecoverSettings, *,
                  num_classes: int, resolution: int, pixel_min: Tensor, pixel_max: Tensor,
                  layers: list[str] | None = None, device: str | torch.device = "cpu"):
-        if settings.method not in METHODS:
-            raise ValueError(f"unknown recovery method {settings.method!r}; choose one of {list(METHODS)}")
+        method = get_method(settings.method)
         if settings.alpha_scale not in ALPHA_SCALES:
             raise ValueError(f"unknown recover.alpha_scale {settings.alpha_scale!r}; choose one of {list(ALPHA_SCALES)}")
         self.device = torch.device(device)
@@ -171,9 +142,7 @@ class Distiller:
         self.pixel_min = pixel_min.to(self.device).view(1, -1, 1, 1)
         self.pixel_max = pixel_max.to(self.device).view(1, -1, 1, 1)
         self.max_roll = settings.max_roll if settings.max_roll is not None else default_max_roll(resolution)
-        self.filter = method_filter(settings.method, beta_max=settings.beta_max, schedule=settings.schedule,
-                                    beta_min=settings.beta_min, mtt_eta=settings.mtt_eta,
-                                    mtt_steps=settings.mtt_steps, precision=settings.precision)
+        self.filter = method_filter(settings)
         self.layers: list[str] = []
         self.real_cov: dict[str, Tensor] = {}
         self.real_signal: dict[str, Tensor] = {}
@@ -195,9 +164,10 @@ class Distiller:
                 self.real_signal[name] = m.signal(settings.signal).to(self.device)
         # one slot uses one filter per layer: older slots' real sides are never read again
         self.cache = RealSideCache(maxsize=max(1, len(self.layers)))
-        self.bn_layers = bn_layers(self.teacher) if settings.method == "sre2l" else []
-        if settings.method == "sre2l" and not self.bn_layers:
-            raise ValueError("sre2l matches BatchNorm running statistics, but the teacher has no BatchNorm2d layer")
+        self.bn_layers = bn_layers(self.teacher) if method.needs_batchnorm else []
+        if method.needs_batchnorm and not self.bn_layers:
+            raise ValueError(f"{method.name} matches BatchNorm running statistics, but the teacher has no BatchNorm2d "
+                             "layer")
 
     def emu_layers(self) -> dict[str, tuple[int, int]]:
         columns = self.num_classes if self.s.signal in ("class", "soft") else 1

@@ -7,9 +7,10 @@ directory is complete is reused; a stage killed half-way resumes (squeeze and
 recover continue from their Ray Train checkpoints, evaluation keeps every
 finished seed, and its key leaves out the seed count, so more seeds train only
 the new students).  A recovery's key holds the recover settings its method reads
-(``UNREAD_RECOVER_SETTINGS``), so changing one method's settings (cfm's ``beta_max``, sre2l's
-``bn_weight``) redoes only that method's recovery and evaluation; a setting every method reads
-(``lr``, ``iterations``) redoes them all.  All recoveries run first; then every set
+(its :mod:`unidd_ray.methods` entry's ``unread`` left out), so changing one method's settings
+(cfm's ``beta_max``, sre2l's ``bn_weight``) redoes only that method's recovery and evaluation; a
+setting every method reads (``lr``, ``iterations``) redoes them all.  A reused stage is verified
+first (checksums of every file it holds); a damaged one is computed again.  All recoveries run first; then every set
 still lacking a ``summary.json`` of the seeds asked for is evaluated in a single Ray Train run, so the
 worker group (process start, imports, teacher load) is set up once.  Recoveries run
 side by side when the cluster holds several of their worker groups at once
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -33,8 +35,12 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from unidd_ray.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_json
-from unidd_ray.config import EvaluateConfig, Recipe, RecoverConfig, recipe_to_yaml, to_dict
+from unidd_ray.artifacts import (RUN_RECORD, atomic_write_json, atomic_write_text, check_output, read_manifest,
+                                 sha256_json)
+from unidd_ray.config import ConfigError, EvaluateConfig, Recipe, RecoverConfig, recipe_to_yaml, to_dict
+from unidd_ray.locks import output_lock
+from unidd_ray.methods import BASELINES, get_method
+from unidd_ray.ray_utils import init_ray
 
 PERFORMANCE_KEYS = {
     "stats": {"actors", "cpus_per_actor", "gpus_per_actor", "max_retries", "blocks_per_unit"},
@@ -52,23 +58,6 @@ EXTENT_KEYS = {
 # adding a setting keeps every earlier directory valid (a run of the old code computed exactly this).
 NEUTRAL_DEFAULTS = {
     "recover": {"precision": "float64", "alpha_scale": "constant"},
-}
-BASELINES = {"random": False, "random-hard": True}  # real subsets: soft-label and hard-label evaluation
-# Recover settings a method does not read (distill.method_filter and Distiller), left out of its recovery's key;
-# every setting not named here is in it.  The spectral filters' parameters: cfm's resolvent reads beta_max,
-# schedule, beta_min and precision, krr's only beta_max and precision, mtt's mtt_eta and mtt_steps; the
-# matching terms (alpha, alpha_scale, signal, covariance, emu) are the spectral methods'; bn_weight is sre2l's.
-# cfm keeps every setting, read or not: its key is the one its stored recoveries were made under.
-_FILTER_SETTINGS = ("beta_max", "schedule", "beta_min", "precision", "mtt_eta", "mtt_steps")
-_MATCHING_SETTINGS = ("alpha", "alpha_scale", "signal", "covariance", "emu")
-UNREAD_RECOVER_SETTINGS = {
-    "cfm": (),
-    "krr": ("schedule", "beta_min", "mtt_eta", "mtt_steps", "bn_weight"),
-    "dc": _FILTER_SETTINGS + ("bn_weight",),
-    "dm": _FILTER_SETTINGS + ("bn_weight",),
-    "mtt": ("beta_max", "schedule", "beta_min", "precision", "bn_weight"),
-    "sre2l": _FILTER_SETTINGS + _MATCHING_SETTINGS,
-    "ce": _FILTER_SETTINGS + _MATCHING_SETTINGS + ("bn_weight",),
 }
 
 
@@ -141,8 +130,8 @@ def random_key(recipe: Recipe, ipc: int, info, tinfo) -> str:
 
 
 def recover_settings(cfg: RecoverConfig) -> dict:
-    """The settings of ``cfg`` that its method reads (``UNREAD_RECOVER_SETTINGS`` left out)."""
-    unread = UNREAD_RECOVER_SETTINGS.get(cfg.method, ())
+    """The settings of ``cfg`` that its method reads (its registry entry's ``unread`` left out)."""
+    unread = get_method(cfg.method).unread
     return {k: v for k, v in to_dict(cfg).items() if k not in unread}
 
 
@@ -196,15 +185,37 @@ def _evaluated(eval_dir: Path, seeds: int) -> bool:
         summary = json.loads((eval_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return False
-    return summary.get("seeds") == list(range(seeds))
+    return isinstance(summary, dict) and summary.get("seeds") == list(range(seeds))
 
 
-def _complete_distilled(path: Path) -> bool:
+def _discard(path: Path, why: BaseException | str) -> None:
+    """Remove a stage directory of this run that failed its checks, so that the stage runs again.  Only
+    directories the pipeline named itself inside the run directory it holds the lock of come here."""
+    _log(f"{path.name} is damaged ({why}); computing it again")
+    aside = path.parent / f".{path.name}.damaged"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _intact(path: Path, check: Callable[[Path], object]) -> bool:
+    """Whether the stage directory ``path`` is complete and passes ``check`` (its verifier: checksums and all);
+    a directory that exists but fails is discarded.  A directory that does not exist is simply not there."""
+    if not path.exists():
+        return False
     try:
-        read_manifest(path, "distilled", verify=False)
-    except ValueError:
+        check(path)
+    except (ValueError, OSError) as exc:
+        _discard(path, exc)
         return False
     return True
+
+
+def _verified_dataset(data_dir: Path):
+    """The dataset in ``data_dir`` with its files verified, or None (a damaged one is discarded)."""
+    from unidd_ray.data.dataset_info import verify_dataset
+
+    return verify_dataset(data_dir) if _intact(data_dir, verify_dataset) else None
 
 
 def _recorded_stat(data_dir: Path) -> str | None:
@@ -232,7 +243,8 @@ def prepare_stage(recipe: Recipe, run: Path):
     from before the record has none), the source is read and fingerprinted: a directory prepared from
     those bytes is reused and its record refreshed; otherwise the source changed in place and is
     prepared again into ``data-<key>-<source fingerprint>``, beside the directory of the old bytes, so the
-    stages made on those keep theirs (every later key holds the prepared dataset's fingerprint).
+    stages made on those keep theirs (every later key holds the prepared dataset's fingerprint).  A prepared
+    directory whose files fail their checksums is discarded and prepared again.
     """
     from unidd_ray.data.hashing import source_stat
     from unidd_ray.data.prepare import prepare_dataset, read_dataset_info
@@ -241,7 +253,8 @@ def prepare_stage(recipe: Recipe, run: Path):
     key = data_key(recipe)
     candidates = dict.fromkeys([run / f"data-{key}", run / f"data-{legacy_data_key(recipe)}",
                                 *sorted(run.glob(f"data-{key}-*"))])
-    complete = {d: read_dataset_info(d) for d in candidates if (d / "dataset.json").is_file()}
+    # complete directories, their files verified (a damaged one is discarded and prepared again)
+    complete = {d: info for d in candidates if (info := _verified_dataset(d)) is not None}
     # one walk per origin (the candidates share theirs), taken before the source is read: a file changed
     # while it is read then fails the next run's check instead of passing it
     stats = {origin: source_stat(origin) for origin in {info.source.get("origin", "") for info in complete.values()}}
@@ -273,15 +286,19 @@ def prepare_stage(recipe: Recipe, run: Path):
 
 
 def teacher_stage(recipe: Recipe, run: Path, data_dir: Path, info, recipe_yaml: str | None = None):
-    """The trained teacher (reused when complete, resumed when a previous run was killed)."""
+    """The trained teacher (reused when intact, resumed when a previous run was killed, trained again when
+    damaged)."""
     from unidd_ray.stages.squeeze import squeeze
-    from unidd_ray.teacher import load_teacher, read_teacher_info
+    from unidd_ray.teacher import check_teacher_data, load_teacher, read_teacher_info
 
     teacher_dir = run / f"teacher-{teacher_key(recipe, info)}"
-    try:
-        load_teacher(teacher_dir)
+
+    def check(path: Path) -> None:
+        check_teacher_data(load_teacher(path)[1], info, path, data_dir)
+
+    if _intact(teacher_dir, check):
         _log(f"squeeze: reusing {teacher_dir}")
-    except ValueError:
+    else:
         resume = (_storage(teacher_dir, recipe) / "squeeze").exists()
         _log(f"squeeze: training {recipe.teacher.arch} -> {teacher_dir}" + (" (resuming)" if resume else ""))
         squeeze(data_dir, teacher_dir, squeeze_cfg=recipe.squeeze, model_cfg=recipe.teacher, data_cfg=recipe.data,
@@ -291,15 +308,16 @@ def teacher_stage(recipe: Recipe, run: Path, data_dir: Path, info, recipe_yaml: 
 
 def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Path, tinfo,
                 recipe_yaml: str | None = None):
-    """The real statistics under the teacher (reused when complete); returns (directory, key)."""
+    """The real statistics under the teacher (reused when intact, computed again when damaged); returns
+    (directory, key)."""
     from unidd_ray.stages.stats import run_stats
+    from unidd_ray.stats_io import load_stats
 
     key = stats_key(recipe, info, tinfo)
     stats_dir = run / f"stats-{key}"
-    try:
-        read_manifest(stats_dir, "stats")
+    if _intact(stats_dir, lambda d: load_stats(d, teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)):
         _log(f"stats: reusing {stats_dir}")
-    except ValueError:
+    else:
         _log(f"stats: {recipe.stats.actors} actors -> {stats_dir}")
         run_stats(data_dir, teacher_dir, stats_dir, recipe.stats, num_workers=recipe.data.num_workers,
                   recipe_yaml=recipe_yaml)
@@ -375,149 +393,59 @@ def run_at_most(at_once: int, tasks: list[Callable[[], T]]) -> list[T]:
     return results
 
 
-def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
-    from unidd_ray.distill import METHODS, SPECTRAL_METHODS
-    from unidd_ray.stages.evaluate import (SEEDS, EvalJob, check_student, distilled_identity, finished_seeds,
-                                          reusable_keys, run_evaluations, validate_evaluate, write_real_subset)
-    from unidd_ray.stages.recover import run_recover, validate_inputs
+def run_pipeline(recipe: Recipe, *, report: bool = True, wait: bool = False) -> dict:
+    """Run every stage of ``recipe`` into its run directory, reusing what is there; returns the results.
 
-    unknown = [m for m in recipe.methods if m not in METHODS and m not in BASELINES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown} in the recipe; choose from {list(BASELINES) + list(METHODS)}")
-    if recipe.parallel_recoveries is not None and recipe.parallel_recoveries < 1:
-        raise ValueError(f"parallel_recoveries must be at least 1 (or null: as many as the cluster holds), "
-                         f"got {recipe.parallel_recoveries}")
-    validate_evaluate(recipe.evaluate)  # the evaluation's settings, before hours of squeeze and recovery
-    started = time.perf_counter()
+    The run directory must be new, empty or a run directory (:func:`unidd_ray.artifacts.check_output`), and
+    the pipeline holds its lock throughout (``wait``: queue behind another run instead of refusing)."""
     run = recipe.run_dir.resolve()
+    check_output(run, "run", option="out (--set out=DIR)")
+    with output_lock(run, wait=wait, notify=_log):
+        return _run(recipe, run, report=report)
+
+
+def _run(recipe: Recipe, run: Path, *, report: bool) -> dict:
+    started = time.perf_counter()
     if recipe.ray_address or os.environ.get("RAY_ADDRESS"):
         _log(f"writing to {run}: on a cluster this must be storage that outlives the job (e.g. /mnt/shared)")
     run.mkdir(parents=True, exist_ok=True)
+    if not (run / RUN_RECORD).is_file():  # marks the directory as a run directory before anything else is written
+        atomic_write_json(run / RUN_RECORD, {"stages": {}, "config": str(run / "config.yaml")})
     recipe_yaml = recipe_to_yaml(recipe)
     atomic_write_text(run / "config.yaml", recipe_yaml)
     data_dir, info = prepare_stage(recipe, run)
+    labels = check_with_data(recipe, data_dir, info)  # before the teacher: every check the data allows
+    init_ray(recipe.ray_address)  # (a no-op when this process is connected already)
     teacher_dir, tinfo = teacher_stage(recipe, run, data_dir, info, recipe_yaml)
-    stages: dict[str, str] = {"data": str(data_dir), "teacher": str(teacher_dir)}
     _log(f"teacher val top-1 {tinfo.val_top1:.2f}%")
-    # what the evaluation can only check with the teacher: its student, and every set's batches (a set holds
-    # IPC images of every class), before any statistics or recovery
-    check_student(recipe.evaluate, tinfo)
-    for ipc in recipe.ipcs:
-        validate_evaluate(recipe.evaluate, images=ipc * tinfo.num_classes)
+    stages: dict[str, str] = {"data": str(data_dir), "teacher": str(teacher_dir)}
     stats_dir = stats_id = None
-    if any(m in SPECTRAL_METHODS for m in recipe.methods):
+    if any(get_method(m).spectral for m in recipe.methods if m not in BASELINES):
         stats_dir, stats_id = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
         stages["stats"] = str(stats_dir)
-
-    # ---- take the real subsets and plan the recoveries (every IPC and method)
+    inputs = _Inputs(run, data_dir, info, teacher_dir, tinfo, stats_dir, stats_id, labels, recipe_yaml)
+    sets, recoveries = _plan_sets(recipe, inputs)
+    seconds = {(s.method, s.ipc): 0.0 for s in sets}
+    seconds.update(_write_real_subsets(recipe, inputs, sets))
+    seconds.update(_recover_all(recipe, inputs, recoveries))
+    planned = _plan_evaluations(recipe, inputs, sets)
+    summaries, shares = _evaluate_all(recipe, inputs, planned)
+    stages.update({f"{s.method}-ipc{s.ipc}": str(s.out) for s in sets})
+    stages.update({f"eval-{e.method}-ipc{e.ipc}": str(e.out) for e in planned})
     rows = [{"method": "teacher (full data)", "ipc": None, "top1_mean": tinfo.val_top1, "top1_std": None,
              "seeds": None, "seconds": None}]
-    sets = []  # (method, ipc, distilled directory)
-    seconds: dict[tuple[str, int], float] = {}  # time spent producing each set in this run
-    recoveries = []  # the recoveries still to run
-    for ipc in recipe.ipcs:
-        if recipe.recover_by_ipc.get(ipc):
-            entry = ", ".join(f"{k}={v}" for k, v in recipe.recover_by_ipc[ipc].items())
-            _log(f"IPC {ipc}: recover_by_ipc sets {entry} over the recover section")
-        for method in recipe.methods:
-            if method in BASELINES:
-                distilled = run / f"random-ipc{ipc}-{random_key(recipe, ipc, info, tinfo)}"
-                t0 = time.perf_counter()
-                if not _complete_distilled(distilled):
-                    _log(f"random real subset, IPC {ipc} -> {distilled}")
-                    write_real_subset(data_dir, distilled, ipc=ipc, seed=recipe.recover_for(ipc).seed,
-                                      num_workers=recipe.data.num_workers, recipe_yaml=recipe_yaml,
-                                      resolution=tinfo.resolution)
-                seconds[method, ipc] = time.perf_counter() - t0
-            else:
-                cfg = recipe.recover_for(ipc, method=method)
-                spectral = method in SPECTRAL_METHODS
-                key = recover_key(cfg, info, tinfo, stats_id if spectral else None)
-                distilled = run / f"{method}-ipc{ipc}-{key}"
-                if _complete_distilled(distilled):
-                    _log(f"recover {method} IPC {ipc}: reusing {distilled}")
-                    seconds[method, ipc] = 0.0
-                else:
-                    recoveries.append(_Recovery(method, ipc, cfg, distilled, stats_dir if spectral else None))
-            sets.append((method, ipc, distilled))
-            stages[f"{method}-ipc{ipc}"] = str(distilled)
-
-    # ---- recover, several at once when the cluster holds their worker groups side by side; every
-    # recovery's inputs are checked first, so bad input fails before any of them starts
-    checked = [validate_inputs(data_dir, teacher_dir, job.stats_dir, job.cfg) for job in recoveries]
-    at_once = min(len(recoveries), recovery_concurrency(recipe, [j.cfg for j in recoveries])) if recoveries else 0
-    if at_once > 1:
-        _log(f"{len(recoveries)} recoveries, {at_once} at a time")
-
-    def recover(job: _Recovery, inputs: tuple) -> float:
-        t0 = time.perf_counter()
-        resume = (job.out.parent / f"{job.out.name}.partial" / "plan.json").is_file()
-        _log(f"recover {job.method} IPC {job.ipc} -> {job.out}" + (" (resuming)" if resume else ""))
-        # the set's config.yaml: the recipe with this recovery's resolved recover section (method, IPC, its
-        # recover_by_ipc entry)
-        run_recover(data_dir, teacher_dir, job.stats_dir, job.out, job.cfg, storage_path=_storage(job.out, recipe),
-                    resume=resume, num_workers=recipe.data.num_workers, checked=inputs,
-                    recipe_yaml=recipe_to_yaml(replace(recipe, recover=job.cfg)))
-        spent = time.perf_counter() - t0
-        _log(f"recover {job.method} IPC {job.ipc}: done in {spent:.0f}s")
-        return spent
-
-    tasks = [partial(recover, job, inputs) for job, inputs in zip(recoveries, checked)]
-    for job, spent in zip(recoveries, run_at_most(at_once, tasks)):
-        seconds[job.method, job.ipc] = spent
-
-    planned = []  # (method, ipc, eval_dir, EvalJob, seconds spent on the set)
-    job_keys = {}  # id(EvalJob) -> the keys of the per-seed results it takes
-    for method, ipc, distilled in sets:
-        hard = BASELINES.get(method, False)
-        eval_cfg = replace(recipe.evaluate, hard_labels=hard or recipe.evaluate.hard_labels)
-        prefix = f"eval-{method}-ipc{ipc}"
-        manifest = read_manifest(distilled, "distilled", verify=False)
-        identity = distilled_identity(distilled, manifest)
-        eval_dir = run / f"{prefix}-{evaluate_key(eval_cfg, info, tinfo, identity)}"
-        legacy = run / f"{prefix}-{legacy_evaluate_key(eval_cfg, info, tinfo, manifest['files'])}"
-        if not _evaluated(eval_dir, eval_cfg.seeds) and (legacy / "summary.json").is_file():
-            eval_dir = legacy
-        elif (legacy / SEEDS).is_dir() and not eval_dir.exists():  # a run interrupted under the old key: its
-            legacy.rename(eval_dir)  # finished seeds move to the new directory (their old keys are accepted)
-        job = EvalJob(distilled, eval_dir, eval_cfg, recipe_yaml=recipe_yaml, name=f"{method} IPC {ipc}")
-        planned.append((method, ipc, eval_dir, job, seconds[method, ipc]))
-        job_keys[id(job)] = reusable_keys(job, identity, manifest, tinfo.sha256, dataset_identity(info))
-        stages[prefix] = str(eval_dir)
-
-    # ---- evaluate every set that lacks a summary of the seeds asked for, in one worker group
-    todo = [job for _, _, eval_dir, job, _ in planned if not _evaluated(eval_dir, job.cfg.seeds)]
-    pending = {id(job) for job in todo}
-    for method, ipc, eval_dir, job, _ in planned:
-        if id(job) in pending:
-            stored = [s for s in finished_seeds(eval_dir, job_keys[id(job)]) if s < job.cfg.seeds]
-            _log(f"evaluate {method} IPC {ipc}: {job.cfg.seeds} seeds" + (f", {len(stored)} stored" if stored else "")
-                 + f", student {job.cfg.student}")
-        else:
-            _log(f"evaluate {method} IPC {ipc}: reusing {eval_dir}")
-    eval_wall = 0.0
-    if todo:
-        t0 = time.perf_counter()
-        run_evaluations(todo, teacher_dir, data_dir, storage_path=_storage(run / "evaluate", recipe),
-                        num_workers=recipe.data.num_workers)
-        eval_wall = time.perf_counter() - t0
-    summaries = {str(eval_dir): json.loads((eval_dir / "summary.json").read_text()) for _, _, eval_dir, _, _ in planned}
-    student_seconds = sum(summaries[str(job.out_dir)]["trained_seconds"] for job in todo) or 1.0
-    for method, ipc, eval_dir, job, set_seconds in planned:
-        summary = summaries[str(eval_dir)]
-        # the shared evaluation's wall time, apportioned by the students' own time
-        share = eval_wall * summary["trained_seconds"] / student_seconds if id(job) in pending else 0.0
-        rows.append({"method": method, "ipc": ipc, "top1_mean": summary["top1_mean"],
+    for e in planned:
+        summary = summaries[str(e.out)]
+        rows.append({"method": e.method, "ipc": e.ipc, "top1_mean": summary["top1_mean"],
                      "top1_std": summary["top1_std"], "seeds": len(summary["seeds"]),
-                     "seconds": round(set_seconds + share, 1), "labels": summary["labels"],
-                     "top1": summary["top1"]})
-    results = {"recipe": recipe.name, "dataset": info.name, "teacher": {"arch": tinfo.arch,
-                                                                        "val_top1": tinfo.val_top1},
+                     "seconds": round(seconds[e.method, e.ipc] + shares.get(str(e.out), 0.0), 1),
+                     "labels": summary["labels"], "top1": summary["top1"]})
+    results = {"recipe": recipe.name, "dataset": info.name, "teacher": {"arch": tinfo.arch, "val_top1": tinfo.val_top1},
                "rows": rows, "stages": stages, "seconds": time.perf_counter() - started}
     atomic_write_json(run / "results.json", results)
     table = results_markdown(results)
     atomic_write_text(run / "results.md", table)
-    atomic_write_json(run / "pipeline.json", {"stages": stages, "config": str(run / "config.yaml")})
+    atomic_write_json(run / RUN_RECORD, {"stages": stages, "config": str(run / "config.yaml")})
     print(table, flush=True)
     if report:
         from unidd_ray.analysis.report import write_report
@@ -526,6 +454,195 @@ def run_pipeline(recipe: Recipe, *, report: bool = True) -> dict:
         _log(f"report -> {path}")
     _log(f"done in {results['seconds']:.0f}s -> {run}")
     return results
+
+
+def check_with_data(recipe: Recipe, data_dir: Path, info):
+    """Every check that needs the prepared data but no trained teacher, so that it fails before training:
+    each IPC's sets fit the classes (a recovery plan for every method), the teacher and the student build
+    for the data's classes, channels and side (with the teacher's starting weights), and each set's
+    batches suit the evaluation's workers.  Returns the train labels."""
+    from unidd_ray.data.loading import read_labels
+    from unidd_ray.models import build_model, load_weights
+    from unidd_ray.stages.evaluate import validate_evaluate
+    from unidd_ray.stages.recover import make_plan
+
+    labels = read_labels(str(data_dir), "train")
+    for ipc in recipe.ipcs:
+        for method in recipe.methods:
+            make_plan(labels, info.num_classes, recipe.recover_for(ipc, **({} if method in BASELINES else
+                                                                            {"method": method})))
+        validate_evaluate(recipe.evaluate, images=ipc * info.num_classes)
+    shape = {"num_classes": info.num_classes, "in_channels": info.channels,
+             "resolution": recipe.data.resolution or info.resolution}
+    for section, name, options in (("teacher", recipe.teacher.arch, recipe.teacher.options),
+                                   ("evaluate", recipe.evaluate.student, recipe.evaluate.student_options)):
+        try:
+            model = build_model(name, **shape, **options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{section}: {name} with options {options} does not build: {exc}") from None
+        if section == "teacher" and recipe.teacher.weights:
+            load_weights(model, recipe.teacher.weights)
+    return labels
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What every set of the run is made from."""
+
+    run: Path
+    data_dir: Path
+    info: object
+    teacher_dir: Path
+    tinfo: object
+    stats_dir: Path | None
+    stats_id: str | None
+    labels: object
+    recipe_yaml: str
+
+
+@dataclass(frozen=True)
+class _Set:
+    """One distilled set of the run: a method (or real-subset baseline) at one IPC, and its directory."""
+
+    method: str
+    ipc: int
+    out: Path
+
+
+def _plan_sets(recipe: Recipe, inputs: _Inputs) -> tuple[list[_Set], list[_Recovery]]:
+    """Every set of the recipe and the recoveries still to run (an intact set is reused, a damaged one
+    discarded)."""
+    sets, recoveries = [], []
+    for ipc in recipe.ipcs:
+        if recipe.recover_by_ipc.get(ipc):
+            entry = ", ".join(f"{k}={v}" for k, v in recipe.recover_by_ipc[ipc].items())
+            _log(f"IPC {ipc}: recover_by_ipc sets {entry} over the recover section")
+        for method in recipe.methods:
+            if method in BASELINES:
+                key = random_key(recipe, ipc, inputs.info, inputs.tinfo)
+                sets.append(_Set(method, ipc, inputs.run / f"random-ipc{ipc}-{key}"))
+                continue
+            cfg = recipe.recover_for(ipc, method=method)
+            spectral = get_method(method).spectral
+            key = recover_key(cfg, inputs.info, inputs.tinfo, inputs.stats_id if spectral else None)
+            out = inputs.run / f"{method}-ipc{ipc}-{key}"
+            sets.append(_Set(method, ipc, out))
+            if _intact(out, _verify_distilled):
+                _log(f"recover {method} IPC {ipc}: reusing {out}")
+            else:
+                recoveries.append(_Recovery(method, ipc, cfg, out, inputs.stats_dir if spectral else None))
+    return sets, recoveries
+
+
+def _verify_distilled(path: Path) -> None:
+    read_manifest(path, "distilled")  # every image's checksum
+
+
+def _write_real_subsets(recipe: Recipe, inputs: _Inputs, sets: list[_Set]) -> dict[tuple[str, int], float]:
+    """The random real subsets of the run (``random`` and ``random-hard`` share one per IPC); returns the
+    time spent on each."""
+    from unidd_ray.stages.evaluate import write_real_subset
+
+    seconds = {}
+    for s in sets:
+        if s.method not in BASELINES:
+            continue
+        t0 = time.perf_counter()
+        if not _intact(s.out, _verify_distilled):
+            _log(f"random real subset, IPC {s.ipc} -> {s.out}")
+            write_real_subset(inputs.data_dir, s.out, ipc=s.ipc, seed=recipe.recover_for(s.ipc).seed,
+                              num_workers=recipe.data.num_workers, recipe_yaml=inputs.recipe_yaml,
+                              resolution=inputs.tinfo.resolution)
+        seconds[s.method, s.ipc] = time.perf_counter() - t0
+    return seconds
+
+
+def _recover_all(recipe: Recipe, inputs: _Inputs, recoveries: list[_Recovery]) -> dict[tuple[str, int], float]:
+    """Run the recoveries, several at once when the cluster holds their worker groups side by side; every
+    recovery's inputs are checked first, so bad input fails before any of them starts.  Returns the time each
+    took."""
+    from unidd_ray.stages.recover import run_recover, validate_inputs
+
+    checked = [validate_inputs(inputs.data_dir, inputs.teacher_dir, job.stats_dir, job.cfg) for job in recoveries]
+    at_once = min(len(recoveries), recovery_concurrency(recipe, [j.cfg for j in recoveries])) if recoveries else 0
+    if at_once > 1:
+        _log(f"{len(recoveries)} recoveries, {at_once} at a time")
+
+    def recover(job: _Recovery, checks: tuple) -> float:
+        t0 = time.perf_counter()
+        resume = (job.out.parent / f"{job.out.name}.partial" / "plan.json").is_file()
+        _log(f"recover {job.method} IPC {job.ipc} -> {job.out}" + (" (resuming)" if resume else ""))
+        # the set's config.yaml: the recipe with this recovery's resolved recover section (method, IPC, its
+        # recover_by_ipc entry)
+        run_recover(inputs.data_dir, inputs.teacher_dir, job.stats_dir, job.out, job.cfg,
+                    storage_path=_storage(job.out, recipe), resume=resume, num_workers=recipe.data.num_workers,
+                    checked=checks, recipe_yaml=recipe_to_yaml(replace(recipe, recover=job.cfg)))
+        spent = time.perf_counter() - t0
+        _log(f"recover {job.method} IPC {job.ipc}: done in {spent:.0f}s")
+        return spent
+
+    tasks = [partial(recover, job, checks) for job, checks in zip(recoveries, checked)]
+    return {(job.method, job.ipc): spent for job, spent in zip(recoveries, run_at_most(at_once, tasks))}
+
+
+@dataclass
+class _Evaluation:
+    method: str
+    ipc: int
+    out: Path
+    job: object  # stages.evaluate.EvalJob
+    keys: set  # the keys of the stored per-seed results it takes
+
+
+def _plan_evaluations(recipe: Recipe, inputs: _Inputs, sets: list[_Set]) -> list[_Evaluation]:
+    """One evaluation per set, in a directory named by its settings and the set's images."""
+    from unidd_ray.stages.evaluate import SEEDS, EvalJob, distilled_identity, reusable_keys
+
+    planned = []
+    for s in sets:
+        eval_cfg = replace(recipe.evaluate, hard_labels=BASELINES.get(s.method, False) or recipe.evaluate.hard_labels)
+        prefix = f"eval-{s.method}-ipc{s.ipc}"
+        manifest = read_manifest(s.out, "distilled", verify=False)  # verified above
+        identity = distilled_identity(s.out, manifest)
+        eval_dir = inputs.run / f"{prefix}-{evaluate_key(eval_cfg, inputs.info, inputs.tinfo, identity)}"
+        legacy = inputs.run / f"{prefix}-{legacy_evaluate_key(eval_cfg, inputs.info, inputs.tinfo, manifest['files'])}"
+        if not _evaluated(eval_dir, eval_cfg.seeds) and (legacy / "summary.json").is_file():
+            eval_dir = legacy
+        elif (legacy / SEEDS).is_dir() and not eval_dir.exists():  # a run interrupted under the old key: its
+            legacy.rename(eval_dir)  # finished seeds move to the new directory (their old keys are accepted)
+        _intact(eval_dir, lambda d: check_output(d, "evaluation"))  # a damaged one is evaluated again
+        job = EvalJob(s.out, eval_dir, eval_cfg, recipe_yaml=inputs.recipe_yaml, name=f"{s.method} IPC {s.ipc}")
+        keys = reusable_keys(job, identity, manifest, inputs.tinfo.sha256, dataset_identity(inputs.info))
+        planned.append(_Evaluation(s.method, s.ipc, eval_dir, job, keys))
+    return planned
+
+
+def _evaluate_all(recipe: Recipe, inputs: _Inputs, planned: list[_Evaluation]) -> tuple[dict, dict]:
+    """Evaluate every set that lacks a summary of the seeds asked for, in one worker group.  Returns every
+    set's summary and the share of the shared run's wall time of each set it evaluated (by its students' own
+    time)."""
+    from unidd_ray.stages.evaluate import finished_seeds, run_evaluations
+
+    todo = [e for e in planned if not _evaluated(e.out, e.job.cfg.seeds)]
+    pending = {id(e) for e in todo}
+    for e in planned:
+        if id(e) in pending:
+            stored = [s for s in finished_seeds(e.out, e.keys) if s < e.job.cfg.seeds]
+            _log(f"evaluate {e.method} IPC {e.ipc}: {e.job.cfg.seeds} seeds" + (f", {len(stored)} stored" if stored
+                                                                                 else "")
+                 + f", student {e.job.cfg.student}")
+        else:
+            _log(f"evaluate {e.method} IPC {e.ipc}: reusing {e.out}")
+    wall = 0.0
+    if todo:
+        t0 = time.perf_counter()
+        run_evaluations([e.job for e in todo], inputs.teacher_dir, inputs.data_dir,
+                        storage_path=_storage(inputs.run / "evaluate", recipe), num_workers=recipe.data.num_workers)
+        wall = time.perf_counter() - t0
+    summaries = {str(e.out): json.loads((e.out / "summary.json").read_text()) for e in planned}
+    trained = sum(summaries[str(e.out)]["trained_seconds"] for e in todo) or 1.0
+    shares = {str(e.out): wall * summaries[str(e.out)]["trained_seconds"] / trained for e in todo}
+    return summaries, shares
 
 
 def results_markdown(results: dict) -> str:

@@ -15,8 +15,13 @@ placement-group cleaner (see there).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
+import signal
+import threading
+from pathlib import Path
 
 SETUP_HOOK = "unidd_ray.ray_utils.setup_worker"
 EMBEDDED_ENV = "UNIDD_RAY_EMBEDDED"  # set in the workers of an embedded instance
@@ -58,6 +63,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         kwargs["runtime_env"]["env_vars"] = {EMBEDDED_ENV: "1"}
         with _single_machine():
             ray.init(address=address, **kwargs)
+        _tidy_sessions()
     else:
         ray.init(address=address, **kwargs)
     global _EMBEDDED
@@ -82,6 +88,81 @@ def _single_machine():
             os.environ.pop(_CLUSTER_MODE_ENV, None)
         else:
             os.environ[_CLUSTER_MODE_ENV] = saved_env
+
+
+# ----------------------------------------------------------------------------- what embedded instances leave
+SESSION_MARK = "unidd_ray-driver.json"  # in the session folder of every embedded instance this project starts
+KEEP_SESSIONS = 3  # folders of ended embedded instances kept for their logs (the newest); older ones are removed
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (None when there is no such process): with
+    the pid it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _tidy_sessions() -> None:
+    """Mark this process's embedded instance as its own, then tidy what ended ones left (see
+    :func:`sweep_sessions`).  Uses Ray's public runtime context for the folders."""
+    import ray
+
+    context = ray.get_runtime_context()
+    temp = Path(context.get_temp_dir())
+    session = temp / context.get_session_name()
+    with contextlib.suppress(OSError):
+        (session / SESSION_MARK).write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid())}))
+    sweep_sessions(temp, keep=KEEP_SESSIONS, current=session)
+
+
+def _ended(session: Path) -> bool:
+    """Whether ``session`` is the folder of an embedded instance this project started whose driver is gone."""
+    try:
+        mark = json.loads((session / SESSION_MARK).read_text())
+    except (OSError, ValueError):
+        return False  # not ours (another program's Ray, or a cluster's): left alone
+    return _process_start(int(mark.get("pid", -1))) != mark.get("start")
+
+
+def _holders(folder: Path) -> list[int]:
+    """Ray's processes of this user with a file open under ``folder`` (its agents log there); a program that
+    merely reads a log there (a ``tail -f``) is not one of them."""
+    pids, prefix = [], str(folder) + os.sep
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            if not (command.startswith(b"ray::") or b"/site-packages/ray/" in command):
+                continue
+            if any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return pids
+
+
+def sweep_sessions(temp: Path, *, keep: int = KEEP_SESSIONS, current: Path | None = None) -> list[Path]:
+    """Tidy what ended embedded instances of this project left under Ray's temporary folder ``temp``: stop
+    their processes that outlived the driver (a driver killed with SIGKILL leaves Ray's dashboard and
+    runtime-env agents running for a minute or two), and remove their session folders but the newest
+    ``keep``.  Folders of live drivers, of ``current`` and of any Ray this project did not start are left
+    alone.  Returns the folders removed."""
+    ended = sorted((p for p in temp.glob("session_*") if p.is_dir() and not p.is_symlink() and p != current
+                    and _ended(p)), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for i, session in enumerate(ended):
+        for pid in _holders(session):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if i >= keep:
+            shutil.rmtree(session, ignore_errors=True)
+            removed.append(session)
+    return removed
 
 
 def setup_worker() -> None:
@@ -132,3 +213,91 @@ def torch_config(use_gpu: bool):
     from unidd_ray.rendezvous import FileRendezvousTorchConfig
 
     return FileRendezvousTorchConfig(backend="nccl" if use_gpu else "gloo")
+
+
+# Exceptions a worker raises when its configuration or data is wrong (our checks raise ValueError and its
+# subclasses; a bad argument to torch raises ValueError or TypeError): running the same inputs again cannot
+# succeed, so they are not retried.  Anything else -- a worker process that died, a collective whose peer
+# went away (RuntimeError), an I/O error -- is a fault that a restart from the last checkpoint may get past.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError)
+
+
+class WorkerInputError(ValueError):
+    """A Ray Train worker refused its configuration or data; retrying would fail the same way."""
+
+
+def deterministic_failure(error: BaseException) -> tuple[int, BaseException] | None:
+    """The (rank, exception) of the first worker of a failed Ray Train run that raised one of
+    ``DETERMINISTIC_ERRORS``, or None when every failure was a fault worth retrying."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        if isinstance(failures[rank], DETERMINISTIC_ERRORS):
+            return rank, failures[rank]
+    return None
+
+
+def _fit_once(trainer):
+    """``trainer.fit()``, with Ctrl-C told as the interrupt it is.  Ray Train's ``fit`` in the main thread installs
+    a SIGINT handler that aborts the run and then exits the process (``SystemExit``) and is never taken back: here
+    the exit becomes a ``KeyboardInterrupt`` and the handler before ``fit`` is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit as exc:
+        raise KeyboardInterrupt("the run was aborted by Ctrl-C") from exc
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def fit(make_trainer, *, what: str, max_failures: int, on_retry=None):
+    """``make_trainer().fit()``, retried after a worker fault up to ``max_failures`` times; returns its Result.
+
+    Each retry is a new run with the same name and storage, which Ray Train starts from the run's latest
+    checkpoint: what a ``--resume`` does, done by the driver so that it can tell faults from mistakes (Ray
+    Train's own ``FailureConfig`` retries every failure; the trainers here are built with
+    ``max_failures=0``).  A worker that raised one of ``DETERMINISTIC_ERRORS`` ends the run at once: a
+    :class:`WorkerInputError` naming the worker and the error.  ``on_retry(attempt, error)`` is called before
+    each retry.
+    """
+    from ray.train import TrainingFailedError
+
+    attempt = 0
+    while True:
+        try:
+            return _fit_once(make_trainer())
+        except TrainingFailedError as exc:
+            found = deterministic_failure(exc)
+            if found is not None:
+                rank, error = found
+                raise WorkerInputError(f"{what}: worker {rank} refused its input ({type(error).__name__}: "
+                                       f"{error})") from exc
+            attempt += 1
+            if attempt > max_failures:
+                raise
+            log.warning(f"{what}: a worker failed; restarting from the last checkpoint (retry {attempt} of "
+                        f"{max_failures}): {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}")
+            if on_retry is not None:
+                on_retry(attempt, exc)
+
+
+def trainer_factory(loop, config: dict, *, name: str, storage_path: Path, workers: int, cpus_per_worker: float,
+                    use_gpu: bool, keep_checkpoints: int | None = 2):
+    """A zero-argument function making this project's ``TorchTrainer`` for ``loop`` (what :func:`fit` calls per
+    attempt): ``workers`` processes of ``cpus_per_worker`` CPUs (and a GPU each with ``use_gpu``), the file
+    rendezvous of :func:`torch_config`, the run ``name`` under ``storage_path``, Ray Train's own retries off
+    (:func:`fit` retries), the newest ``keep_checkpoints`` checkpoints kept (None: no checkpoints)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def make():
+        checkpoints = {} if keep_checkpoints is None else {
+            "checkpoint_config": CheckpointConfig(num_to_keep=keep_checkpoints)}
+        return TorchTrainer(loop, train_loop_config=config, torch_config=torch_config(use_gpu),
+                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                         resources_per_worker={"CPU": cpus_per_worker}),
+                            run_config=RunConfig(name=name, storage_path=str(storage_path),
+                                                 failure_config=FailureConfig(max_failures=0), **checkpoints))
+
+    return make

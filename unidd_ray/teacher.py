@@ -1,15 +1,20 @@
 """The teacher artifact: ``teacher.pt`` (a state_dict) and ``teacher.json`` (what it is).
 
 ``teacher.json`` names the architecture and its options, the dataset it was
-trained on (name and fingerprint), the normalisation, the validation top-1 and
-the sha256 of ``teacher.pt``; :func:`load_teacher` checks that checksum and
-loads the weights with ``weights_only=True``.
+trained on (name and fingerprint), the normalisation, the validation top-1,
+the sha256 of ``teacher.pt`` and ``info_sha256``, the checksum of its other
+keys; :func:`read_teacher_info` refuses an edited file, :func:`load_teacher`
+checks the weights' checksum and loads them with ``weights_only=True``, and
+:func:`check_teacher_data` refuses a teacher whose dataset, classes, channels
+or normalisation are not those of the prepared data it is used with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +58,14 @@ def save_teacher(model: nn.Module, info: TeacherInfo, out_dir: str | Path) -> Te
     torch.save(state, buffer)
     atomic_write_bytes(out_dir / WEIGHTS, buffer.getvalue())
     info = dataclasses.replace(info, sha256=sha256_file(out_dir / WEIGHTS))
-    atomic_write_json(out_dir / INFO, dataclasses.asdict(info))
+    data = dataclasses.asdict(info)
+    atomic_write_json(out_dir / INFO, {**data, "info_sha256": _content_sha256(data)})
     return info
+
+
+def _content_sha256(data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != "info_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_teacher_info(teacher_dir: str | Path) -> TeacherInfo:
@@ -63,9 +74,13 @@ def read_teacher_info(teacher_dir: str | Path) -> TeacherInfo:
         raise ArtifactError(f"{teacher_dir} holds no teacher: {INFO} is missing (run `unidd-ray squeeze` first)")
     try:
         data = json.loads(path.read_text())
+        recorded = data.pop("info_sha256", None)
+        if recorded is not None and recorded != _content_sha256(data):
+            raise ArtifactError(f"{path} was edited after it was written (its info_sha256 no longer matches its "
+                                "content); re-run `unidd-ray squeeze`")
         return TeacherInfo(**data)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ArtifactError(f"{path} is not a valid teacher description: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path} is not a valid teacher description ({exc}); re-run `unidd-ray squeeze`") from exc
 
 
 def load_teacher(teacher_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, TeacherInfo]:
@@ -79,8 +94,31 @@ def load_teacher(teacher_dir: str | Path, *, device: str | torch.device = "cpu")
         raise ArtifactError(f"{weights} does not match the sha256 recorded in {INFO}: it was modified or "
                             "truncated; re-run `unidd-ray squeeze`")
     model = info.build()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{weights} cannot be loaded as the weights of a {info.arch} with options {info.options} "
+                            f"({first}); re-run `unidd-ray squeeze`") from None
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, info
+
+
+def check_teacher_data(tinfo: TeacherInfo, info, teacher_dir: str | Path, data_dir: str | Path) -> None:
+    """Refuse a teacher trained on other data than the prepared dataset ``info`` (in ``data_dir``): another
+    dataset fingerprint, or another class count, channel count or normalisation than ``dataset.json``
+    records now (the teacher's inputs are normalised with the dataset's mean and std)."""
+    if tinfo.dataset_fingerprint != info.fingerprint:
+        raise ArtifactError(f"the teacher in {teacher_dir} was trained on dataset {tinfo.dataset_fingerprint[:12]}…, "
+                            f"not on {data_dir} ({info.fingerprint[:12]}…); train one on this data with "
+                            "`unidd-ray squeeze`")
+    differ = [f"{name} {theirs} (teacher) vs {ours} (dataset)"
+              for name, theirs, ours in (("num_classes", tinfo.num_classes, info.num_classes),
+                                         ("channels", tinfo.in_channels, info.channels),
+                                         ("mean", list(tinfo.mean), list(info.mean)),
+                                         ("std", list(tinfo.std), list(info.std))) if theirs != ours]
+    if differ:
+        raise ArtifactError(f"{teacher_dir}/{INFO} and {data_dir}/dataset.json disagree ({'; '.join(differ)}): one "
+                            "of them was edited; prepare the dataset again and re-run `unidd-ray squeeze`")

@@ -41,7 +41,6 @@ from pathlib import Path
 import yaml
 
 from unidd_ray.config import ConfigError, Recipe, apply_overrides, from_dict, to_dict
-from unidd_ray.spectral.schedules import SCHEDULES
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
 METRICS = ("top1",)  # what every trial reports, per seed; ASHA and the ranking use its mean over the seeds
@@ -99,16 +98,9 @@ def _check_value(key: str, value, where: str) -> None:
     data = to_dict(_sections()[section])
     data[name] = value
     try:
-        from_dict(type(_sections()[section]), data, section)
+        from_dict(type(_sections()[section]), data, section)  # the section's own checks: types, ranges, choices
     except ConfigError as exc:
         raise ConfigError(f"{where}: {key}: {exc}") from None
-    if key == "recover.method":
-        from unidd_ray.distill import METHODS
-
-        if value not in METHODS:
-            raise ConfigError(f"{where}: {key}: unknown method {value!r}; choose one of {list(METHODS)}")
-    if key == "recover.schedule" and value not in SCHEDULES:
-        raise ConfigError(f"{where}: {key}: unknown schedule {value!r}; choose one of {list(SCHEDULES)}")
 
 
 def _is_branch(value) -> bool:
@@ -288,7 +280,7 @@ def tuned_recipe(recipe: Recipe, overrides: dict) -> dict:
     data = apply_overrides(to_dict(recipe), _override_texts(overrides))
     data["name"] = f"{recipe.name}-tuned"
     data["out"] = None
-    from unidd_ray.pipeline import BASELINES
+    from unidd_ray.methods import BASELINES
 
     data["methods"] = [m for m in recipe.methods if m in BASELINES] + [data["recover"]["method"]]
     from_dict(Recipe, data)  # the written file must load
@@ -310,6 +302,7 @@ def _run_trial(config: dict, *, recipe: dict, base: dict, trial: dict, data_dir:
 
     import unidd_ray  # noqa: F401
     from unidd_ray.data.loading import read_labels
+    from unidd_ray.methods import get_method
     from unidd_ray.stages.evaluate import evaluate_in_process
     from unidd_ray.stages.recover import _build_distiller, make_plan, recover_in_process
     from unidd_ray.teacher import read_teacher_info
@@ -321,7 +314,7 @@ def _run_trial(config: dict, *, recipe: dict, base: dict, trial: dict, data_dir:
     tinfo = read_teacher_info(teacher_dir)
     _, info, distiller = _build_distiller({"recover": to_dict(r.recover), "data_dir": data_dir,
                                            "teacher_dir": teacher_dir,
-                                           "stats_dir": stats_dir if r.recover.method not in ("sre2l", "ce") else None},
+                                           "stats_dir": stats_dir if get_method(r.recover.method).spectral else None},
                                           device)
     classes = _trial_classes(trial_cfg, info.num_classes)
     plan = make_plan(read_labels(data_dir, "train"), info.num_classes, r.recover, classes=classes)
@@ -382,25 +375,52 @@ def rank_trials(results, space: SearchSpace, max_t: int) -> tuple[list[dict], li
 
 
 def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concurrent: int = 2,
-             resume: bool = False, out: str | Path | None = None) -> dict:
+             resume: bool = False, out: str | Path | None = None, wait: bool = False) -> dict:
+    """Sweep ``space_file`` over ``recipe``: the shared stages in the recipe's run directory (holding its lock),
+    then the trials, writing the ranking and the best recipe to ``out`` (holding its lock)."""
+    from unidd_ray.artifacts import RUN_RECORD, atomic_write_json, check_output
+    from unidd_ray.config import recipe_to_yaml
+    from unidd_ray.locks import output_lock
+    from unidd_ray.pipeline import check_with_data, prepare_stage, stats_stage, teacher_stage
+    from unidd_ray.ray_utils import init_ray
+    space = load_space(space_file)
+    check_sweep(samples, concurrent)
+    trial_recipe(recipe, space.base, space.trial)  # its settings are checked before the shared stages
+    run = recipe.run_dir.resolve()
+    out = Path(out).resolve() if out else run / f"tune-{Path(space_file).stem}"
+    check_output(run, "run", option="out (--set out=DIR)")
+    check_output(out, "tune")
+    recipe_yaml = recipe_to_yaml(recipe)
+    with output_lock(run, wait=wait, notify=print):  # the shared stages: one writer per run directory
+        run.mkdir(parents=True, exist_ok=True)
+        if not (run / RUN_RECORD).is_file():
+            atomic_write_json(run / RUN_RECORD, {"stages": {}, "config": str(run / "config.yaml")})
+        data_dir, info = prepare_stage(recipe, run)
+        check_with_data(recipe, data_dir, info)
+        init_ray(recipe.ray_address)  # (a no-op when this process is connected already)
+        teacher_dir, tinfo = teacher_stage(recipe, run, data_dir, info, recipe_yaml)
+        stats_dir, _ = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
+    with output_lock(out, wait=wait, notify=print):
+        return _sweep(recipe, space, space_file, out, data_dir, teacher_dir, stats_dir, samples=samples,
+                      concurrent=concurrent, resume=resume)
+
+
+def check_sweep(samples: int, concurrent: int) -> None:
+    """The sweep's own settings: at least one trial, and at least one at a time."""
+    if samples < 1:
+        raise ConfigError(f"--samples must be at least 1 (the number of trials), got {samples}")
+    if concurrent < 1:
+        raise ConfigError(f"--concurrent must be at least 1 (trials at a time), got {concurrent}")
+
+
+def _sweep(recipe: Recipe, space: SearchSpace, space_file, out: Path, data_dir: Path, teacher_dir: Path,
+           stats_dir: Path, *, samples: int, concurrent: int, resume: bool) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from unidd_ray.artifacts import atomic_write_json, atomic_write_text
-    from unidd_ray.config import recipe_to_yaml
-    from unidd_ray.pipeline import prepare_stage, stats_stage, teacher_stage
-    from unidd_ray.stages.evaluate import validate_evaluate
 
-    space = load_space(space_file)
-    validate_evaluate(trial_recipe(recipe, space.base, space.trial).evaluate)  # before the shared stages
     ranked = f"{space.metric}_mean"  # what ASHA and the ranking compare: the mean over the trial's seeds
-    run = recipe.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    recipe_yaml = recipe_to_yaml(recipe)
-    data_dir, info = prepare_stage(recipe, run)
-    teacher_dir, tinfo = teacher_stage(recipe, run, data_dir, info, recipe_yaml)
-    stats_dir, _ = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
-    out = Path(out) if out else run / f"tune-{Path(space_file).stem}"
     out.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, recipe=to_dict(recipe), base=space.base, trial=to_dict(space.trial),

@@ -71,6 +71,21 @@ def synthetic_moments(model, images, labels, layers, num_classes):
     return moments
 
 
+def read_results(run_dir: Path) -> dict:
+    """A finished run's ``results.json``; errors name the file and the fix."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: `report --run` needs a finished `unidd-ray pipeline` run")
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is corrupt ({exc}); run the pipeline again to rewrite it") from None
+    if not isinstance(results, dict) or not isinstance(results.get("stages"), dict) or "rows" not in results:
+        raise ValueError(f"{path} is not a pipeline's results (no stages or rows); run the pipeline again to "
+                         "rewrite it")
+    return results
+
+
 def analyse_run(run_dir: str | Path) -> dict:
     """Every number of the report (no plotting)."""
     from unidd_ray.config import load_recipe
@@ -81,10 +96,7 @@ def analyse_run(run_dir: str | Path) -> dict:
     from unidd_ray.teacher import load_teacher
 
     run_dir = Path(run_dir)
-    results_file = run_dir / "results.json"
-    if not results_file.is_file():
-        raise FileNotFoundError(f"{results_file} is missing: `report --run` needs a finished `unidd-ray pipeline` run")
-    results = json.loads(results_file.read_text())
+    results = read_results(run_dir)
     stages = results["stages"]
     recipe = load_recipe(config=run_dir / "config.yaml")
     teacher, tinfo = load_teacher(stages["teacher"])
@@ -134,7 +146,7 @@ def _figures(report: dict, out: Path, run_dir: Path) -> dict[str, str]:
 
     out.mkdir(parents=True, exist_ok=True)
     figs = {}
-    tinfo = read_teacher_info(json.loads((run_dir / "results.json").read_text())["stages"]["teacher"])
+    tinfo = read_teacher_info(read_results(run_dir)["stages"]["teacher"])
     for key, entry in report["methods"].items():
         images, labels, rows = load_distilled(entry["path"], mean=tinfo.mean, std=tinfo.std)
         pixels = _denormalise(images, tinfo.mean, tinfo.std)

@@ -11,13 +11,25 @@ arrays or ``"jpeg"`` FFCV RGB images), ``write_mode`` (``"raw"``, or FFCV's ``"j
 ``eval_crop_ratio`` (the centre-crop ratio of the eval pipeline for JPEG storage), ``fingerprint``
 (the source's, extended by the stored geometry when the writer chose it: see
 :func:`unidd_ray.data.hashing.stored_fingerprint`), ``source`` (origin, reader options and the
-source's own fingerprint), ``format_version`` and ``files`` (``{file name: {"sha256", "bytes"}}``
-for the two ``.beton`` files and ``labels.npz``).
+source's own fingerprint), ``format_version``, ``files`` (``{file name: {"sha256", "bytes",
+"chunk_bytes", "chunks"}}`` for the two ``.beton`` files and ``labels.npz``: the whole file's sha256 and
+that of every ``chunk_bytes`` piece) and ``info_sha256``, the sha256 of every other key (so an edited
+``mean`` or ``num_classes`` is refused).
+
+Checking a dataset before a stage reads it (:func:`verify_dataset`) hashes the pieces of each file in
+parallel threads and names the damaged byte ranges; with SHA extensions a core hashes about 1.2 GB/s
+(0.8 s per GB and core, ~20 s for a 40 GB ImageNet file on 2 cores of page-cached data; a cold disk
+bounds it by its read rate).  A process checks a file once while its size, inode and times stay the
+same.  Datasets prepared before the pieces were recorded are checked whole (one thread).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -31,6 +43,11 @@ SOURCE_STAT_FILE = "source-stat.json"
 LABELS_FILE = "labels.npz"
 BETON_FILES = {"train": "train.beton", "val": "val.beton"}
 STORAGES = ("raw", "jpeg")
+CHUNK_BYTES = 64 << 20  # the pieces whose sha256 dataset.json records: checked in parallel, damage located
+
+
+class DamagedDataset(ValueError):
+    """A prepared dataset's files no longer hold what was prepared (modified, truncated, edited)."""
 
 
 @dataclass
@@ -60,7 +77,36 @@ class DatasetInfo:
         return int(self.splits[split]["count"])
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The content of ``dataset.json``: every field and ``info_sha256``, their checksum."""
+        data = asdict(self)
+        return {**data, "info_sha256": content_sha256(data)}
+
+    def rebuild_hint(self, data_dir: str | Path) -> str:
+        """How to prepare this dataset again into ``data_dir``."""
+        command = ["unidd-ray prepare", f"--dataset {self.name}"]
+        origin = self.source.get("origin")
+        if origin and Path(origin).exists():  # (a source bundled with a library has a name, not a folder)
+            command.append(f"--root {origin}")
+        command += [f"--option {k}={v}" for k, v in (self.source.get("options") or {}).items()]
+        command.append(f"--out {data_dir}")
+        return f"prepare it again: `{' '.join(command)}` (a pipeline run prepares it again by itself)"
+
+
+def content_sha256(data: dict) -> str:
+    """The checksum ``dataset.json`` records of its other keys (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in data.items() if k != "info_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_record(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """What ``dataset.json`` records of one file: its sha256, its size and the sha256 of every piece."""
+    whole, pieces = hashlib.sha256(), []
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            whole.update(block)
+            pieces.append(hashlib.sha256(block).hexdigest())
+    return {"sha256": whole.hexdigest(), "bytes": Path(path).stat().st_size, "chunk_bytes": chunk_bytes,
+            "chunks": pieces}
 
 
 def beton_path(data_dir: str | Path, split: str) -> Path:
@@ -96,24 +142,89 @@ def read_dataset_info(data_dir: str | Path) -> DatasetInfo:
     missing = sorted(required - set(data))
     if missing:
         raise ValueError(f"{path} lacks the key(s) {missing}; it was not written by prepare_dataset: prepare again")
+    recorded = data.get("info_sha256")
+    if recorded is not None and recorded != content_sha256(data):
+        raise DamagedDataset(f"{path} was edited after it was written (its info_sha256 no longer matches its "
+                             f"content): its mean, classes or files cannot be trusted; prepare the dataset again")
     info = DatasetInfo(**{k: v for k, v in data.items() if k in known})
     if info.storage not in STORAGES:
         raise ValueError(f"{path}: unknown storage {info.storage!r} (expected one of {list(STORAGES)})")
     return info
 
 
-def verify_dataset(data_dir: str | Path) -> DatasetInfo:
-    """Check that every file recorded in ``dataset.json`` exists and matches its sha256.
+_VERIFIED: dict[tuple, str] = {}  # (path, device, inode, size, mtime, ctime) -> sha256, checked in this process
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _piece_sha256(path: Path, index: int, size: int) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset, end = index * size, (index + 1) * size
+        while offset < end:
+            block = os.pread(fd, min(4 << 20, end - offset), offset)
+            if not block:
+                break
+            digest.update(block)
+            offset += len(block)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def _damaged_pieces(path: Path, record: dict, threads: int) -> list[int]:
+    size = int(record["chunk_bytes"])
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        digests = list(pool.map(lambda i: _piece_sha256(path, i, size), range(len(record["chunks"]))))
+    return [i for i, (got, want) in enumerate(zip(digests, record["chunks"])) if got != want]
+
+
+def verify_file(path: str | Path, record: dict, *, threads: int | None = None) -> None:
+    """Check one file against its ``dataset.json`` record (size, then the sha256 of every piece, in
+    parallel; the whole file's sha256 for records without pieces).  Raises :class:`DamagedDataset` naming
+    the file and the damaged byte ranges; a file checked before in this process and untouched since is
+    not read again."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is listed in {INFO_FILE} but missing")
+    if path.stat().st_size != record["bytes"]:
+        raise DamagedDataset(f"{path} has {path.stat().st_size} bytes but {INFO_FILE} records {record['bytes']}: "
+                             "the file was truncated or replaced")
+    key = _identity(path)
+    with _VERIFIED_LOCK:
+        if _VERIFIED.get(key) == record["sha256"]:
+            return
+    if record.get("chunks"):
+        damaged = _damaged_pieces(path, record, threads or os.cpu_count() or 1)
+        if damaged:
+            size = int(record["chunk_bytes"])
+            ranges = ", ".join(f"{i * size}-{min((i + 1) * size, record['bytes']) - 1}" for i in damaged[:3])
+            raise DamagedDataset(f"{path} does not match the sha256 recorded in {INFO_FILE}: bytes {ranges}"
+                                 + (f" and {len(damaged) - 3} more ranges" if len(damaged) > 3 else "")
+                                 + " were modified")
+    elif file_sha256(path) != record["sha256"]:
+        raise DamagedDataset(f"{path} does not match its sha256 recorded in {INFO_FILE}: the file was modified or "
+                             "truncated")
+    with _VERIFIED_LOCK:
+        _VERIFIED[key] = record["sha256"]
+
+
+def verify_dataset(data_dir: str | Path, *, threads: int | None = None) -> DatasetInfo:
+    """Check that every file recorded in ``dataset.json`` exists and matches its checksums
+    (:func:`verify_file`), before a stage reads them.
 
     Returns the :class:`DatasetInfo`; raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` naming the first file whose size or sha256 differs (modified or truncated).
+    :class:`DamagedDataset` (a ``ValueError``) naming the file, the damaged bytes and how to rebuild it.
     """
     info = read_dataset_info(data_dir)
     for name, record in info.files.items():
-        path = Path(data_dir) / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in {INFO_FILE} but missing; prepare the dataset again")
-        if path.stat().st_size != record["bytes"] or file_sha256(path) != record["sha256"]:
-            raise ValueError(f"{path} does not match its sha256 recorded in {INFO_FILE}: the file was modified or "
-                             "truncated; prepare the dataset again")
+        try:
+            verify_file(Path(data_dir) / name, record, threads=threads)
+        except (DamagedDataset, FileNotFoundError) as exc:
+            raise type(exc)(f"{exc}; {info.rebuild_hint(data_dir)}") from None
     return info

@@ -40,9 +40,10 @@ import numpy as np
 from unidd_ray.data.beton import (ArraySamples, ErrorLog, FileSamples, StoragePlan, mean_std, page_size_for,
                                   pixel_moments, plan_storage, writer_geometry)
 from unidd_ray.data.dataset_info import (BETON_FILES, FORMAT_VERSION, INFO_FILE, LABELS_FILE, SOURCE_STAT_FILE,
-                                         DatasetInfo, read_dataset_info, verify_dataset)
-from unidd_ray.data.hashing import file_sha256, stored_fingerprint
+                                         DatasetInfo, file_record, read_dataset_info, verify_dataset)
+from unidd_ray.data.hashing import stored_fingerprint
 from unidd_ray.data.source_types import SPLITS, SourceDataset, validate_source
+from unidd_ray.locks import holds_output_lock
 
 OWN_FILES = frozenset({*BETON_FILES.values(), LABELS_FILE, INFO_FILE, SOURCE_STAT_FILE})
 
@@ -104,7 +105,7 @@ def _split_summary(labels: np.ndarray, num_classes: int) -> dict:
     return {"count": len(labels), "per_class": np.bincount(labels, minlength=num_classes).astype(int).tolist()}
 
 
-def _check_target(out: Path) -> None:
+def check_target(out: Path) -> None:
     """Refuse an output that is a file or a directory holding anything but a prepared dataset's files."""
     if not out.exists():
         return
@@ -129,6 +130,7 @@ def _publish(staging: Path, out: Path, names: list[str]) -> None:
     os.replace(staging / INFO_FILE, out / INFO_FILE)
 
 
+@holds_output_lock()
 def prepare_dataset(source: SourceDataset, out_dir: str | os.PathLike, *, max_resolution: int = 256,
                     jpeg_quality: int = 90, write_mode: str = "auto", compress_probability: float = 0.5,
                     num_workers: int | None = None, progress: bool = True) -> DatasetInfo:
@@ -153,7 +155,7 @@ def prepare_dataset(source: SourceDataset, out_dir: str | os.PathLike, *, max_re
     plan = plan_storage(source, write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                         compress_probability=compress_probability)
     out = Path(out_dir).absolute()
-    _check_target(out)
+    check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     staging.mkdir()
@@ -170,7 +172,7 @@ def prepare_dataset(source: SourceDataset, out_dir: str | os.PathLike, *, max_re
             splits={s: _split_summary(source.split(s).labels, source.num_classes) for s in SPLITS},
             resolution=plan.output_resolution, channels=plan.channels, mean=mean, std=std, storage=plan.storage,
             fingerprint=stored_fingerprint(source.fingerprint, writer_geometry(source, plan)),
-            files={n: {"sha256": file_sha256(staging / n), "bytes": (staging / n).stat().st_size} for n in names},
+            files={n: file_record(staging / n) for n in names},
             format_version=FORMAT_VERSION, write_mode=plan.ffcv_write_mode or "raw",
             max_resolution=plan.max_resolution, jpeg_quality=plan.jpeg_quality, eval_crop_ratio=plan.eval_crop_ratio,
             source={"origin": source.origin, "options": dict(source.options), "fingerprint": source.fingerprint})

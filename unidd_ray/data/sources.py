@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from unidd_ray.data.formats import cifar, digits, fashion_mnist, imagefolder, npz, tiny_imagenet
 from unidd_ray.data.source_types import SourceDataset, SourceError, Split, validate_source
 
-__all__ = ["SourceDataset", "SourceError", "SourceSpec", "Split", "available_sources", "load_source", "register_source"]
+__all__ = ["SourceDataset", "SourceError", "SourceSpec", "Split", "available_sources", "check_source_options",
+           "load_source", "register_source"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,13 @@ def load_source(name: str, root: str | None = None, **options) -> SourceDataset:
     ``FileNotFoundError`` for missing data and :class:`SourceError` (a ``ValueError``) for data that
     is truncated, corrupt or inconsistent.
     """
+    typed = check_source_options(name, options)
+    return validate_source(_REGISTRY[name].reader(root, **typed))
+
+
+def check_source_options(name: str, options: dict) -> dict:
+    """``options`` of source ``name`` converted to their types, without reading any data; ``ValueError``
+    naming an unknown source, an unknown option or a value of the wrong type."""
     spec = _REGISTRY.get(name)
     if spec is None:
         raise ValueError(f"unknown dataset source {name!r}; available sources: {available_sources()}")
@@ -83,8 +91,7 @@ def load_source(name: str, root: str | None = None, **options) -> SourceDataset:
     if unknown:
         valid = sorted(spec.options) or "none"
         raise ValueError(f"source {name!r} does not take option(s) {unknown}; its options: {valid}")
-    typed = {key: _coerce(name, key, value, spec.options[key]) for key, value in options.items()}
-    return validate_source(spec.reader(root, **typed))
+    return {key: _coerce(name, key, value, spec.options[key]) for key, value in options.items()}
 
 
 register_source("fashion-mnist", fashion_mnist.load, description="Fashion-MNIST IDX files (Debian package)")

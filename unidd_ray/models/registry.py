@@ -45,15 +45,22 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
-def build_model(name: str, *, num_classes: int, in_channels: int = 3, resolution: int = 32, **options) -> nn.Module:
-    """Build a registered architecture; unknown names or options raise ``ValueError`` listing the valid ones."""
+def check_model_options(name: str, options: dict) -> None:
+    """Refuse an unknown model or option names it does not take (``ValueError`` listing the valid ones), without
+    building it."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {available_models()}")
-    fn = MODELS[name]
-    valid = [p for p in inspect.signature(fn).parameters if p not in ("num_classes", "in_channels", "resolution")]
+    valid = [p for p in inspect.signature(MODELS[name]).parameters if p not in ("num_classes", "in_channels",
+                                                                                 "resolution")]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"model {name!r} takes options {valid}, not {unknown}")
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int = 3, resolution: int = 32, **options) -> nn.Module:
+    """Build a registered architecture; unknown names or options raise ``ValueError`` listing the valid ones."""
+    check_model_options(name, options)
+    fn = MODELS[name]
     if num_classes < 1 or in_channels < 1 or resolution < 1:
         raise ValueError(f"num_classes, in_channels and resolution must be positive; got "
                          f"{num_classes}, {in_channels}, {resolution}")

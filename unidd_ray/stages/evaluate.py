@@ -14,9 +14,9 @@ exactly the starting point the recovery methods improve on.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from unidd_ray.config import EvaluateConfig, RecoverConfig, to_dict
+from unidd_ray.locks import holds_output_lock, output_lock
 from unidd_ray.models import memory_format
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def load_distilled(distilled_dir: str | Path, *, mean, std) -> tuple[torch.Tenso
     return (x - m) / s, labels, rows
 
 
+@holds_output_lock()
 def write_real_subset(data_dir: str | Path, out_dir: str | Path, *, ipc: int, seed: int,
                       num_workers: int = 1, recipe_yaml: str | None = None, resolution: int | None = None,
                       group_images: int = 4096) -> Path:
@@ -70,14 +72,14 @@ def write_real_subset(data_dir: str | Path, out_dir: str | Path, *, ipc: int, se
     import pyarrow.parquet as pq
 
     from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text, write_manifest
+    from unidd_ray.data.dataset_info import verify_dataset
     from unidd_ray.data.loading import read_labels
-    from unidd_ray.data.prepare import read_dataset_info
     from unidd_ray.stages.recover import load_real_images, make_plan
 
-    info = read_dataset_info(data_dir)
+    info = verify_dataset(data_dir)
     labels = read_labels(str(data_dir), "train")
     plan = make_plan(labels, info.num_classes, RecoverConfig(ipc=ipc, seed=seed))
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "distilled") as tmp:
         rows = []
         # one loader per group of classes holding up to ``group_images`` images (one for all of a small
         # set; ImageNet at IPC 50 is 50,000 images, ~30 GB as float32 at 224 px)
@@ -116,42 +118,11 @@ def _write_class(directory: Path, k: int, images: list[torch.Tensor], rows: list
                      "method": "random", "seed": seed})
 
 
-def validate_evaluate(cfg: EvaluateConfig, *, images: int | None = None) -> None:
-    """Refuse evaluation settings that are invalid (naming the setting and what it accepts), before any work.
-
-    ``images``: the size of the distilled set, when known; with ``split: data`` every batch is shared out to
-    the workers, so none of its batches may hold fewer images than there are workers.
-    """
-    def finite(name: str, value: float, ok: bool, accepts: str) -> None:
-        if not (math.isfinite(value) and ok):
-            raise ValueError(f"evaluate.{name} must be {accepts}, got {value}")
-
-    if cfg.epochs < 1:
-        raise ValueError(f"evaluate.epochs must be at least 1, got {cfg.epochs}")
-    if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise ValueError(f"evaluate.batch_size must be at least 1, or null for the whole distilled set per step; "
-                         f"got {cfg.batch_size}")
-    finite("lr", cfg.lr, cfg.lr > 0, "a positive number")
-    finite("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, "a number >= 0")
-    finite("temperature", cfg.temperature, cfg.temperature > 0, "a positive number (T of the soft labels)")
-    finite("cutmix", cfg.cutmix, cfg.cutmix >= 0, "a number >= 0 (the Beta(a, a) parameter; 0 disables CutMix)")
-    low, high = cfg.crop_scale
-    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
-        raise ValueError(f"evaluate.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.crop_scale)}")
-    if cfg.seeds < 1:
-        raise ValueError(f"evaluate.seeds must be at least 1, got {cfg.seeds}")
-    if cfg.eval_every < 0:
-        raise ValueError(f"evaluate.eval_every must be 0 (only at the end) or a number of epochs, got {cfg.eval_every}")
-    if cfg.eval_batch_size < 1:
-        raise ValueError(f"evaluate.eval_batch_size must be at least 1, got {cfg.eval_batch_size}")
-    if cfg.workers < 1:
-        raise ValueError(f"evaluate.workers must be at least 1, got {cfg.workers}")
-    if not cfg.cpus_per_worker > 0:
-        raise ValueError(f"evaluate.cpus_per_worker must be positive, got {cfg.cpus_per_worker}")
-    if cfg.split not in ("data", "seeds"):
-        raise ValueError(f"evaluate.split must be 'data' (DDP over the distilled set) or 'seeds' "
-                         f"(one student per worker), got {cfg.split!r}")
-    if images is not None and cfg.split == "data" and cfg.workers > 1:
+def validate_evaluate(cfg: EvaluateConfig, *, images: int) -> None:
+    """Refuse an evaluation of an ``images``-image set that its settings cannot run (the settings themselves
+    were checked when ``cfg`` was built): with ``split: data`` every batch is shared out to the workers, so
+    none of its batches may hold fewer images than there are workers."""
+    if cfg.split == "data" and cfg.workers > 1:
         batch = images if cfg.batch_size is None else min(cfg.batch_size, images)
         smallest = min(batch, images % batch or batch)  # the last batch of an epoch holds the rest
         if smallest < cfg.workers:
@@ -195,7 +166,6 @@ def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateCon
     from unidd_ray.models import build_model
     from unidd_ray.stages.common import evaluate_top1
 
-    validate_evaluate(cfg)
     settings = _settings(cfg)
     source = None if cfg.hard_labels else (soft_labels or TeacherLabels(teacher))
     val_labels = read_labels(data_dir, "val")
@@ -347,10 +317,11 @@ def seed_record(out_dir: str | Path, seed: int, key: str) -> Path:
 
 def run_evaluate(distilled_dir, teacher_dir, data_dir, out_dir, cfg: EvaluateConfig, *, storage_path,
                  soft_labels: str | Path | None = None, num_workers: int = 1,
-                 recipe_yaml: str | None = None) -> dict:
+                 recipe_yaml: str | None = None, wait: bool = False) -> dict:
     """Evaluate ``distilled_dir`` over ``cfg.seeds`` seeds; writes and returns ``summary.json``."""
     job = EvalJob(distilled_dir, out_dir, cfg, soft_labels=soft_labels, recipe_yaml=recipe_yaml)
-    return run_evaluations([job], teacher_dir, data_dir, storage_path=storage_path, num_workers=num_workers)[0]
+    return run_evaluations([job], teacher_dir, data_dir, storage_path=storage_path, num_workers=num_workers,
+                           wait=wait)[0]
 
 
 def _check_job(job: EvalJob, info, tinfo) -> tuple[dict, str]:
@@ -358,9 +329,10 @@ def _check_job(job: EvalJob, info, tinfo) -> tuple[dict, str]:
     distilled manifest and :func:`distilled_identity`."""
     import pyarrow.parquet as pq
 
-    from unidd_ray.artifacts import read_manifest
+    from unidd_ray.artifacts import check_output, read_manifest
 
     cfg = job.cfg
+    check_output(job.out_dir, "evaluation")
     distilled = read_manifest(job.distilled_dir, "distilled")
     if distilled.get("dataset_fingerprint") != info.fingerprint:
         raise ValueError(f"{job.distilled_dir} was distilled from another dataset than the evaluation data")
@@ -449,40 +421,67 @@ def finished_seeds(out_dir: Path, keys: set[str], *, paths: dict[int, Path] | No
     return found
 
 
-def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path, num_workers: int = 1) -> list[dict]:
+def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path, num_workers: int = 1,
+                    wait: bool = False) -> list[dict]:
     """Evaluate several distilled sets in one Ray Train run (one worker group: its start-up is paid
     once) and write each set's ``summary.json``; returns the summaries in the order of ``jobs``.
+    Holds the lock of every job's output directory meanwhile (``wait``: see :func:`unidd_ray.locks.output_lock`).
 
     All jobs share the worker layout (``workers``, ``cpus_per_worker``, ``use_gpu``, ``split``).
     With ``split: seeds`` the (set, seed) tasks are dealt out to the workers; with ``split: data``
     the workers train every student together.  Each finished seed is kept under
     ``<out_dir>/.seeds`` so that a re-run after a crash, or with more seeds, trains only the missing ones.
     """
+    with contextlib.ExitStack() as held:
+        for out_dir in dict.fromkeys(Path(j.out_dir).resolve() for j in jobs):
+            held.enter_context(output_lock(out_dir, wait=wait))
+        return _evaluate_jobs(jobs, teacher_dir, data_dir, storage_path=storage_path, num_workers=num_workers)
+
+
+@dataclass
+class CheckedJobs:
+    """What :func:`check_evaluations` found: the data, the teacher, and each job's distilled manifest and
+    :func:`distilled_identity`."""
+
+    info: object
+    tinfo: object
+    manifests: list[dict]
+    identities: list[str]
+
+
+def check_evaluations(jobs: list[EvalJob], teacher_dir, data_dir) -> CheckedJobs:
+    """Every check of an evaluation that can fail, before Ray or any worker starts: the prepared data
+    (verified), the teacher and its agreement with the data, each job's output path, distilled set, batches
+    and stored soft labels, and each student (built once for the teacher's classes and side)."""
     import json
-    import shutil
 
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from unidd_ray.data.dataset_info import verify_dataset
+    from unidd_ray.teacher import check_teacher_data, read_teacher_info
 
-    from unidd_ray.artifacts import atomic_write_json, atomic_write_text
-    from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.pipeline import dataset_identity
-    from unidd_ray.ray_utils import require_resources, torch_config
-    from unidd_ray.teacher import read_teacher_info
-
-    if not jobs:
-        return []
-    info = read_dataset_info(data_dir)
+    info = verify_dataset(data_dir)
     tinfo = read_teacher_info(teacher_dir)
-    if tinfo.dataset_fingerprint != info.fingerprint:
-        raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than {data_dir}")
+    check_teacher_data(tinfo, info, teacher_dir, data_dir)
     layout = {(j.cfg.workers, j.cfg.cpus_per_worker, j.cfg.use_gpu, j.cfg.split) for j in jobs}
     if len(layout) > 1:
         raise ValueError(f"jobs evaluated together must share evaluate.workers, cpus_per_worker, use_gpu and "
                          f"split; got {sorted(layout, key=str)}: evaluate them in separate calls")
-    manifests, identities = zip(*[_check_job(j, info, tinfo) for j in jobs])
+    checked = [_check_job(j, info, tinfo) for j in jobs]
     for cfg in {json.dumps([j.cfg.student, j.cfg.student_options], sort_keys=True): j.cfg for j in jobs}.values():
         check_student(cfg, tinfo)  # once per student, not in every worker
+    return CheckedJobs(info, tinfo, [m for m, _ in checked], [d for _, d in checked])
+
+
+def _evaluate_jobs(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path, num_workers: int) -> list[dict]:
+    import shutil
+
+    from unidd_ray.artifacts import atomic_write_json, atomic_write_text
+    from unidd_ray.pipeline import dataset_identity
+    from unidd_ray.ray_utils import fit, require_resources, trainer_factory
+
+    if not jobs:
+        return []
+    checked = check_evaluations(jobs, teacher_dir, data_dir)
+    info, tinfo, manifests, identities = checked.info, checked.tinfo, checked.manifests, checked.identities
     cfg0 = jobs[0].cfg
     dataset = dataset_identity(info)
     keys = [job_key(j, d, tinfo.sha256, dataset) for j, d in zip(jobs, identities)]
@@ -509,18 +508,14 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
                       "out_dir": str(Path(j.out_dir).resolve()), "key": k, "name": j.name or Path(j.distilled_dir).name,
                       "soft_labels": str(Path(j.soft_labels).resolve()) if j.soft_labels else None}
                      for j, k in zip(jobs, keys)]
-        trainer = TorchTrainer(
-            _evaluate_loop,
-            train_loop_config={"jobs": job_dicts, "tasks": tasks, "split": cfg0.split,
-                               "teacher_dir": str(Path(teacher_dir).resolve()),
-                               "data_dir": str(Path(data_dir).resolve()),
-                               "num_workers": num_workers, "threads": max(1, int(cfg0.cpus_per_worker))},
-            torch_config=torch_config(cfg0.use_gpu),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg0.use_gpu,
-                                         resources_per_worker={"CPU": cfg0.cpus_per_worker}),
-            run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path)),
-        )
-        result = trainer.fit()
+        trainer = trainer_factory(
+            _evaluate_loop, {"jobs": job_dicts, "tasks": tasks, "split": cfg0.split,
+                             "teacher_dir": str(Path(teacher_dir).resolve()), "data_dir": str(Path(data_dir).resolve()),
+                             "num_workers": num_workers, "threads": max(1, int(cfg0.cpus_per_worker))},
+            name=RUN_NAME, storage_path=storage_path, workers=workers, cpus_per_worker=cfg0.cpus_per_worker,
+            use_gpu=cfg0.use_gpu, keep_checkpoints=None)
+        # no retries: every finished seed is kept, so a re-run trains only the missing ones
+        result = fit(trainer, what="evaluate", max_failures=0)
         if result.error is not None or result.return_value is None:
             names = ", ".join(str(j.distilled_dir) for j in jobs)
             raise RuntimeError(f"evaluation of {names} failed: {result.error}")

@@ -24,6 +24,7 @@ anything else is refused, naming what differs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -40,6 +41,7 @@ import torch
 
 from unidd_ray.artifacts import replace_directory
 from unidd_ray.config import RecoverConfig, to_dict
+from unidd_ray.locks import holds_output_lock
 
 RUN_NAME = "recover"
 IMAGES = "images"
@@ -409,48 +411,25 @@ def _recover_loop(config: dict) -> None:
 
 # ----------------------------------------------------------------------------- the driver
 def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
-    """Every check that can fail, before any work starts; returns (info, labels, plan)."""
+    """Every check of a recovery's inputs that can fail, before Ray or any worker starts (the settings were
+    checked when ``cfg`` was built): the prepared data (verified), the teacher and its agreement with the
+    data, the plan (an IPC the classes hold), and for a spectral method the statistics and the
+    factorisation of (Ψ + βI) at every β of the schedule.  Returns (info, labels, plan)."""
+    from unidd_ray.data.dataset_info import verify_dataset
     from unidd_ray.data.loading import read_labels
-    from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.distill import ALPHA_SCALES, METHODS, SPECTRAL_METHODS, method_filter
+    from unidd_ray.methods import get_method, method_filter
     from unidd_ray.models import bn_layers, resolve_layers
-    from unidd_ray.spectral import COVARIANCE_MODES, SCHEDULES, SIGNAL_KINDS, cholesky_factor
+    from unidd_ray.spectral import cholesky_factor
     from unidd_ray.stats_io import load_stats
-    from unidd_ray.teacher import load_teacher
+    from unidd_ray.teacher import check_teacher_data, load_teacher
 
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown recovery method {cfg.method!r}; choose one of {list(METHODS)}")
-    if cfg.alpha_scale not in ALPHA_SCALES:
-        raise ValueError(f"unknown recover.alpha_scale {cfg.alpha_scale!r}; choose one of {list(ALPHA_SCALES)}")
-    if cfg.sync not in ("round", "step"):
-        raise ValueError(f"recover.sync must be 'round' or 'step', got {cfg.sync!r}")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"unknown recover.schedule {cfg.schedule!r}; choose one of {list(SCHEDULES)}")
-    if cfg.signal not in SIGNAL_KINDS:
-        raise ValueError(f"unknown recover.signal {cfg.signal!r}; choose one of {list(SIGNAL_KINDS)}")
-    if cfg.covariance not in COVARIANCE_MODES:
-        raise ValueError(f"unknown recover.covariance {cfg.covariance!r}; choose one of {list(COVARIANCE_MODES)}")
-    if cfg.iterations < 1:
-        raise ValueError(f"recover.iterations must be at least 1, got {cfg.iterations}")
-    if not cfg.lr > 0:
-        raise ValueError(f"recover.lr must be positive, got {cfg.lr}")
-    if not cfg.alpha >= 0:
-        raise ValueError(f"recover.alpha must be 0 or more (the weight of the matching terms), got {cfg.alpha}")
-    low, high = cfg.crop_scale
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"recover.crop_scale must be [low, high] with 0 < low <= high <= 1, "
-                         f"got {list(cfg.crop_scale)}")
-    if cfg.workers < 1:
-        raise ValueError(f"recover.workers must be at least 1, got {cfg.workers}")
-    info = read_dataset_info(data_dir)
+    method = get_method(cfg.method)
+    info = verify_dataset(data_dir)
     teacher, tinfo = load_teacher(teacher_dir)
-    if tinfo.dataset_fingerprint != info.fingerprint:
-        raise ValueError(f"the teacher in {teacher_dir} was trained on another dataset than {data_dir}")
+    check_teacher_data(tinfo, info, teacher_dir, data_dir)
     labels = read_labels(str(data_dir), "train")
     plan = make_plan(labels, info.num_classes, cfg)
-    filt = method_filter(cfg.method, beta_max=cfg.beta_max, schedule=cfg.schedule, beta_min=cfg.beta_min,
-                         mtt_eta=cfg.mtt_eta, mtt_steps=cfg.mtt_steps, precision=cfg.precision)
-    if cfg.method in SPECTRAL_METHODS and stats_dir is None:
+    if method.spectral and stats_dir is None:
         raise ValueError(f"method {cfg.method!r} needs --stats (the output of `unidd-ray stats`)")
     if stats_dir is not None:  # checked whenever given: statistics of another teacher are a mistake to name
         real = load_stats(stats_dir, teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)
@@ -458,12 +437,13 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
         missing = [name for name in layers if name not in real]
         if missing:
             raise ValueError(f"the teacher's layers {missing} have no statistics in {stats_dir}")
-        if cfg.method in ("cfm", "krr"):
-            betas = sorted({filt.at_slot(b, cfg.ipc).beta for b in range(cfg.ipc)})
-            for name in layers:
-                cholesky_factor(real[name].covariance(cfg.covariance), betas[0])  # raises naming beta and λ_min
-    if cfg.method == "sre2l" and not bn_layers(teacher):
-        raise ValueError("sre2l matches BatchNorm running statistics, but the teacher in "
+        filt = method_filter(cfg)
+        # the resolvent filters' (Ψ + βI) must factorise at the smallest β of the schedule
+        betas = {getattr(filt.at_slot(b, cfg.ipc), "beta", None) for b in range(cfg.ipc)} - {None} if filt else set()
+        for name in layers if betas else ():
+            cholesky_factor(real[name].covariance(cfg.covariance), min(betas))  # raises naming beta and λ_min
+    if method.needs_batchnorm and not bn_layers(teacher):
+        raise ValueError(f"{cfg.method} matches BatchNorm running statistics, but the teacher in "
                          f"{teacher_dir} ({tinfo.arch}) has no BatchNorm2d layer")
     return info, labels, plan
 
@@ -473,12 +453,12 @@ def run_identity(cfg: RecoverConfig, info, tinfo, stats_dir) -> dict:
     (those of the recovery's key: the ones the method reads, less the performance settings), the teacher's
     sha256, the statistics' sha256 (spectral methods) and the dataset (fingerprint and lossy storage)."""
     from unidd_ray.artifacts import read_manifest
-    from unidd_ray.distill import SPECTRAL_METHODS
+    from unidd_ray.methods import get_method
     from unidd_ray.pipeline import dataset_identity, key_settings, recover_settings
     from unidd_ray.stats_io import KIND, STATS_FILE
 
     stats = None
-    if cfg.method in SPECTRAL_METHODS:
+    if get_method(cfg.method).spectral:
         stats = read_manifest(stats_dir, KIND, verify=False)["files"][STATS_FILE]  # verified by validate_inputs
     return {"recover": key_settings("recover", recover_settings(cfg)), "teacher": tinfo.sha256,
             "statistics": stats, "dataset": dataset_identity(info)}
@@ -505,6 +485,23 @@ def check_resumable(staging: Path, plan_json: dict) -> None:
                          f"({'; '.join(differ)}); {fix}")
 
 
+def check_staging(staging: Path) -> None:
+    """``<out>.partial`` holds a recovery in progress (its ``plan.json`` is written first; a crash before that
+    leaves at most the file's temporary name) or nothing: a folder of that name holding anything else is
+    someone else's, and is neither resumed nor removed."""
+    from unidd_ray.artifacts import OutputError
+
+    if not staging.exists() and not staging.is_symlink():
+        return
+    if not staging.is_dir():
+        raise OutputError(f"{staging} exists and is not a directory, but recover keeps its work in progress there; "
+                          "move it, or give --out another name")
+    if not (staging / "plan.json").is_file() and not all(p.name.startswith(".plan.json.") for p in staging.iterdir()):
+        raise OutputError(f"{staging} holds files unidd-ray did not write, but recover keeps its work in progress "
+                          f"there; move them out, or give --out another name")
+
+
+@holds_output_lock()
 def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *, storage_path, resume=False,
                 num_workers: int = 1, recipe_yaml: str | None = None, progress: bool = True,
                 checked: tuple | None = None) -> Path:
@@ -512,28 +509,30 @@ def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *
 
     ``checked``: what :func:`validate_inputs` returned for these same inputs, when the caller has
     already checked them (the pipeline checks every recovery before starting any); else they are
-    checked here.
+    checked here.  A worker fault is retried from the last finished round up to ``recover.max_failures``
+    times; a worker that refuses its input ends the run at once, and a run started afresh then leaves no
+    staging directory or checkpoints behind.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from unidd_ray.artifacts import atomic_write_json
-    from unidd_ray.distill import SPECTRAL_METHODS
-    from unidd_ray.ray_utils import require_resources, torch_config
+    from unidd_ray.artifacts import atomic_write_json, check_output
+    from unidd_ray.methods import get_method
+    from unidd_ray.ray_utils import WorkerInputError, fit, require_resources, trainer_factory
     from unidd_ray.teacher import read_teacher_info
 
     out_dir = Path(out_dir).resolve()
+    staging = out_dir.parent / f"{out_dir.name}.partial"
+    check_output(out_dir, "distilled")
+    check_staging(staging)
     info, _, plan = checked if checked is not None else validate_inputs(data_dir, teacher_dir, stats_dir, cfg)
     # the statistics go to the workers of a spectral method only (the others read none)
-    stats_dir = Path(stats_dir).resolve() if stats_dir is not None and cfg.method in SPECTRAL_METHODS else None
-    staging = out_dir.parent / f"{out_dir.name}.partial"
+    stats_dir = Path(stats_dir).resolve() if stats_dir is not None and get_method(cfg.method).spectral else None
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
     require_resources("recover", workers=cfg.workers, cpus=cfg.cpus_per_worker, gpus=1 if cfg.use_gpu else 0)
     plan = replace(plan, identity=run_identity(cfg, info, read_teacher_info(teacher_dir), stats_dir))
     plan_json = asdict(plan)
     # plan.json is written right after the staging directory is made: without it no batch has started
-    if resume and (staging / "plan.json").is_file():
+    fresh = not (resume and (staging / "plan.json").is_file())
+    if not fresh:
         check_resumable(staging, plan_json)
     else:
         if resume:
@@ -543,21 +542,22 @@ def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *
         staging.mkdir(parents=True)
         atomic_write_json(staging / "plan.json", plan_json)
     started = time.perf_counter()
-    trainer = TorchTrainer(
-        _recover_loop,
-        train_loop_config={"recover": to_dict(cfg), "data_dir": str(Path(data_dir).resolve()),
-                           "teacher_dir": str(Path(teacher_dir).resolve()),
-                           "stats_dir": str(stats_dir) if stats_dir else None,
-                           "staging": str(staging), "plan": plan_json, "num_workers": num_workers,
-                           "threads": max(1, math.floor(cfg.cpus_per_worker))},
-        torch_config=torch_config(cfg.use_gpu),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    trainer.fit()
+    trainer = trainer_factory(
+        _recover_loop, {"recover": to_dict(cfg), "data_dir": str(Path(data_dir).resolve()),
+                        "teacher_dir": str(Path(teacher_dir).resolve()), "stats_dir": str(stats_dir) if stats_dir else None,
+                        "staging": str(staging), "plan": plan_json, "num_workers": num_workers,
+                        "threads": max(1, math.floor(cfg.cpus_per_worker))},
+        name=RUN_NAME, storage_path=storage_path, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
+        use_gpu=cfg.use_gpu)
+    try:
+        fit(trainer, what=f"recover {cfg.method}", max_failures=cfg.max_failures)
+    except WorkerInputError:
+        if fresh:  # nothing worth resuming: leave nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                storage_path.rmdir()  # when nothing else is kept there
+        raise
     return finalize(staging, out_dir, plan, info, cfg, seconds=time.perf_counter() - started,
                     recipe_yaml=recipe_yaml)
 
@@ -628,7 +628,7 @@ def finalize(staging: Path, out_dir: Path, plan: RecoverPlan, info, cfg: Recover
     # (the manifest lists the output files only; dot-names such as RECORDS are not part of it).
     write_manifest(staging, "distilled", method=cfg.method, ipc=plan.ipc,
                    dataset_fingerprint=info.fingerprint)
-    replace_directory(staging, out_dir)
+    replace_directory(staging, out_dir, "distilled")
     shutil.rmtree(out_dir / RECORDS, ignore_errors=True)
     return out_dir
 

@@ -20,31 +20,33 @@ import numpy as np
 import torch
 
 from unidd_ray.config import EvaluateConfig, to_dict
+from unidd_ray.locks import holds_output_lock
 
 FILE = "soft_labels.parquet"
 CONFIG = "config.yaml"
 KIND = "soft_labels"
 
 
+@holds_output_lock()
 def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_size: int = 256,
             device: str = "cpu", progress: bool = True, recipe_yaml: str | None = None) -> Path:
     """Store the teacher's logits for ``cfg.epochs`` epochs of the evaluation stream of ``distilled_dir``.
 
     Writes ``soft_labels.parquet``, ``config.yaml`` (``recipe_yaml``, else the evaluate section) and the
-    manifest into ``out_dir``; the inputs and settings are checked before any epoch is computed.
+    manifest into ``out_dir`` (as a whole: assembled beside it and moved into place when complete); the
+    output path, inputs and settings are checked before any epoch is computed.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
     from tqdm.auto import tqdm
 
-    from unidd_ray.artifacts import atomic_file, atomic_write_text, read_manifest, write_manifest
-    from unidd_ray.evaluation import augment_batch, epoch_augment
+    from unidd_ray.artifacts import atomic_directory, atomic_write_text, check_output, read_manifest, write_manifest
     from unidd_ray.models import memory_format
-    from unidd_ray.stages.evaluate import _settings, distilled_identity, load_distilled, validate_evaluate
+    from unidd_ray.stages.evaluate import _settings, distilled_identity, load_distilled
     from unidd_ray.teacher import load_teacher, read_teacher_info
 
-    validate_evaluate(cfg)
+    check_output(out_dir, "soft_labels")
     if batch_size < 1:
         raise ValueError(f"relabel's batch_size must be at least 1, got {batch_size}")
     distilled = read_manifest(distilled_dir, "distilled")
@@ -67,27 +69,38 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
         pa.field("logits", pa.list_(pa.float32())),
     ], metadata={"unidd_ray": json.dumps(meta)})
     out_dir = Path(out_dir)
-    # one table per epoch: each epoch is its own row groups, which StoredSoftLabels reads on their own
-    with atomic_file(out_dir / FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for epoch in tqdm(range(settings.epochs), desc="relabel", disable=not progress):
-            aug = epoch_augment(n, epoch, settings)
-            logits = []
-            with torch.no_grad():
-                for start in range(0, n, batch_size):
-                    ids = torch.arange(start, min(n, start + batch_size))
-                    mixed, _, _ = augment_batch(images, ids.to(device), aug)
-                    logits.append(teacher(mixed.contiguous(memory_format=layout)).float().cpu())
-            z = torch.cat(logits).numpy()
-            writer.write_table(pa.table({
-                "epoch": np.full(n, epoch, dtype=np.int32), "image_id": np.arange(n, dtype=np.int32),
-                "crop": list(aug.crop.numpy()), "flip": aug.flip.numpy(), "partner": aug.partner.numpy().astype(np.int32),
-                "box": list(aug.box.numpy()), "logits": list(z),
-            }, schema=schema))
-    atomic_write_text(out_dir / CONFIG, recipe_yaml if recipe_yaml is not None
-                      else yaml.safe_dump({"evaluate": to_dict(cfg)}, sort_keys=False))
-    write_manifest(out_dir, KIND, files=[FILE, CONFIG], teacher_sha256=tinfo.sha256, images=n,
-                   epochs=settings.epochs)
+    with atomic_directory(out_dir, KIND) as staging:
+        # one table per epoch: each epoch is its own row groups, which StoredSoftLabels reads on their own
+        with pq.ParquetWriter(staging / FILE, schema, compression="zstd") as writer:
+            for epoch in tqdm(range(settings.epochs), desc="relabel", disable=not progress):
+                writer.write_table(_epoch_table(images, teacher, epoch, settings, batch_size, layout, schema))
+        atomic_write_text(staging / CONFIG, recipe_yaml if recipe_yaml is not None
+                          else yaml.safe_dump({"evaluate": to_dict(cfg)}, sort_keys=False))
+        write_manifest(staging, KIND, files=[FILE, CONFIG], teacher_sha256=tinfo.sha256, images=n,
+                       epochs=settings.epochs)
     return out_dir
+
+
+def _epoch_table(images, teacher, epoch: int, settings, batch_size: int, layout, schema):
+    """One epoch of the artifact: every image's augmentation parameters and the teacher's logits on it."""
+    import pyarrow as pa
+
+    from unidd_ray.evaluation import augment_batch, epoch_augment
+
+    n = len(images)
+    aug = epoch_augment(n, epoch, settings)
+    logits = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            ids = torch.arange(start, min(n, start + batch_size))
+            mixed, _, _ = augment_batch(images, ids.to(images.device), aug)
+            logits.append(teacher(mixed.contiguous(memory_format=layout)).float().cpu())
+    z = torch.cat(logits).numpy()
+    return pa.table({
+        "epoch": np.full(n, epoch, dtype=np.int32), "image_id": np.arange(n, dtype=np.int32),
+        "crop": list(aug.crop.numpy()), "flip": aug.flip.numpy(), "partner": aug.partner.numpy().astype(np.int32),
+        "box": list(aug.box.numpy()), "logits": list(z),
+    }, schema=schema)
 
 
 def _check_stream(meta: dict, settings, n: int) -> None:

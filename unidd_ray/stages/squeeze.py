@@ -13,6 +13,7 @@ a temporary sibling of the output directory and moved into place whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig, to_dict
+from unidd_ray.locks import holds_output_lock
 
 log = logging.getLogger(__name__)
 
@@ -160,24 +162,18 @@ def check_resumable(storage_path: Path, identity: dict) -> None:
                          f"settings or inputs ({'; '.join(differ)}); {fix}")
 
 
-def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig,
-            data_cfg: DataConfig, storage_path: str | Path, resume: bool = False,
-            recipe_yaml: str | None = None) -> Path:
-    """Train the teacher and write ``teacher.pt`` + ``teacher.json`` (+ ``config.yaml``) to ``out_dir``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
+def check_squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig,
+                  data_cfg: DataConfig):
+    """Every check of a teacher training that can fail, before Ray starts or any worker does: the output path,
+    the prepared data (verified), a batch that each worker's share holds, the model and its starting weights
+    (inside the workers a bad option would only surface as a worker error).  Returns the dataset's info."""
+    from unidd_ray.artifacts import check_output
+    from unidd_ray.data.dataset_info import verify_dataset
     from unidd_ray.data.loading import read_labels
-    from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.ray_utils import require_resources, torch_config
-    from unidd_ray.teacher import TeacherInfo, save_teacher
+    from unidd_ray.models import build_model, load_weights
 
-    info = read_dataset_info(data_dir)
-    if squeeze_cfg.workers < 1:
-        raise ValueError(f"squeeze.workers must be at least 1, got {squeeze_cfg.workers}")
-    if squeeze_cfg.batch_size < 1:
-        raise ValueError(f"squeeze.batch_size must be at least 1, got {squeeze_cfg.batch_size}")
+    check_output(out_dir, "teacher")
+    info = verify_dataset(data_dir)
     n_train = len(read_labels(str(data_dir), "train"))
     if squeeze_cfg.epochs > 0 and n_train // squeeze_cfg.workers < squeeze_cfg.batch_size:
         # each worker's loader drops its last partial batch: a shard smaller than a batch trains on nothing
@@ -187,39 +183,53 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
                          f"{n_train} training images ({n_train // squeeze_cfg.workers} with squeeze.workers "
                          f"{squeeze_cfg.workers}), so no full batch would be trained on; lower squeeze.batch_size "
                          f"to at most {n_train // squeeze_cfg.workers}{fewer}")
+    probe = build_model(model_cfg.arch, num_classes=info.num_classes, in_channels=info.channels,
+                        resolution=data_cfg.resolution or info.resolution, **model_cfg.options)
+    if model_cfg.weights:
+        load_weights(probe, model_cfg.weights)
+    return info
+
+
+@holds_output_lock()
+def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig,
+            data_cfg: DataConfig, storage_path: str | Path, resume: bool = False,
+            recipe_yaml: str | None = None) -> Path:
+    """Train the teacher and write ``teacher.pt`` + ``teacher.json`` (+ ``config.yaml``) to ``out_dir``.
+
+    A worker fault is retried from the last checkpoint up to ``squeeze.max_failures`` times; a worker that
+    refuses its input ends the run at once, and a fresh run then leaves no checkpoints behind."""
+    from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
+    from unidd_ray.ray_utils import WorkerInputError, fit, require_resources, trainer_factory
+    from unidd_ray.teacher import TeacherInfo, save_teacher
+
+    info = check_squeeze(data_dir, out_dir, squeeze_cfg=squeeze_cfg, model_cfg=model_cfg, data_cfg=data_cfg)
     require_resources("squeeze", workers=squeeze_cfg.workers, cpus=squeeze_cfg.cpus_per_worker,
                       gpus=1 if squeeze_cfg.use_gpu else 0)
     resolution = data_cfg.resolution or info.resolution
-    # the model and its starting weights are checked here, before any worker starts: inside the workers a
-    # bad option would only surface after FailureConfig's restarts, as a worker error
-    from unidd_ray.models import build_model, load_weights
-
-    probe = build_model(model_cfg.arch, num_classes=info.num_classes, in_channels=info.channels,
-                        resolution=resolution, **model_cfg.options)
-    if model_cfg.weights:
-        load_weights(probe, model_cfg.weights)
-    del probe
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
     identity = training_identity(squeeze_cfg, model_cfg, info, resolution)
-    if resume and run_dir.exists():
+    fresh = not (resume and run_dir.exists())
+    if not fresh:
         check_resumable(storage_path, identity)
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a fresh run: never pick up the checkpoints of an earlier one
         atomic_write_json(storage_path / IDENTITY, identity)  # before Ray Train makes run_dir
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"squeeze": to_dict(squeeze_cfg), "model": to_dict(model_cfg), "data": to_dict(data_cfg),
-                           "data_dir": str(Path(data_dir).resolve())},
-        torch_config=torch_config(squeeze_cfg.use_gpu),
-        scaling_config=ScalingConfig(num_workers=squeeze_cfg.workers, use_gpu=squeeze_cfg.use_gpu,
-                                     resources_per_worker={"CPU": squeeze_cfg.cpus_per_worker}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage_path),
-                             failure_config=FailureConfig(max_failures=squeeze_cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
+    trainer = trainer_factory(
+        _train_loop, {"squeeze": to_dict(squeeze_cfg), "model": to_dict(model_cfg), "data": to_dict(data_cfg),
+                      "data_dir": str(Path(data_dir).resolve())},
+        name=RUN_NAME, storage_path=storage_path, workers=squeeze_cfg.workers,
+        cpus_per_worker=squeeze_cfg.cpus_per_worker, use_gpu=squeeze_cfg.use_gpu)
+    try:
+        result = fit(trainer, what="squeeze", max_failures=squeeze_cfg.max_failures)
+    except WorkerInputError:
+        if fresh:  # nothing worth resuming: leave no checkpoints behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+            (storage_path / IDENTITY).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                storage_path.rmdir()  # when nothing else is kept there
+        raise
     if result.checkpoint is None:
         raise RuntimeError("teacher training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -233,7 +243,7 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
     model = teacher_info.build()
     model.load_state_dict(state["model"])
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, "teacher") as staging:
         save_teacher(model, teacher_info, staging)
         if recipe_yaml is not None:
             atomic_write_text(staging / "config.yaml", recipe_yaml)

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from unidd_ray.config import StatsConfig, to_dict
+from unidd_ray.locks import holds_output_lock
 from unidd_ray.spectral import Moments
 
 UnitPlan = list[tuple[int, int]]  # (start, stop) per block
@@ -50,12 +51,7 @@ class Plan:
 
 
 def make_plan(images: int, cfg: StatsConfig) -> Plan:
-    if cfg.batch_size < 1 or cfg.block_size < 1 or cfg.blocks_per_unit < 1:
-        raise ValueError("stats.batch_size, stats.block_size and stats.blocks_per_unit must be positive")
-    if cfg.block_size % cfg.batch_size:
-        raise ValueError(f"stats.block_size ({cfg.block_size}) must be a multiple of stats.batch_size "
-                         f"({cfg.batch_size}) so that forward batches never straddle a merge block")
-    if images < 1:
+    if images < 1:  # the sizes were checked when cfg was built (stats.block_size a multiple of batch_size)
         raise ValueError("the train split is empty")
     blocks = [(s, min(s + cfg.block_size, images)) for s in range(0, images, cfg.block_size)]
     ids = list(range(len(blocks)))
@@ -184,8 +180,6 @@ def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfi
     if images is not None and not 1 <= images <= len(labels):
         raise ValueError(f"images must lie in 1..{len(labels)} (the train split's size), got {images}")
     plan = make_plan(len(labels) if images is None else int(images), cfg)
-    if cfg.actors < 1:
-        raise ValueError("stats.actors must be at least 1")
     check_taps(teacher_dir, cfg.layers)
     from unidd_ray.ray_utils import require_resources
 
@@ -294,6 +288,23 @@ def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfi
     return StatsResult(total, plan, time.perf_counter() - started, retried, cfg.actors)
 
 
+def check_stats(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: StatsConfig):
+    """Every check of a statistics pass that can fail, before Ray or any actor starts: the output path, the
+    prepared data (verified), the teacher (its weights' checksum) and its agreement with the data, and the
+    tapped layers.  Returns (dataset info, teacher info)."""
+    from unidd_ray.artifacts import check_output
+    from unidd_ray.data.dataset_info import verify_dataset
+    from unidd_ray.teacher import check_teacher_data, read_teacher_info
+
+    check_output(out_dir, "stats")
+    info = verify_dataset(data_dir)
+    teacher = read_teacher_info(teacher_dir)
+    check_teacher_data(teacher, info, teacher_dir, data_dir)
+    check_taps(teacher_dir, cfg.layers)
+    return info, teacher
+
+
+@holds_output_lock()
 def run_stats(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: StatsConfig, *,
               num_workers: int = 1, progress: bool = True, recipe_yaml: str | None = None,
               on_result=None) -> Path:
@@ -303,15 +314,9 @@ def run_stats(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path
     the summary and config in ``out_dir`` always describe its statistics.
     """
     from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
-    from unidd_ray.data.prepare import read_dataset_info
     from unidd_ray.stats_io import covariance_report, write_stats
-    from unidd_ray.teacher import read_teacher_info
 
-    info = read_dataset_info(data_dir)
-    teacher = read_teacher_info(teacher_dir)
-    if teacher.dataset_fingerprint != info.fingerprint:
-        raise ValueError(f"the teacher in {teacher_dir} was trained on dataset {teacher.dataset_fingerprint[:12]}…, "
-                         f"not on {data_dir} ({info.fingerprint[:12]}…); train it on this data with `unidd-ray squeeze`")
+    info, teacher = check_stats(data_dir, teacher_dir, out_dir, cfg)
     result = compute_stats(teacher_dir, data_dir, cfg, num_workers=num_workers, progress=progress,
                            on_result=on_result)
     out_dir = Path(out_dir)
@@ -321,7 +326,7 @@ def run_stats(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path
         "layers": {name: covariance_report(m) for name, m in result.moments.items()},
         "config": to_dict(cfg),
     }
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, "stats") as staging:
         write_stats(staging, result.moments, teacher_sha256=teacher.sha256, dataset_fingerprint=info.fingerprint,
                     extra={"plan": result.plan.describe()})
         atomic_write_json(staging / "summary.json", summary)
