@@ -15,7 +15,9 @@ PYTEST_ARGS ?=
 demo: install
 	$(BIN)/unidd-ray pipeline
 
+# lint-imports checks the package's layers (the contracts in pyproject.toml) before the tests run
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install

@@ -21,7 +21,8 @@ import argparse
 import torch
 
 import unidd_ray  # noqa: F401
-from unidd_ray.evaluation import EvalSettings, TeacherLabels, train_student
+from unidd_ray.config import EvaluateConfig
+from unidd_ray.core.evaluation import TeacherLabels, train_student
 from unidd_ray.models import build_model, memory_format
 
 from _common import timeit, write_result
@@ -48,7 +49,7 @@ def main():
     for layout in ("nchw", "nhwc"):
         channels_last = layout == "nhwc"
         teacher.to(memory_format=memory_format(channels_last))
-        settings = EvalSettings(epochs=args.epochs, temperature=4.0, channels_last=channels_last)
+        settings = EvaluateConfig(epochs=args.epochs, temperature=4.0, channels_last=channels_last)
         memo = TeacherLabels(teacher, memo_bytes=1 << 30)
         train_student(model(), images, labels, settings, seed=0, soft_labels=memo, num_classes=10)  # fills it
         fresh = timeit(lambda: train_student(model(), images, labels, settings, seed=1,

@@ -33,10 +33,13 @@ import torch.nn.functional as F
 import yaml
 
 import unidd_ray  # noqa: F401
-from unidd_ray.distill import ALPHA_SCALES, Reducer, apply_augment, sample_augment
+from unidd_ray.config import RecoverConfig, from_dict
+from unidd_ray.core.plan import RecoverPlan
+from unidd_ray.core.recovery import Reducer, apply_augment, build_distiller, sample_augment
+from unidd_ray.data.loading import load_real_images
+from unidd_ray.methods import ALPHA_SCALES
 from unidd_ray.models import tapped
 from unidd_ray.spectral import EMU
-from unidd_ray.stages.recover import RecoverPlan, _build_distiller, load_real_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import stage_dir, write_result
@@ -71,7 +74,7 @@ def gradient_norms(distiller, images: torch.Tensor, labels: torch.Tensor, slot: 
     ce = F.cross_entropy(logits, labels)
     (g_ce,) = torch.autograd.grad(ce, x, retain_graph=True)
     probs = torch.softmax(logits, 1) if s.signal == "soft" else None
-    f_total, s_total, _ = distiller._spectral(captured, labels, probs, distiller.slot_filter(slot, ipc), emu,
+    f_total, s_total, _ = distiller.matching_terms(captured, labels, probs, distiller.slot_filter(slot, ipc), emu,
                                               Reducer())
     alpha = distiller.matching_weight(emu)
     (g_match,) = torch.autograd.grad(alpha * (f_total + s_total), x)
@@ -96,9 +99,8 @@ def main() -> None:
         recover["alpha_scale"] = args.alpha_scale
     teacher = args.teacher or stage_dir(args.run, "teacher")
     stats = args.stats or stage_dir(args.run, "stats")
-    config = {"recover": recover, "data_dir": str(stage_dir(args.run, "data")), "teacher_dir": str(teacher),
-              "stats_dir": str(stats)}
-    _, _, distiller = _build_distiller(config, "cpu")
+    data_dir = str(stage_dir(args.run, "data"))
+    _, distiller = build_distiller(from_dict(RecoverConfig, recover, "recover"), data_dir, teacher, stats, "cpu")
     plan = RecoverPlan(**json.loads((args.recovery / "plan.json").read_text()))
     if plan.workers != 1 or len(plan.chunks[0]) != 1:
         raise SystemExit("the script follows one-worker recoveries with one batch per slot")
@@ -109,7 +111,7 @@ def main() -> None:
     labels = torch.tensor(classes)
     rows = []
     for slot in slots:
-        images = load_real_images(config["data_dir"], [plan.init_index[k][slot] for k in classes])
+        images = load_real_images(data_dir, [plan.init_index[k][slot] for k in classes])
         images = images.contiguous(memory_format=distiller.layout)
         emu = emu_after(distiller, final, slot)
         generator = torch.Generator().manual_seed(slot)

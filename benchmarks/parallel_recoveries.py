@@ -42,22 +42,21 @@ def child(args) -> None:
     import torch
 
     import unidd_ray  # noqa: F401
-    from unidd_ray.config import load_recipe, section_from, to_dict
-    from unidd_ray.data.loading import read_labels
+    from unidd_ray.artifacts.dataset import read_labels
+    from unidd_ray.config import load_recipe, section_from
+    from unidd_ray.core.plan import make_plan
+    from unidd_ray.core.recovery import InitImages, build_distiller, image_bytes, run_round
     from unidd_ray.spectral import EMU
-    from unidd_ray.stages.recover import InitImages, _build_distiller, _image_bytes, make_plan, run_round
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     data, teacher, stats = (str(stage_dir(run, p)) for p in ("data", "teacher", "stats"))
     recipe = load_recipe(args.recipe)
     cfg = section_from(recipe, "recover", {"method": args.method, "iterations": args.iterations, "ipc": args.slots})
-    config = {"recover": to_dict(cfg), "data_dir": data, "teacher_dir": teacher,
-              "stats_dir": None if args.method == "sre2l" else stats}
-    cfg, info, distiller = _build_distiller(config, "cpu")
+    info, distiller = build_distiller(cfg, data, teacher, None if args.method == "sre2l" else stats, "cpu")
     plan = make_plan(read_labels(data, "train"), info.num_classes, cfg)
     emu = EMU(distiller.emu_layers(), enabled=cfg.emu, device="cpu") if distiller.layers else None
-    init = InitImages(data, plan, 0, image_bytes=_image_bytes(distiller))
+    init = InitImages(data, plan, 0, image_bytes=image_bytes(distiller))
     seconds = []
     for r in range(plan.rounds):
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Recovery cost: seconds per iteration and peak memory of CE-only, SRe2L and CFM; 1 vs 2 Ray workers.
 
-Part 1 (SPEC §3): one :class:`~unidd_ray.distill.Distiller` iteration (augment, teacher forward,
+Part 1 (SPEC §3): one :class:`~unidd_ray.core.recovery.Distiller` iteration (augment, teacher forward,
 loss, backward, Adam step, clamp) on a batch of 100 synthetic 3-channel 32 px images, for
 
 - ``ce``    cross-entropy only,
@@ -95,7 +95,8 @@ def child(model_key: str, method: str, layout: str, *, images: int, warmup: int,
     import torch
 
     import unidd_ray  # noqa: F401
-    from unidd_ray.distill import Distiller, RecoverSettings
+    from unidd_ray.config import RecoverConfig
+    from unidd_ray.core.recovery import Distiller
     from unidd_ray.spectral import EMU, Moments
 
     torch.set_num_threads(threads)
@@ -105,7 +106,7 @@ def child(model_key: str, method: str, layout: str, *, images: int, warmup: int,
     if method == "cfm":
         real = {name: Moments.from_state_dict(state)
                 for name, state in torch.load(stats, weights_only=True).items()}
-    settings = RecoverSettings(method=method, iterations=warmup + repeats + 1, lr=0.25, beta_max=0.1,
+    settings = RecoverConfig(method=method, iterations=warmup + repeats + 1, lr=0.25, beta_max=0.1,
                                max_roll=4, channels_last=layout == "nhwc")
     mean = torch.zeros(3)
     std = torch.ones(3)
@@ -216,11 +217,11 @@ def part2(args) -> dict:
 
     import unidd_ray  # noqa: F401
     from unidd_ray.config import RecoverConfig, StatsConfig
-    from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.ray_utils import init_ray
+    from unidd_ray.artifacts.dataset import read_dataset_info
+    from unidd_ray.runtime.cluster import init_ray
     from unidd_ray.stages.recover import run_recover
     from unidd_ray.stages.stats import run_stats
-    from unidd_ray.teacher import TeacherInfo, save_teacher
+    from unidd_ray.artifacts.teacher import TeacherInfo, save_teacher
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     root = Path(tempfile.mkdtemp(prefix="bench-recover-"))

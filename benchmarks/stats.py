@@ -50,10 +50,10 @@ TARGET_SPEEDUP = 1.6
 
 def prepare(work: Path, width: int, depth: int) -> tuple[Path, Path]:
     """The prepared Fashion-MNIST and a randomly initialised ConvNet teacher (cached under ``work``)."""
-    from unidd_ray.data.dataset_info import read_dataset_info
+    from unidd_ray.artifacts.dataset import read_dataset_info
     from unidd_ray.data.prepare import prepare_dataset
     from unidd_ray.data.sources import load_source
-    from unidd_ray.teacher import TeacherInfo, save_teacher
+    from unidd_ray.artifacts.teacher import TeacherInfo, save_teacher
 
     data = work / "fashion-mnist"
     if not (data / "dataset.json").is_file():
@@ -104,7 +104,7 @@ def pool_steady(ray, data: Path, teacher: Path, cfg: StatsConfig, plan, actors: 
 def bench_pool(data: Path, teacher: Path, args) -> tuple[dict, dict]:
     import ray
 
-    from unidd_ray.ray_utils import init_ray
+    from unidd_ray.runtime.cluster import init_ray
     from unidd_ray.stages.stats import compute_stats, make_plan
 
     init_ray(num_cpus=max(args.actors))
@@ -135,7 +135,7 @@ def bench_pool(data: Path, teacher: Path, args) -> tuple[dict, dict]:
 def bench_taps(data: Path, teacher: Path, args) -> dict:
     from unidd_ray.data.loading import make_loader
     from unidd_ray.models import layer_channels, resolve_layers, tapped
-    from unidd_ray.teacher import load_teacher
+    from unidd_ray.artifacts.teacher import load_teacher
 
     images, labels, _ = next(iter(make_loader(str(data), "train", batch_size=args.batch_size, num_workers=1)))
     torch.set_num_threads(1)  # after the loader, which changes it
@@ -224,14 +224,14 @@ def main():
     taps = bench_taps(data, teacher, args)
     torch.set_num_threads(threads)
     if args.skip_pool:
-        from unidd_ray.stages.stats import StatsWorker, _fold, make_plan
+        from unidd_ray.stages.stats import StatsWorker, fold, make_plan
 
         plan = make_plan(args.images, StatsConfig(batch_size=args.batch_size, block_size=args.block_size))
         worker = StatsWorker(str(teacher), str(data), None, args.batch_size, args.block_size, threads=1)
         out = worker.compute([(b, *plan.blocks[b]) for b in range(len(plan.blocks))])
         total = None
         for b in sorted(out):
-            total = _fold(total, out[b])
+            total = fold(total, out[b])
         pool, moments = {}, {1: total}
     else:
         pool, moments = bench_pool(data, teacher, args)

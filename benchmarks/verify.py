@@ -3,7 +3,7 @@
 Writes a file of random bytes (``--gb``, default 1), then times, page cache warm:
 
 - ``record``: what ``prepare`` adds to record the file (one pass: the whole file's sha256 and that of
-  every 64 MiB piece, ``unidd_ray.data.dataset_info.file_record``);
+  every 64 MiB piece, ``unidd_ray.artifacts.dataset.file_record``);
 - ``verify``: ``verify_file`` (the pieces hashed in parallel threads) on 1 thread and on every core.
 
 Each is the median of ``--repeats`` runs; the check's memo of files already verified in the process is
@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 import unidd_ray  # noqa: F401
-from unidd_ray.data import dataset_info
-from unidd_ray.data.dataset_info import file_record, verify_file
+from unidd_ray.artifacts import dataset as dataset_info
+from unidd_ray.artifacts.dataset import file_record, verify_file
 
 from _common import timeit, write_result
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
+from support.training import TrainingStarted
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# the test folders mirror the package; pytest imports each test module by its (unique) file name from its folder
+FOLDERS = sorted(str(p) for p in HERE.iterdir() if p.is_dir() and any(p.glob("test_*.py")))
 
 # Tests run Ray without token authentication (the job-submission test turns it on for its own cluster),
-# and Ray workers must be able to import helpers defined in this folder.
+# and Ray workers must be able to import the helpers (tests/support) and the test modules that define their code.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *FOLDERS, str(ROOT),
+                                            os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(HERE))
@@ -26,7 +30,7 @@ def ray_session():
     """An embedded local Ray with 4 logical CPUs, started once per test session."""
     import ray
 
-    from unidd_ray.ray_utils import init_ray
+    from unidd_ray.runtime.cluster import init_ray
 
     init_ray(num_cpus=4)
     yield ray
@@ -36,35 +40,22 @@ def ray_session():
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fails the test if a command starts or joins Ray (the CLI's start, the pipeline's, any other)."""
-    from unidd_ray import cli, pipeline, ray_utils
+    from unidd_ray import cli, pipeline
+    from unidd_ray.runtime import cluster
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    for module in (cli, pipeline, ray_utils):
-        monkeypatch.setattr(module, "init_ray" if module is not cli else "_ray", refuse)
+    monkeypatch.setattr(cli, "start_ray", refuse)
+    monkeypatch.setattr(pipeline, "init_ray", refuse)
+    monkeypatch.setattr(cluster, "init_ray", refuse)
 
 
 @pytest.fixture
-def no_training(monkeypatch):
-    """Ray Train stand-in for checks that come before any training: a stage gets as far as starting its
-    workers, where ``fit`` makes the run directory (as Ray Train does for its checkpoints) and raises the
-    exception class this fixture returns; its ``configs`` lists the ``train_loop_config`` of every start."""
-    import ray.train.torch
-
-    class TrainingStarted(Exception):
-        configs: ClassVar[list] = []
-
-    class Trainer:
-        def __init__(self, *args, run_config, train_loop_config=None, **kwargs):
-            self.run_dir = Path(run_config.storage_path) / run_config.name
-            TrainingStarted.configs.append(train_loop_config)
-
-        def fit(self):
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            raise TrainingStarted("training would start here")
-
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+def no_training():
+    """For checks that come before any training: the exception a stage given ``trainer_class=StubTrainer``
+    raises where its workers would start (``no_training.configs`` lists what each start was given)."""
+    TrainingStarted.configs.clear()
     return TrainingStarted
 
 
@@ -85,9 +76,9 @@ def digits_teacher(digits_data, tmp_path_factory) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from unidd_ray.data.dataset_info import read_dataset_info
+    from unidd_ray.artifacts.dataset import read_dataset_info
     from unidd_ray.data.loading import make_loader
-    from unidd_ray.teacher import TeacherInfo, save_teacher
+    from unidd_ray.artifacts.teacher import TeacherInfo, save_teacher
 
     info = read_dataset_info(digits_data)
     tinfo = TeacherInfo(arch="convnet", options={"width": 32, "depth": 2, "norm": "batch"},

@@ -13,12 +13,4 @@ _torchvision_fix.apply()
 
 __version__ = "0.1.0"
 
-
-def load_stats(path, **expect):
-    """Load a statistics artifact as ``{layer_name: Moments}`` (see :mod:`unidd_ray.artifacts`)."""
-    from unidd_ray.stats_io import load_stats as _load
-
-    return _load(path, **expect)
-
-
-__all__ = ["__version__", "load_stats"]
+__all__ = ["__version__"]

@@ -1,4 +1,5 @@
-"""The ``unidd-ray`` command: prepare | squeeze | stats | recover | evaluate | relabel | pipeline | tune | report.
+"""The ``unidd-ray`` command: prepare | squeeze | stats | recover | evaluate | relabel | pipeline | tune | report |
+results | spectra.
 
 Every stage command takes ``--recipe NAME`` (built-in) or ``--config FILE``
 plus repeatable ``--set section.key=value`` overrides; explicit flags such as
@@ -23,8 +24,14 @@ import sys
 import traceback
 from pathlib import Path
 
+from unidd_ray.artifacts.files import check_output, stage_storage
+from unidd_ray.artifacts.locks import LockHeld
 from unidd_ray.config import ConfigError, Recipe, available_recipes, load_recipe, recipe_to_yaml
-from unidd_ray.locks import LockHeld
+from unidd_ray.methods import METHODS
+from unidd_ray.runtime import console
+
+# Each command imports what it runs when it runs (below, in the command's function): a refused flag, `--help`
+# and the light commands answer without loading Ray Train, FFCV and the stage programs.
 
 
 def _recipe(args, extra: list[str] | None = None, *, first: list[str] | None = None) -> Recipe:
@@ -49,15 +56,17 @@ def _add_wait_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _storage(args, recipe: Recipe, out: Path) -> Path:
-    from unidd_ray.artifacts import stage_storage
-
     return stage_storage(out, getattr(args, "storage_path", None) or recipe.storage_path)
 
 
-def _ray(recipe: Recipe) -> None:
-    from unidd_ray.ray_utils import init_ray
+def start_ray(args, recipe: Recipe, storage: Path) -> None:
+    """Start or join Ray for a stage command; Ray's own output goes to ``ray.log`` beside the stage's checkpoints
+    (``storage``) unless ``-v``.  (Tests replace it to run a command's checks without Ray.)"""
+    from unidd_ray.runtime.cluster import init_ray  # (see the note on imports at the top)
 
-    init_ray(recipe.ray_address)
+    init_ray(recipe.ray_address, log_file=None if args.verbose else storage / "ray.log")
+    if console.log_file() is not None:
+        console.say(f"Ray's own output -> {console.log_file()}")
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -73,7 +82,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_prepare(args) -> int:
-    from unidd_ray.data.prepare import check_target, prepare_dataset
+    from unidd_ray.data.prepare import check_target, prepare_dataset  # lazy: see the note at the top
     from unidd_ray.data.sources import load_source
 
     options = {}
@@ -89,29 +98,30 @@ def cmd_prepare(args) -> int:
     info = prepare_dataset(source, args.out, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
                            num_workers=args.workers, wait=args.wait)
     rows = [{"split": s, "images": info.splits[s]["count"]} for s in ("train", "val")]
-    print(_table(rows, ["split", "images"]))
-    print(f"{info.name}: {info.num_classes} classes, {info.resolution} px, {info.channels} channel(s) -> {args.out}")
+    console.show(_table(rows, ["split", "images"]))
+    console.say(f"{info.name}: {info.num_classes} classes, {info.resolution} px, {info.channels} channel(s) -> "
+                f"{args.out}")
     return 0
 
 
 def cmd_squeeze(args) -> int:
-    from unidd_ray.stages.squeeze import check_squeeze, squeeze
+    from unidd_ray.stages.squeeze import check_squeeze, squeeze  # lazy: see the note at the top
 
     recipe = _recipe(args)
     out = Path(args.out)
     check_squeeze(args.data, out, squeeze_cfg=recipe.squeeze, model_cfg=recipe.teacher, data_cfg=recipe.data)
-    _ray(recipe)
+    start_ray(args, recipe, _storage(args, recipe, out))
     squeeze(args.data, out, squeeze_cfg=recipe.squeeze, model_cfg=recipe.teacher, data_cfg=recipe.data,
             storage_path=_storage(args, recipe, out), resume=args.resume, recipe_yaml=recipe_to_yaml(recipe),
             wait=args.wait)
     info = json.loads((out / "teacher.json").read_text())
-    print(_table([{"arch": info["arch"], "dataset": info["dataset"], "val_top1": info["val_top1"],
+    console.show(_table([{"arch": info["arch"], "dataset": info["dataset"], "val_top1": info["val_top1"],
                    "sha256": info["sha256"][:12]}], ["arch", "dataset", "val_top1", "sha256"]))
     return 0
 
 
 def cmd_stats(args) -> int:
-    from unidd_ray.stats_io import covariance_report, load_stats
+    from unidd_ray.artifacts.statistics import covariance_report, load_stats  # lazy: see the note at the top
 
     extra = []
     if args.actors is not None:
@@ -120,7 +130,7 @@ def cmd_stats(args) -> int:
         extra.append(f"stats.batch_size={args.batch_size}")
     recipe = _recipe(args, extra)
     if args.inspect:
-        from unidd_ray.spectral import beta_schedule
+        from unidd_ray.spectral import beta_schedule  # lazy: see the note at the top
 
         r = recipe.recover_for(recipe.recover.ipc)
         betas = beta_schedule(r.schedule, r.beta_max, r.ipc, beta_min=r.beta_min)
@@ -133,28 +143,27 @@ def cmd_stats(args) -> int:
                          "eig_min": t["eig_min"], "eig_max": t["eig_max"], "wc_eig_min": w["eig_min"],
                          "wc_eig_max": w["eig_max"], f"cond(b={betas[0]:.3g})": t["condition"][f"{betas[0]:.6g}"],
                          f"cond(b={betas[-1]:.3g})": t["condition"][f"{betas[-1]:.6g}"]})
-        print(_table(rows, list(rows[0])))
+        console.show(_table(rows, list(rows[0])))
         return 0
     if not (args.data and args.teacher and args.out):
         raise ConfigError("stats needs --data, --teacher and --out (or --inspect DIR)")
-    from unidd_ray.stages.stats import check_stats, run_stats
+    from unidd_ray.stages.stats import check_stats, run_stats  # lazy: see the note at the top
 
     check_stats(args.data, args.teacher, args.out, recipe.stats)
-    _ray(recipe)
+    start_ray(args, recipe, _storage(args, recipe, Path(args.out)))
     out = run_stats(args.data, args.teacher, args.out, recipe.stats, num_workers=recipe.data.num_workers,
                     recipe_yaml=recipe_to_yaml(recipe), wait=args.wait)
     summary = json.loads((Path(out) / "summary.json").read_text())
-    print(_table([{"layer": k, "C": v["channels"], "trace": v["total"]["trace"], "eig_min": v["total"]["eig_min"],
+    console.show(_table([{"layer": k, "C": v["channels"], "trace": v["total"]["trace"], "eig_min": v["total"]["eig_min"],
                    "eig_max": v["total"]["eig_max"]} for k, v in summary["layers"].items()],
                  ["layer", "C", "trace", "eig_min", "eig_max"]))
-    print(f"{summary['images']} images in {summary['seconds']:.1f}s ({summary['images_per_s']:.0f} img/s) "
-          f"with {summary['actors']} actors -> {out}")
+    console.say(f"{summary['images']} images in {summary['seconds']:.1f}s ({summary['images_per_s']:.0f} img/s) "
+                f"with {summary['actors']} actors -> {out}")
     return 0
 
 
 def cmd_recover(args) -> int:
-    from unidd_ray.artifacts import check_output
-    from unidd_ray.stages.recover import check_staging, run_recover, validate_inputs
+    from unidd_ray.stages.recover import check_staging, run_recover, validate_inputs  # lazy: see the note at the top
 
     extra = [f"recover.{k}={v}" for k, v in (("ipc", args.ipc), ("method", args.method), ("workers", args.workers))
              if v is not None]
@@ -164,15 +173,15 @@ def cmd_recover(args) -> int:
     check_output(out, "distilled")
     check_staging(out.parent / f"{out.name}.partial")
     checked = validate_inputs(args.data, args.teacher, args.stats, cfg)
-    _ray(recipe)
+    start_ray(args, recipe, _storage(args, recipe, out))
     run_recover(args.data, args.teacher, args.stats, out, cfg, storage_path=_storage(args, recipe, out),
                 resume=args.resume, num_workers=recipe.data.num_workers, checked=checked,
                 recipe_yaml=recipe_to_yaml(dataclasses.replace(recipe, recover=cfg)), wait=args.wait)
     summary = json.loads((out / "summary.json").read_text())
     rows = [{"slot": b, **v} for b, v in summary["per_slot"].items()]
-    print(_table(rows, list(rows[0])))
-    print(f"{summary['images']} images ({summary['method']}, IPC {summary['ipc']}) in {summary['seconds']:.1f}s "
-          f"-> {out}")
+    console.show(_table(rows, list(rows[0])))
+    console.say(f"{summary['images']} images ({summary['method']}, IPC {summary['ipc']}) in {summary['seconds']:.1f}s "
+                f"-> {out}")
     return 0
 
 
@@ -193,18 +202,18 @@ def evaluate_recipe(args) -> Recipe:
 
 
 def cmd_evaluate(args) -> int:
-    from unidd_ray.stages.evaluate import EvalJob, check_evaluations, run_evaluate
+    from unidd_ray.stages.evaluate import EvalJob, check_evaluations, run_evaluate  # lazy: see the note at the top
 
     recipe = evaluate_recipe(args)
     out = Path(args.out or Path(args.distilled) / "eval")
     # the settings, the data, the teacher, the distilled set and the student, before Ray starts
     check_evaluations([EvalJob(args.distilled, out, recipe.evaluate, soft_labels=args.soft_labels)], args.teacher,
                       args.data)
-    _ray(recipe)
+    start_ray(args, recipe, _storage(args, recipe, out))
     summary = run_evaluate(args.distilled, args.teacher, args.data, out, recipe.evaluate,
                            storage_path=_storage(args, recipe, out), soft_labels=args.soft_labels,
                            num_workers=recipe.data.num_workers, recipe_yaml=recipe_to_yaml(recipe), wait=args.wait)
-    print(_table([{"method": summary["method"], "ipc": summary["ipc"], "student": summary["student"],
+    console.show(_table([{"method": summary["method"], "ipc": summary["ipc"], "student": summary["student"],
                    "labels": summary["labels"], "top1_mean": summary["top1_mean"], "top1_std": summary["top1_std"],
                    "seeds": len(summary["seeds"])}],
                  ["method", "ipc", "student", "labels", "top1_mean", "top1_std", "seeds"]))
@@ -212,46 +221,56 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_relabel(args) -> int:
-    from unidd_ray.stages.relabel import relabel
+    from unidd_ray.stages.relabel import relabel  # lazy: see the note at the top
 
     recipe = _recipe(args)
     out = relabel(args.distilled, args.teacher, args.out, recipe.evaluate, recipe_yaml=recipe_to_yaml(recipe),
                   wait=args.wait)
-    print(f"soft labels for {recipe.evaluate.epochs} epochs -> {out}")
+    console.say(f"soft labels for {recipe.evaluate.epochs} epochs -> {out}")
     return 0
 
 
 def cmd_pipeline(args) -> int:
-    from unidd_ray.artifacts import check_output
-    from unidd_ray.pipeline import run_pipeline
+    from unidd_ray.pipeline import run_pipeline  # lazy: see the note at the top
 
     recipe = _recipe(args)
     check_output(recipe.run_dir, "run", option="out (--set out=DIR)")
-    run_pipeline(recipe, wait=args.wait)  # starts Ray once the checks that need only the data have passed
+    # Ray starts once the checks that need only the data have passed
+    run_pipeline(recipe, wait=args.wait, ray_log=not args.verbose, command=_command())
     return 0
 
 
 def cmd_tune(args) -> int:
-    from unidd_ray.tune import check_sweep, load_space, run_tune
+    from unidd_ray.tune import check_sweep, load_space, run_tune  # lazy: see the note at the top
 
     recipe = _recipe(args)
     check_sweep(args.samples, args.concurrent)
     load_space(args.space)
     run_tune(recipe, args.space, samples=args.samples, concurrent=args.concurrent, resume=args.resume,
-             out=args.out, wait=args.wait)
+             out=args.out, wait=args.wait, ray_log=not args.verbose)
     return 0
 
 
 def cmd_report(args) -> int:
-    from unidd_ray.analysis.report import write_report
+    from unidd_ray.analysis.report import write_report  # lazy: see the note at the top
 
     path = write_report(args.run)
-    print(f"report -> {path}")
+    console.say(f"report -> {path}")
+    return 0
+
+
+def cmd_results(args) -> int:
+    from unidd_ray.analysis.results_page import results_page, write_results_page  # lazy: see the note at the top
+
+    if args.out is None:
+        console.show(results_page(args.runs))
+    else:
+        console.say(f"results -> {write_results_page(args.runs, args.out)}")
     return 0
 
 
 def cmd_spectra(args) -> int:
-    from unidd_ray.demo import spectral_demo
+    from unidd_ray.analysis.spectra import spectral_demo  # lazy: see the note at the top
 
     if args.images < 2:
         raise ConfigError(f"--images must be at least 2 (a covariance needs two images), got {args.images}")
@@ -310,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--ipc", type=int, default=None)
-    p.add_argument("--method", default=None)
+    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--storage-path", default=None)
@@ -344,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                 writes=False)
     p.add_argument("--run", required=True)
 
+    p = command("results", "the results page (docs/RESULTS.md) from pipeline runs' results.json", cmd_results,
+                recipe=False, writes=False)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="pipeline run directories, in the page's order")
+    p.add_argument("--out", default=None, help="the page to write (default: print it)")
+
     p = command("spectra", "spectral demo: covariance spectra and CFM filter responses", cmd_spectra, recipe=False,
                 writes=False)
     p.add_argument("--images", type=int, default=64)
@@ -374,18 +398,25 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _command() -> str:
+    """The command line of this run, as a user would type it."""
+    return " ".join(["unidd-ray", *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = f"unidd-ray {args.command}"
     try:
         return args.fn(args)
     except KeyboardInterrupt:
+        console.restore()  # Ray's output went to its log file: what follows is for the terminal
         if args.verbose:
             traceback.print_exc()
-        print(f"{name}: interrupted; finished work is kept: run the same command again to continue"
-              + (" (with --resume)" if args.command in ("squeeze", "recover") else ""), file=sys.stderr)
+        console.warn(f"{name}: interrupted; finished work is kept: run the same command again to continue"
+                     + (" (with --resume)" if args.command in ("squeeze", "recover") else ""))
         return 130
     except Exception as exc:  # noqa: BLE001 - sorted into the user's mistakes and bugs below
+        console.restore()
         if _no_space(exc):
             where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
             message = (f"no space left on the device{where}: free some space or choose another output; finished "
@@ -396,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: the traceback is what helps
         if args.verbose:
             traceback.print_exc()
-        print(f"{name}: error: {message}", file=sys.stderr)
+        console.warn(f"{name}: error: {message}")
         return 2
+    finally:
+        console.restore()
 
 
 if __name__ == "__main__":

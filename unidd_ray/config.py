@@ -1,4 +1,4 @@
-"""Typed configuration: one dataclass per stage, one YAML file per recipe.
+"""Typed configuration: one frozen dataclass per stage, one YAML file per recipe.
 
 A recipe (``unidd_ray/recipes/<name>.yaml`` or any YAML file) fills a
 :class:`Recipe`; ``--set section.key=value`` overrides single keys (values are
@@ -45,7 +45,7 @@ class InvalidSetting(ConfigError):
         return InvalidSetting(section, self.key, self.text)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fashion-mnist"  # a source of unidd_ray.data.sources
     root: str | None = None  # where the source files are (None: the source's default)
@@ -61,7 +61,7 @@ class DataConfig:
         check_data(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "convnet"
     options: dict = field(default_factory=dict)  # width, depth, norm, stem, ...
@@ -73,7 +73,7 @@ class ModelConfig:
         check_model(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SqueezeConfig:
     epochs: int = 10
     batch_size: int = 256
@@ -97,7 +97,7 @@ class SqueezeConfig:
         check_squeeze(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StatsConfig:
     actors: int = 2
     cpus_per_actor: float = 1
@@ -114,7 +114,7 @@ class StatsConfig:
         check_stats(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecoverConfig:
     method: str = "cfm"  # cfm | krr | dc | dm | mtt | sre2l | ce
     ipc: int = 10
@@ -150,7 +150,6 @@ class RecoverConfig:
     # part of the stage key
     channels_last: bool = True
     max_failures: int = 2
-    fail_at_batch: int | None = None  # fault injection: fail once after this many finished batches
 
     SECTION: ClassVar[str] = "recover"
 
@@ -158,7 +157,7 @@ class RecoverConfig:
         check_recover(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig:
     student: str = "convnet"
     student_options: dict = field(default_factory=dict)
@@ -191,7 +190,7 @@ class EvaluateConfig:
         check_evaluate(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
     name: str = "fashion-mnist"
     out: str | None = None  # run directory (None: runs/<name>)
@@ -221,7 +220,7 @@ class Recipe:
             if repeated:
                 raise ConfigError(f"{name} lists {repeated} more than once; give each entry once, "
                                   f"e.g. {name}={list(dict.fromkeys(values))}")
-        self.recover_by_ipc = _checked_recover_by_ipc(self.recover_by_ipc, self.recover)
+        object.__setattr__(self, "recover_by_ipc", _checked_recover_by_ipc(self.recover_by_ipc, self.recover))
         for ipc in self.ipcs:  # each set's own settings: a method's rules hold for every IPC's entry
             for method in self.methods:
                 if method not in BASELINES:
@@ -384,7 +383,6 @@ def check_recover(cfg: "RecoverConfig") -> None:
     _integer(section, "max_roll", cfg.max_roll, 0, optional=True)
     _integer(section, "seed", cfg.seed, 0)
     _integer(section, "max_failures", cfg.max_failures, 0)
-    _integer(section, "fail_at_batch", cfg.fail_at_batch, 1, optional=True)
     try:
         method_filter(cfg)  # the method's own checks of the filter settings it reads (a schedule's beta_min...)
     except ValueError as exc:  # the only setting a filter refuses that is not checked above: beta_min's range

@@ -38,9 +38,22 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from unidd_ray.artifacts.dataset import read_labels
+from unidd_ray.artifacts.files import atomic_write_json, atomic_write_text, check_output
+from unidd_ray.artifacts.locks import output_lock
+from unidd_ray.artifacts.teacher import read_teacher_info
 from unidd_ray.config import ConfigError, Recipe, apply_overrides, from_dict, to_dict
+from unidd_ray.core.evaluation import evaluate_in_process
+from unidd_ray.core.plan import make_plan
+from unidd_ray.core.recovery import build_distiller, recover_in_process
+from unidd_ray.methods import BASELINES, get_method
+from unidd_ray.pipeline import check_run_format, shared_stages
+from unidd_ray.runtime import console
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
 METRICS = ("top1",)  # what every trial reports, per seed; ASHA and the ranking use its mean over the seeds
@@ -228,8 +241,6 @@ def reports_per_trial(trial: TrialSettings) -> int:
 
 def to_tune_domain(spec):
     """A YAML domain as a Ray Tune search domain (recursively, for conditional branches)."""
-    from ray import tune
-
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DOMAINS:
         kind, args = next(iter(spec.items()))
         if kind == "uniform":
@@ -280,8 +291,6 @@ def tuned_recipe(recipe: Recipe, overrides: dict) -> dict:
     data = apply_overrides(to_dict(recipe), _override_texts(overrides))
     data["name"] = f"{recipe.name}-tuned"
     data["out"] = None
-    from unidd_ray.methods import BASELINES
-
     data["methods"] = [m for m in recipe.methods if m in BASELINES] + [data["recover"]["method"]]
     from_dict(Recipe, data)  # the written file must load
     return data
@@ -295,28 +304,16 @@ def _trial_classes(trial: TrialSettings, num_classes: int) -> list[int]:
     return sorted(trial.classes)
 
 
-def _run_trial(config: dict, *, recipe: dict, base: dict, trial: dict, data_dir: str, teacher_dir: str,
+def run_trial(config: dict, *, recipe: Recipe, base: dict, trial: TrialSettings, data_dir: str, teacher_dir: str,
                stats_dir: str | None) -> None:
-    import torch
-    from ray import tune
-
-    import unidd_ray  # noqa: F401
-    from unidd_ray.data.loading import read_labels
-    from unidd_ray.methods import get_method
-    from unidd_ray.stages.evaluate import evaluate_in_process
-    from unidd_ray.stages.recover import _build_distiller, make_plan, recover_in_process
-    from unidd_ray.teacher import read_teacher_info
-
-    trial_cfg = from_dict(TrialSettings, trial)
-    torch.set_num_threads(max(1, math.floor(trial_cfg.cpus)))
-    device = "cuda" if trial_cfg.gpus > 0 and torch.cuda.is_available() else "cpu"
-    r = trial_recipe(from_dict(Recipe, recipe), {**base, **flatten_sample(config)}, trial_cfg)
+    """One trial: a (reduced) recovery in this process and a short evaluation, reporting val top-1 to Tune."""
+    torch.set_num_threads(max(1, math.floor(trial.cpus)))
+    device = "cuda" if trial.gpus > 0 and torch.cuda.is_available() else "cpu"
+    r = trial_recipe(recipe, {**base, **flatten_sample(config)}, trial)
     tinfo = read_teacher_info(teacher_dir)
-    _, info, distiller = _build_distiller({"recover": to_dict(r.recover), "data_dir": data_dir,
-                                           "teacher_dir": teacher_dir,
-                                           "stats_dir": stats_dir if get_method(r.recover.method).spectral else None},
-                                          device)
-    classes = _trial_classes(trial_cfg, info.num_classes)
+    info, distiller = build_distiller(r.recover, data_dir, teacher_dir,
+                                      stats_dir if get_method(r.recover.method).spectral else None, device)
+    classes = _trial_classes(trial, info.num_classes)
     plan = make_plan(read_labels(data_dir, "train"), info.num_classes, r.recover, classes=classes)
     images, labels, _ = recover_in_process(distiller, plan, data_dir=data_dir, emu_enabled=r.recover.emu,
                                            num_workers=r.data.num_workers, device=device)
@@ -375,14 +372,10 @@ def rank_trials(results, space: SearchSpace, max_t: int) -> tuple[list[dict], li
 
 
 def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concurrent: int = 2,
-             resume: bool = False, out: str | Path | None = None, wait: bool = False) -> dict:
+             resume: bool = False, out: str | Path | None = None, wait: bool = False, ray_log: bool = True) -> dict:
     """Sweep ``space_file`` over ``recipe``: the shared stages in the recipe's run directory (holding its lock),
-    then the trials, writing the ranking and the best recipe to ``out`` (holding its lock)."""
-    from unidd_ray.artifacts import RUN_RECORD, atomic_write_json, check_output
-    from unidd_ray.config import recipe_to_yaml
-    from unidd_ray.locks import output_lock
-    from unidd_ray.pipeline import check_with_data, prepare_stage, stats_stage, teacher_stage
-    from unidd_ray.ray_utils import init_ray
+    then the trials, writing the ranking and the best recipe to ``out`` (holding its lock).  ``ray_log``: see
+    :func:`unidd_ray.pipeline.run_pipeline`."""
     space = load_space(space_file)
     check_sweep(samples, concurrent)
     trial_recipe(recipe, space.base, space.trial)  # its settings are checked before the shared stages
@@ -390,19 +383,12 @@ def run_tune(recipe: Recipe, space_file: str | Path, *, samples: int = 8, concur
     out = Path(out).resolve() if out else run / f"tune-{Path(space_file).stem}"
     check_output(run, "run", option="out (--set out=DIR)")
     check_output(out, "tune")
-    recipe_yaml = recipe_to_yaml(recipe)
-    with output_lock(run, wait=wait, notify=print):  # the shared stages: one writer per run directory
-        run.mkdir(parents=True, exist_ok=True)
-        if not (run / RUN_RECORD).is_file():
-            atomic_write_json(run / RUN_RECORD, {"stages": {}, "config": str(run / "config.yaml")})
-        data_dir, info = prepare_stage(recipe, run)
-        check_with_data(recipe, data_dir, info)
-        init_ray(recipe.ray_address)  # (a no-op when this process is connected already)
-        teacher_dir, tinfo = teacher_stage(recipe, run, data_dir, info, recipe_yaml)
-        stats_dir, _ = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
-    with output_lock(out, wait=wait, notify=print):
-        return _sweep(recipe, space, space_file, out, data_dir, teacher_dir, stats_dir, samples=samples,
-                      concurrent=concurrent, resume=resume)
+    with output_lock(run, wait=wait, notify=console.say):  # the shared stages: one writer per run directory
+        check_run_format(run)
+        inputs = shared_stages(recipe, run, stats=True, ray_log=ray_log)
+    with output_lock(out, wait=wait, notify=console.say):
+        return _sweep(recipe, space, space_file, out, inputs.data_dir, inputs.teacher_dir, inputs.stats_dir,
+                      samples=samples, concurrent=concurrent, resume=resume)
 
 
 def check_sweep(samples: int, concurrent: int) -> None:
@@ -415,15 +401,10 @@ def check_sweep(samples: int, concurrent: int) -> None:
 
 def _sweep(recipe: Recipe, space: SearchSpace, space_file, out: Path, data_dir: Path, teacher_dir: Path,
            stats_dir: Path, *, samples: int, concurrent: int, resume: bool) -> dict:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from unidd_ray.artifacts import atomic_write_json, atomic_write_text
-
     ranked = f"{space.metric}_mean"  # what ASHA and the ranking compare: the mean over the trial's seeds
     out.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, recipe=to_dict(recipe), base=space.base, trial=to_dict(space.trial),
+        tune.with_parameters(run_trial, recipe=recipe, base=space.base, trial=space.trial,
                              data_dir=str(data_dir.resolve()), teacher_dir=str(teacher_dir.resolve()),
                              stats_dir=str(stats_dir.resolve())),
         {"cpu": space.trial.cpus, "gpu": space.trial.gpus})
@@ -442,11 +423,11 @@ def _sweep(recipe: Recipe, space: SearchSpace, space_file, out: Path, data_dir: 
         storage = str((out / "ray").resolve())
     experiment = f"{storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(experiment):
-        print(f"[tune] resuming {experiment}", flush=True)
+        console.say(f"[tune] resuming {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
         if resume:
-            print(f"[tune] nothing to resume at {experiment}; starting a new sweep", flush=True)
+            console.say(f"[tune] nothing to resume at {experiment}; starting a new sweep")
         tuner = tune.Tuner(
             trainable, param_space={k: to_tune_domain(v) for k, v in space.space.items()},
             tune_config=tune.TuneConfig(metric=ranked, mode=space.mode, scheduler=scheduler,
@@ -478,6 +459,6 @@ def _sweep(recipe: Recipe, space: SearchSpace, space_file, out: Path, data_dir: 
         lines.append(f"| {i} | {r[space.metric]:.2f} | {per_seed} | {r['evaluations']} "
                      f"| {'yes' if r['stopped_early'] else 'no'} | {overrides} |")
     atomic_write_text(out / "ranking.md", "\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
-    print(f"best recipe -> {out / 'best_recipe.yaml'}", flush=True)
+    console.show("\n".join(lines))
+    console.say(f"best recipe -> {out / 'best_recipe.yaml'}")
     return ranking

@@ -21,9 +21,12 @@ images it decoded in a shared array (one row per sample), so no extra decoding p
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import multiprocessing
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +71,7 @@ class StoragePlan:
 
     def image_field(self):
         """The FFCV field of the ``image`` column (``label`` and ``index`` are integer fields)."""
-        from ffcv.fields import NDArrayField, RGBImageField
+        from ffcv.fields import NDArrayField, RGBImageField  # lazy: importing FFCV sets torch's thread count
 
         if self.storage == "raw":
             return NDArrayField(dtype=np.dtype("uint8"), shape=(self.side, self.side, self.channels))
@@ -236,3 +239,48 @@ class FileSamples:
     def moments(self) -> np.ndarray:
         """Pixel sums over every image decoded so far (call after the writer has finished)."""
         return np.frombuffer(self._sums, dtype=np.int64).reshape(-1, self._width).sum(axis=0)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence the tqdm bar of FFCV's writer when ``enabled`` is false.
+
+    tqdm reads its environment overrides once at import, so the writer module's ``tqdm`` name is
+    swapped for a disabled variant for the duration of the block.
+    """
+    import ffcv.writer  # lazy: importing FFCV sets torch's thread count (see unidd_ray.data.loading)
+
+    if enabled:
+        yield
+        return
+    original = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = original
+
+
+def write_beton(path: Path, rows, field, *, workers: int, progress: bool = True) -> None:
+    """Write ``rows`` (indexable ``(image, label, index)`` tuples) to ``path`` with FFCV's writer.
+
+    ``field`` is the FFCV field of the images; ``label`` and ``index`` are integer fields.
+    """
+    from ffcv.fields import IntField  # lazy: importing FFCV sets torch's thread count
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": field, "label": IntField(), "index": IntField()}
+    writer = DatasetWriter(str(path), fields, page_size=page_size_for(field),
+                           num_workers=max(1, min(workers, len(rows))))
+    with _progress_bars(progress):
+        writer.from_indexed_dataset(rows)
+
+
+def write_image_beton(path: Path, arrays: list[np.ndarray], labels: list[int]) -> None:
+    """A ``.beton`` of raw uint8 images (all of one shape): ``image``, ``label`` and ``index`` (the position in
+    ``arrays``), for FFCV loaders over a distilled set."""
+    from ffcv.fields import NDArrayField  # lazy: importing FFCV sets torch's thread count
+
+    field = NDArrayField(dtype=np.dtype("uint8"), shape=arrays[0].shape)
+    write_beton(path, [(a, int(k), i) for i, (a, k) in enumerate(zip(arrays, labels))], field, workers=1,
+                progress=False)

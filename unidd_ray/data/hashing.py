@@ -20,16 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-_CHUNK = 1 << 20
+from unidd_ray.artifacts.files import sha256_file
 
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of one file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Fingerprint:
@@ -44,13 +36,13 @@ class Fingerprint:
 
     def add_file(self, name: str, path: str | Path) -> None:
         """Hash a file under a stable ``name`` (its path relative to the source root)."""
-        self._part(f"file {name}", bytes.fromhex(file_sha256(path)))
+        self._part(f"file {name}", bytes.fromhex(sha256_file(path)))
 
     def add_files(self, names: Iterable[str], paths: Iterable[str | Path], *, threads: int | None = None) -> None:
         """Hash many files in parallel (hashlib releases the GIL); the order of ``names`` is kept."""
         names, paths = list(names), list(paths)
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-            digests = list(pool.map(file_sha256, paths, chunksize=64))
+            digests = list(pool.map(sha256_file, paths, chunksize=64))
         for name, digest in zip(names, digests):
             self._part(f"file {name}", bytes.fromhex(digest))
 

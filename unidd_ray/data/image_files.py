@@ -7,6 +7,8 @@ for a fraction of the cost of a full decode.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 import math
 from pathlib import Path
 
@@ -66,9 +68,6 @@ def decode_fixed_size(paths: list[Path], side: int, *, threads: int | None = Non
     :class:`~unidd_ray.data.source_types.SourceError` naming the first file that is corrupt,
     truncated or of another size.
     """
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     out = np.empty((len(paths), side, side, 3), dtype=np.uint8)
 
     def work(i: int) -> None:

@@ -1,4 +1,4 @@
-"""``make_loader``: the one factory of FFCV loaders for prepared datasets, and ``read_labels``.
+"""``make_loader``: the one factory of FFCV loaders for prepared datasets, and ``load_real_images``.
 
 Every loader yields ``(images, labels, index)``:
 
@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unidd_ray.artifacts.dataset import DatasetInfo, beton_path, read_dataset_info
 from unidd_ray.data import numba_noise
 from unidd_ray.data.augment import Normalize, RandomResizedCropFlip
 from unidd_ray.data.beton import FIELD_NAMES
-from unidd_ray.data.dataset_info import LABELS_FILE, DatasetInfo, beton_path, read_dataset_info
 
 ORDERS = ("sequential", "random", "quasi_random")
 
@@ -102,20 +102,6 @@ class Column(nn.Module):
         return x.reshape(-1).clone()
 
 
-def read_labels(data_dir: str | Path, split: str) -> np.ndarray:
-    """The int64 labels of ``split`` from ``labels.npz``, without decoding any image."""
-    if split not in ("train", "val"):
-        raise ValueError(f"unknown split {split!r}; a prepared dataset has the splits ['train', 'val']")
-    path = Path(data_dir) / LABELS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {data_dir} is not a prepared dataset; run `unidd-ray prepare`")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return archive[split].astype(np.int64)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path} is corrupt or lacks the {split!r} array ({exc}); prepare the dataset again") from exc
-
-
 def _check_indices(indices, count: int, split: str, data_dir) -> np.ndarray | None:
     if indices is None:
         return None
@@ -132,13 +118,14 @@ def _check_indices(indices, count: int, split: str, data_dir) -> np.ndarray | No
 
 def _to_device(device: torch.device) -> list:
     """FFCV's ``ToDevice`` for an accelerator; nothing for the CPU (it would only add a copy)."""
-    from ffcv.transforms import ToDevice
+    from ffcv.transforms import ToDevice  # lazy, like every FFCV import here (see Threads above)
 
     return [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
 
 
 def _image_pipeline(info: DatasetInfo, *, train: bool, device: torch.device, normalize: bool, resolution: int,
                     crop_scale: tuple[float, float], seed: int) -> list:
+    # lazy, like every FFCV import here (see Threads above)
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToTensor
 
@@ -180,7 +167,7 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, num_worker
     raw-storage augmentation); ``resolution``: output side (default: ``dataset.json``'s);
     ``drop_last``: drop a final partial batch.  See the module docstring for what is yielded.
     """
-    threads = torch.get_num_threads()  # before FFCV's import, which sets it to 1
+    threads = torch.get_num_threads()  # before FFCV's import, which sets it to 1: FFCV is imported here, lazily
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.reader import Reader
@@ -251,3 +238,20 @@ class ThreadKeepingLoader:
         if name in ("loader", "threads"):  # not set yet (e.g. during copying): no recursion
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+def load_real_images(data_dir: str | Path, indices: list[int], *, num_workers: int = 1, resolution: int | None = None,
+                     batch_size: int = 256) -> torch.Tensor:
+    """Normalised eval-pipeline images of the given train indices, in the given order.
+
+    ``resolution``: output side (default: the stored one; a recovery asks for its teacher's);
+    ``batch_size``: images per loader batch, which bounds the loader's buffers.
+    """
+    unique = sorted(set(indices))
+    loader = make_loader(data_dir, "train", batch_size=max(1, min(batch_size, len(unique))), num_workers=num_workers,
+                         indices=unique, train=False, order="sequential", resolution=resolution)
+    rows = {}
+    for images, _, index in loader:
+        for i, img in zip(index.tolist(), images):
+            rows[i] = img
+    return torch.stack([rows[i] for i in indices])

@@ -5,7 +5,7 @@ Output directory::
     train.beton   val.beton   labels.npz   dataset.json
 
 The fields of both ``.beton`` files and the storage choice are described in
-:mod:`unidd_ray.data.beton`; the keys of ``dataset.json`` in :mod:`unidd_ray.data.dataset_info`.
+:mod:`unidd_ray.data.beton`; the keys of ``dataset.json`` in :mod:`unidd_ray.artifacts.dataset`.
 ``labels.npz`` holds the ``train`` and ``val`` label arrays (int64) for consumers that need labels
 without decoding images.
 
@@ -27,61 +27,25 @@ On any error the temporary directory is deleted and ``out_dir`` is left as it wa
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from unidd_ray.data.beton import (ArraySamples, ErrorLog, FileSamples, StoragePlan, mean_std, page_size_for,
+from unidd_ray.data.beton import (ArraySamples, ErrorLog, FileSamples, StoragePlan, mean_std, write_beton,
                                   pixel_moments, plan_storage, writer_geometry)
-from unidd_ray.data.dataset_info import (BETON_FILES, FORMAT_VERSION, INFO_FILE, LABELS_FILE, SOURCE_STAT_FILE,
+from unidd_ray.artifacts.dataset import (BETON_FILES, FORMAT_VERSION, INFO_FILE, LABELS_FILE, SOURCE_STAT_FILE,
                                          DatasetInfo, file_record, read_dataset_info, verify_dataset)
 from unidd_ray.data.hashing import stored_fingerprint
 from unidd_ray.data.source_types import SPLITS, SourceDataset, validate_source
-from unidd_ray.locks import holds_output_lock
+from unidd_ray.artifacts.locks import holds_output_lock
 
 OWN_FILES = frozenset({*BETON_FILES.values(), LABELS_FILE, INFO_FILE, SOURCE_STAT_FILE})
 
 __all__ = ["DatasetInfo", "prepare_dataset", "read_dataset_info", "verify_dataset"]
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Silence the tqdm bar of FFCV's writer when ``enabled`` is false.
-
-    tqdm reads its environment overrides once at import, so the writer module's ``tqdm`` name is
-    swapped for a disabled variant for the duration of the block.
-    """
-    import ffcv.writer
-
-    if enabled:
-        yield
-        return
-    original = ffcv.writer.tqdm
-    ffcv.writer.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        ffcv.writer.tqdm = original
-
-
-def _write_beton(path: Path, rows, field, workers: int) -> None:
-    """Write ``rows`` (indexable ``(image, label, index)`` tuples) to ``path`` with FFCV's writer.
-
-    ``field`` is the FFCV field of the images; ``label`` and ``index`` are integer fields.
-    """
-    from ffcv.fields import IntField
-    from ffcv.writer import DatasetWriter
-
-    fields = {"image": field, "label": IntField(), "index": IntField()}
-    writer = DatasetWriter(str(path), fields, page_size=page_size_for(field),
-                           num_workers=max(1, min(workers, len(rows))))
-    writer.from_indexed_dataset(rows)
 
 
 def _write_split(source: SourceDataset, split: str, plan: StoragePlan, path: Path, *, num_workers: int,
@@ -94,8 +58,7 @@ def _write_split(source: SourceDataset, split: str, plan: StoragePlan, path: Pat
     data = source.split(split)
     errors = ErrorLog(path.with_suffix(".errors"))
     samples = FileSamples(data, plan, errors) if source.file_backed else ArraySamples(data)
-    with _progress_bars(progress):
-        _write_beton(path, samples, plan.image_field(), num_workers)
+    write_beton(path, samples, plan.image_field(), workers=num_workers, progress=progress)
     errors.raise_if_any(f"{source.name} {split} split ({source.origin})")
     errors.path.unlink()
     return samples.moments() if source.file_backed else None

@@ -91,21 +91,21 @@ def _resnet(factory, num_classes, in_channels, resolution, stem):
 
 @register_model("resnet18")
 def _resnet18(num_classes, in_channels, resolution, stem: str = "auto"):
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18  # lazy: torchvision loads only for the models that need it
 
     return _resnet(resnet18, num_classes, in_channels, resolution, stem)
 
 
 @register_model("resnet50")
 def _resnet50(num_classes, in_channels, resolution, stem: str = "auto"):
-    from torchvision.models import resnet50
+    from torchvision.models import resnet50  # lazy: torchvision loads only for the models that need it
 
     return _resnet(resnet50, num_classes, in_channels, resolution, stem)
 
 
 @register_model("mobilenet_v2")
 def _mobilenet_v2(num_classes, in_channels, resolution, width_mult: float = 1.0):
-    from torchvision.models import mobilenet_v2
+    from torchvision.models import mobilenet_v2  # lazy: torchvision loads only for the models that need it
 
     model = mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
     first = model.features[0][0]
@@ -116,7 +116,7 @@ def _mobilenet_v2(num_classes, in_channels, resolution, width_mult: float = 1.0)
 
 @register_model("densenet121")
 def _densenet121(num_classes, in_channels, resolution):
-    from torchvision.models import densenet121
+    from torchvision.models import densenet121  # lazy: torchvision loads only for the models that need it
 
     model = densenet121(num_classes=num_classes)
     if resolution <= 32:

@@ -15,7 +15,7 @@ early slots use a large β (low-pass, consistency), late slots a small β
 shape(b).  Left unset (the default) both are exactly the formulas above.  At
 large IPC the unfloored cosine's last slots get β ≈ β_max · π² / (4 IPC²)
 (3e-5 at IPC 50, β_max 0.03), where (Ψ + βI)⁻¹ ~ 1/β swamps the CE term; see
-docs/RESULTS.md for what that costs and what the floor recovers.
+docs/notes/2026-12-06-fashion-mnist-investigations.md for what that costs and what the floor recovers.
 """
 
 from __future__ import annotations

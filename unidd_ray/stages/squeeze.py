@@ -2,13 +2,14 @@
 
 SGD with Nesterov momentum and a per-step cosine schedule (optional linear
 warm-up), RandomResizedCrop + flip through the FFCV train pipeline, a checkpoint
-every epoch through ``ray.train.report``, automatic restarts after a worker
-failure (``FailureConfig``) and ``resume=True`` to continue a killed command
-(Ray Train restores the latest checkpoint of a run with the same name and
-storage path).  ``squeeze.identity.json`` beside the checkpoints records what
-the training depends on (settings, model, starting weights, dataset); a resume
-with anything else is refused, naming what differs.  The teacher is written to
-a temporary sibling of the output directory and moved into place whole.
+every epoch through ``ray.train.report``, restarts after a worker fault
+(:func:`unidd_ray.runtime.train.fit`) and ``resume=True`` to continue a killed
+command (Ray Train restores the latest checkpoint of a run with the same name
+and storage path).  ``squeeze.identity.json`` beside the checkpoints records
+what the training depends on (:func:`unidd_ray.keys.training_identity`); a
+resume with anything else is refused, naming what differs.  The teacher is
+written to a temporary sibling of the output directory and moved into place
+whole.
 """
 
 from __future__ import annotations
@@ -19,17 +20,45 @@ import logging
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 
-from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig, to_dict
-from unidd_ray.locks import holds_output_lock
+from unidd_ray.artifacts.dataset import read_dataset_info, read_labels, verify_dataset
+from unidd_ray.artifacts.files import (atomic_directory, atomic_write_json, atomic_write_text, check_output,
+                                       sha256_file)
+from unidd_ray.artifacts.locks import holds_output_lock
+from unidd_ray.artifacts.teacher import TeacherInfo, save_teacher
+from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig
+from unidd_ray.core.evaluation import top1_on_split
+from unidd_ray.data.loading import make_loader
+from unidd_ray.keys import check_resumable, training_identity
+from unidd_ray.models import build_model, load_weights
+from unidd_ray.runtime import console
+from unidd_ray.runtime.cluster import require_resources
+from unidd_ray.runtime.train import WorkerInputError, fit, trainer_factory
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "squeeze"
 IDENTITY = f"{RUN_NAME}.identity.json"  # beside the Ray Train run directory, under storage_path
+PROGRESS = f"{RUN_NAME}.progress.json"  # rank 0's epochs done, beside it
+
+
+@dataclass(frozen=True)
+class SqueezeJob:
+    """What every worker of a teacher training is given."""
+
+    squeeze: SqueezeConfig
+    model: ModelConfig
+    data: DataConfig
+    data_dir: str
+    progress_file: str
 
 
 def _cosine_factor(step: int, total: int, warmup: int) -> float:
@@ -39,127 +68,99 @@ def _cosine_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _train_loop(config: dict) -> None:
-    import numpy as np
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+class _Trainer:
+    """One worker's teacher training: the model, its optimiser and the data of an epoch."""
 
-    import unidd_ray  # noqa: F401
-    from unidd_ray.config import from_dict
-    from unidd_ray.data.loading import make_loader, read_labels
-    from unidd_ray.data.prepare import read_dataset_info
-    from unidd_ray.models import build_model, load_weights
-    from unidd_ray.stages.common import evaluate_top1
+    def __init__(self, job: SqueezeJob):
+        self.job, self.cfg = job, job.squeeze
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(max(1, int(self.cfg.cpus_per_worker)))  # the worker's CPUs, whatever FFCV uses
+        torch.manual_seed(self.cfg.seed + self.rank)
+        self.device = ray.train.torch.get_device()
+        info = read_dataset_info(job.data_dir)
+        self.resolution = job.data.resolution or info.resolution
+        self.model = build_model(job.model.arch, num_classes=info.num_classes, in_channels=info.channels,
+                                 resolution=self.resolution, **job.model.options)
+        if job.model.weights:
+            load_weights(self.model, job.model.weights)
+        self.model = self.model.to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                         nesterov=self.cfg.nesterov, weight_decay=self.cfg.weight_decay)
+        self.start_epoch = self._restore()
+        self.ddp = ray.train.torch.prepare_model(self.model, move_to_device=False) if self.world > 1 else self.model
+        self.n_train = len(read_labels(job.data_dir, "train"))
+        self.n_val = len(read_labels(job.data_dir, "val"))
+        self.per_worker = self.n_train // self.world
+        self.steps_per_epoch = self.per_worker // self.cfg.batch_size  # at least 1: check_squeeze refuses fewer
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
 
-    cfg = from_dict(SqueezeConfig, config["squeeze"])
-    model_cfg = from_dict(ModelConfig, config["model"])
-    data_cfg = from_dict(DataConfig, config["data"])
-    data_dir = config["data_dir"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # the worker's CPUs, whatever FFCV's loader uses
-    torch.manual_seed(cfg.seed + rank)
-    device = ray.train.torch.get_device()
-    info = read_dataset_info(data_dir)
-    resolution = data_cfg.resolution or info.resolution
-    model = build_model(model_cfg.arch, num_classes=info.num_classes, in_channels=info.channels,
-                        resolution=resolution, **model_cfg.options)
-    if model_cfg.weights:
-        load_weights(model, model_cfg.weights)
-    model = model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    def _restore(self) -> int:
+        """The first epoch to train: after the latest checkpoint's, whose model and optimiser are loaded."""
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return 0
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    n_train = len(read_labels(data_dir, "train"))
-    per_worker = n_train // world
-    steps_per_epoch = per_worker // cfg.batch_size  # at least 1: squeeze() refuses smaller shards
-    total_steps = steps_per_epoch * cfg.epochs
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    n_val = len(read_labels(data_dir, "val"))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["epoch"]) + 1
 
-    def evaluate_and_report(epoch: int, loss_sum: float, seen: int) -> None:
-        val_indices = np.arange(rank, n_val, world)
-        correct, total = evaluate_top1(model, data_dir, batch_size=cfg.eval_batch_size,
-                                       num_workers=data_cfg.num_workers, device=device, indices=val_indices,
-                                       resolution=resolution)
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One epoch on this worker's shard of a seeded permutation; returns (summed loss, images seen)."""
+        cfg = self.cfg
+        order = np.random.default_rng(cfg.seed + epoch).permutation(self.n_train)
+        shard = np.sort(order[self.rank * self.per_worker:(self.rank + 1) * self.per_worker])
+        loader = make_loader(self.job.data_dir, "train", batch_size=cfg.batch_size,
+                             num_workers=self.job.data.num_workers, indices=shard, train=True, order="random",
+                             seed=cfg.seed + 1000 * epoch + self.rank, device=str(self.device),
+                             resolution=self.resolution, crop_scale=tuple(cfg.crop_scale), drop_last=True)
+        self.ddp.train()
+        total_steps = self.steps_per_epoch * cfg.epochs
+        loss_sum, seen = 0.0, 0
+        for step, (images, labels, _) in enumerate(loader):
+            factor = _cosine_factor(epoch * self.steps_per_epoch + step, total_steps,
+                                    cfg.warmup_epochs * self.steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * factor
+            loss = self.criterion(self.ddp(images.to(self.device)), labels.to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
+        return loss_sum, seen
+
+    def report(self, epoch: int, loss_sum: float, seen: int) -> None:
+        """Test on the val split (each worker its share), then report the epoch with a checkpoint (rank 0's)."""
+        correct, total = top1_on_split(self.model, self.job.data_dir, batch_size=self.cfg.eval_batch_size,
+                                       num_workers=self.job.data.num_workers, device=self.device,
+                                       indices=np.arange(self.rank, self.n_val, self.world),
+                                       resolution=self.resolution)
         counts = torch.tensor([correct, total, loss_sum, seen], dtype=torch.float64)
-        if world > 1:
+        if self.world > 1:
             dist.all_reduce(counts)
         metrics = {"epoch": epoch, "train_loss": float(counts[2] / max(counts[3], 1)),
                    "val_top1": float(100 * counts[0] / max(counts[1], 1))}
-        where = f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f}" if epoch >= 0 else \
-            "given weights, no training"
+        where = (f"epoch {epoch + 1}/{self.cfg.epochs}  train loss {metrics['train_loss']:.4f}" if epoch >= 0
+                 else "given weights, no training")
         log.info(f"[squeeze] {where}  val top-1 {metrics['val_top1']:.2f}%")
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
-            if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                           Path(d) / "state.pt")
+            if self.rank == 0:
+                torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                            "epoch": epoch}, Path(d) / "state.pt")
                 ckpt = ray.train.Checkpoint.from_directory(d)
+                atomic_write_json(self.job.progress_file, {"epochs": epoch + 1})
             ray.train.report(metrics, checkpoint=ckpt)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        order = np.random.default_rng(cfg.seed + epoch).permutation(n_train)
-        shard = np.sort(order[rank * per_worker:(rank + 1) * per_worker])
-        loader = make_loader(data_dir, "train", batch_size=cfg.batch_size, num_workers=data_cfg.num_workers,
-                             indices=shard, train=True, order="random", seed=cfg.seed + 1000 * epoch + rank,
-                             device=str(device), resolution=resolution, crop_scale=tuple(cfg.crop_scale),
-                             drop_last=True)
-        ddp_model.train()
-        loss_sum, seen = 0.0, 0
-        for step, (images, labels, _) in enumerate(loader):
-            global_step = epoch * steps_per_epoch + step
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _cosine_factor(global_step, total_steps, cfg.warmup_epochs * steps_per_epoch)
-            loss = criterion(ddp_model(images.to(device)), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(labels)
-            seen += len(labels)
-        evaluate_and_report(epoch, loss_sum, seen)
-    if cfg.epochs == 0:  # pretrained weights (teacher.weights): evaluate them and hand them on unchanged
-        evaluate_and_report(-1, 0.0, 0)
 
-
-def training_identity(squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig, info, resolution: int) -> dict:
-    """What the trained weights depend on: the squeeze settings of the teacher's key (performance settings
-    left out), the model, the sha256 of its starting weights, the side and the dataset."""
-    from unidd_ray.artifacts import sha256_file
-    from unidd_ray.pipeline import dataset_identity, key_settings
-
-    return {"squeeze": key_settings("squeeze", to_dict(squeeze_cfg)),
-            "teacher": {"arch": model_cfg.arch, "options": to_dict(model_cfg)["options"],
-                        "weights": sha256_file(model_cfg.weights) if model_cfg.weights else None},
-            "resolution": resolution, "dataset": dataset_identity(info)}
-
-
-def check_resumable(storage_path: Path, identity: dict) -> None:
-    """Refuse to resume the checkpoints under ``storage_path`` unless they were made with ``identity``."""
-    from unidd_ray.artifacts import differences
-
-    path = storage_path / IDENTITY
-    fix = f"start over without --resume, give another --out, or remove {storage_path / RUN_NAME}"
-    try:
-        recorded = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"cannot resume: {storage_path / RUN_NAME} has no {IDENTITY} recording the settings "
-                         f"and inputs of its checkpoints (an earlier unidd_ray made them); {fix}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"cannot resume: {path} is not valid JSON ({exc}); {fix}") from None
-    differ = differences(recorded, identity)
-    if differ:
-        raise ValueError(f"cannot resume: the checkpoints in {storage_path / RUN_NAME} were made with other "
-                         f"settings or inputs ({'; '.join(differ)}); {fix}")
+def _train_loop(config: dict) -> None:
+    trainer = _Trainer(config["job"])
+    for epoch in range(trainer.start_epoch, trainer.cfg.epochs):
+        trainer.report(epoch, *trainer.train_epoch(epoch))
+    if trainer.cfg.epochs == 0:  # pretrained weights (teacher.weights): evaluate them and hand them on unchanged
+        trainer.report(-1, 0.0, 0)
 
 
 def check_squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig,
@@ -167,11 +168,6 @@ def check_squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: Squ
     """Every check of a teacher training that can fail, before Ray starts or any worker does: the output path,
     the prepared data (verified), a batch that each worker's share holds, the model and its starting weights
     (inside the workers a bad option would only surface as a worker error).  Returns the dataset's info."""
-    from unidd_ray.artifacts import check_output
-    from unidd_ray.data.dataset_info import verify_dataset
-    from unidd_ray.data.loading import read_labels
-    from unidd_ray.models import build_model, load_weights
-
     check_output(out_dir, "teacher")
     info = verify_dataset(data_dir)
     n_train = len(read_labels(str(data_dir), "train"))
@@ -190,45 +186,72 @@ def check_squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: Squ
     return info
 
 
+def _checkpoints(storage_path: Path, identity: dict, *, resume: bool) -> bool:
+    """Make ``storage_path`` ready for the run: a resumed run's checkpoints must have been made with
+    ``identity``; a fresh run removes earlier ones and records ``identity``.  Returns whether it is fresh."""
+    run_dir = storage_path / RUN_NAME
+    if resume and run_dir.exists():
+        try:
+            recorded = json.loads((storage_path / IDENTITY).read_text())
+        except FileNotFoundError:
+            recorded = None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cannot resume: {storage_path / IDENTITY} is not valid JSON ({exc})") from None
+        check_resumable(recorded, identity, what=f"the checkpoints in {run_dir}",
+                        fix=f"start over without --resume, give another --out, or remove {run_dir}")
+        return False
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run: never pick up the checkpoints of an earlier one
+    atomic_write_json(storage_path / IDENTITY, identity)  # before Ray Train makes run_dir
+    (storage_path / PROGRESS).unlink(missing_ok=True)
+    return True
+
+
+def _discard_checkpoints(storage_path: Path) -> None:
+    """What a fresh run that ended at once left: its (empty) run, identity and progress."""
+    shutil.rmtree(storage_path / RUN_NAME, ignore_errors=True)
+    for name in (IDENTITY, PROGRESS):
+        (storage_path / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        storage_path.rmdir()  # when nothing else is kept there
+
+
+def _epochs_done(progress_file: Path) -> int:
+    try:
+        return int(json.loads(progress_file.read_text())["epochs"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 @holds_output_lock()
 def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig,
             data_cfg: DataConfig, storage_path: str | Path, resume: bool = False,
-            recipe_yaml: str | None = None) -> Path:
+            recipe_yaml: str | None = None, trainer_class=None, progress: bool = True) -> Path:
     """Train the teacher and write ``teacher.pt`` + ``teacher.json`` (+ ``config.yaml``) to ``out_dir``.
 
     A worker fault is retried from the last checkpoint up to ``squeeze.max_failures`` times; a worker that
-    refuses its input ends the run at once, and a fresh run then leaves no checkpoints behind."""
-    from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
-    from unidd_ray.ray_utils import WorkerInputError, fit, require_resources, trainer_factory
-    from unidd_ray.teacher import TeacherInfo, save_teacher
-
+    refuses its input ends the run at once, and a fresh run then leaves no checkpoints behind.
+    ``trainer_class``: see :func:`unidd_ray.runtime.train.trainer_factory`; ``progress``: a progress bar."""
     info = check_squeeze(data_dir, out_dir, squeeze_cfg=squeeze_cfg, model_cfg=model_cfg, data_cfg=data_cfg)
     require_resources("squeeze", workers=squeeze_cfg.workers, cpus=squeeze_cfg.cpus_per_worker,
                       gpus=1 if squeeze_cfg.use_gpu else 0)
     resolution = data_cfg.resolution or info.resolution
     storage_path = Path(storage_path).resolve()
-    run_dir = storage_path / RUN_NAME
-    identity = training_identity(squeeze_cfg, model_cfg, info, resolution)
-    fresh = not (resume and run_dir.exists())
-    if not fresh:
-        check_resumable(storage_path, identity)
-    else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a fresh run: never pick up the checkpoints of an earlier one
-        atomic_write_json(storage_path / IDENTITY, identity)  # before Ray Train makes run_dir
-    trainer = trainer_factory(
-        _train_loop, {"squeeze": to_dict(squeeze_cfg), "model": to_dict(model_cfg), "data": to_dict(data_cfg),
-                      "data_dir": str(Path(data_dir).resolve())},
-        name=RUN_NAME, storage_path=storage_path, workers=squeeze_cfg.workers,
-        cpus_per_worker=squeeze_cfg.cpus_per_worker, use_gpu=squeeze_cfg.use_gpu)
+    weights = sha256_file(model_cfg.weights) if model_cfg.weights else None
+    fresh = _checkpoints(storage_path, training_identity(squeeze_cfg, model_cfg, info, resolution, weights),
+                         resume=resume)
+    job = SqueezeJob(squeeze_cfg, model_cfg, data_cfg, str(Path(data_dir).resolve()), str(storage_path / PROGRESS))
+    extra = {} if trainer_class is None else {"trainer_class": trainer_class}
+    trainer = trainer_factory(_train_loop, {"job": job}, name=RUN_NAME, storage_path=storage_path,
+                              workers=squeeze_cfg.workers, cpus_per_worker=squeeze_cfg.cpus_per_worker,
+                              use_gpu=squeeze_cfg.use_gpu, **extra)
     try:
-        result = fit(trainer, what="squeeze", max_failures=squeeze_cfg.max_failures)
+        with console.watch(lambda: _epochs_done(storage_path / PROGRESS), max(1, squeeze_cfg.epochs),
+                           f"teacher {model_cfg.arch}", unit="epoch", enabled=progress):
+            result = fit(trainer, what="squeeze", max_failures=squeeze_cfg.max_failures)
     except WorkerInputError:
         if fresh:  # nothing worth resuming: leave no checkpoints behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-            (storage_path / IDENTITY).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                storage_path.rmdir()  # when nothing else is kept there
+            _discard_checkpoints(storage_path)
         raise
     if result.checkpoint is None:
         raise RuntimeError("teacher training finished without a checkpoint")
@@ -242,9 +265,8 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
     )
     model = teacher_info.build()
     model.load_state_dict(state["model"])
-    out_dir = Path(out_dir)
     with atomic_directory(out_dir, "teacher") as staging:
         save_teacher(model, teacher_info, staging)
         if recipe_yaml is not None:
             atomic_write_text(staging / "config.yaml", recipe_yaml)
-    return out_dir
+    return Path(out_dir)

@@ -13,25 +13,36 @@ the arrival order, or which units had to be re-run after an actor died.
 Every actor uses the same number of torch threads so that per-block forward
 passes are themselves reproducible.
 
-The driver loads the teacher (checking its sha256) and resolves the taps before
-any actor starts, so that a bad ``stats.layers`` or teacher is named at once
-rather than as actors failing to start.  The artifact is assembled in a
-temporary sibling of the output directory and moved into place whole.
+The actors form an elastic pool (:class:`unidd_ray.runtime.pool.ElasticPool`):
+a unit whose actor died is run again by another.  The driver loads the teacher
+(checking its sha256) and resolves the taps before any actor starts, so that a
+bad ``stats.layers`` or teacher is named at once rather than as actors failing
+to start.  The artifact is assembled in a temporary sibling of the output
+directory and moved into place whole.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import ray
 import torch
 
+from unidd_ray.artifacts.dataset import read_labels, verify_dataset
+from unidd_ray.artifacts.files import atomic_directory, atomic_write_json, atomic_write_text, check_output
+from unidd_ray.artifacts.locks import holds_output_lock
+from unidd_ray.artifacts.statistics import covariance_report, write_stats
+from unidd_ray.artifacts.teacher import check_teacher_data, load_teacher, read_teacher_info
 from unidd_ray.config import StatsConfig, to_dict
-from unidd_ray.locks import holds_output_lock
+from unidd_ray.data.loading import make_loader
+from unidd_ray.models import layer_channels, resolve_layers, tapped
+from unidd_ray.runtime import console
+from unidd_ray.runtime.cluster import require_resources
+from unidd_ray.runtime.pool import ElasticPool
 from unidd_ray.spectral import Moments
 
 UnitPlan = list[tuple[int, int]]  # (start, stop) per block
@@ -68,10 +79,6 @@ class StatsWorker:
 
     def __init__(self, teacher_dir: str, data_dir: str, layers: list[str] | None, batch_size: int,
                  block_size: int, threads: int = 1, num_workers: int = 1, device: str = "cpu"):
-        import unidd_ray  # noqa: F401  (torchvision fix in this process)
-        from unidd_ray.models import layer_channels, resolve_layers
-        from unidd_ray.teacher import load_teacher
-
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device(device)
         self.model, self.info = load_teacher(teacher_dir, device=self.device)
@@ -91,8 +98,6 @@ class StatsWorker:
     def node_id(self) -> str | None:
         """The Ray node this worker runs on (``None`` outside Ray)."""
         try:
-            import ray
-
             return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         except Exception:  # noqa: BLE001 - diagnostics only
             return None
@@ -100,9 +105,6 @@ class StatsWorker:
     @torch.no_grad()
     def compute(self, blocks: list[tuple[int, int, int]]) -> dict[int, dict[str, dict]]:
         """Moments per block: ``{block_id: {layer: Moments.state_dict()}}`` for ``(block_id, start, stop)``."""
-        from unidd_ray.data.loading import make_loader
-        from unidd_ray.models import tapped
-
         indices = [i for _, start, stop in blocks for i in range(start, stop)]
         loader = make_loader(self.data_dir, "train", batch_size=self.batch_size, num_workers=self.num_workers,
                              indices=indices, train=False, order="sequential", device=str(self.device),
@@ -136,7 +138,8 @@ class StatsResult:
     actors: int
 
 
-def _fold(total: dict[str, Moments] | None, block: dict[str, dict]) -> dict[str, Moments]:
+def fold(total: dict[str, Moments] | None, block: dict[str, dict]) -> dict[str, Moments]:
+    """``total`` with one block's moments (``Moments.state_dict()`` per layer) added: the driver's merge step."""
     block_m = {name: Moments.from_state_dict(state) for name, state in block.items()}
     if total is None:
         return block_m
@@ -146,9 +149,6 @@ def _fold(total: dict[str, Moments] | None, block: dict[str, dict]) -> dict[str,
 def check_taps(teacher_dir: str | Path, layers: list[str] | None) -> list[str]:
     """What every actor's constructor does first, in the driver: load the teacher (its weights' sha256 is
     checked) and resolve the tapped layers and their channels; raises naming the teacher or ``stats.layers``."""
-    from unidd_ray.models import layer_channels, resolve_layers
-    from unidd_ray.teacher import load_teacher
-
     model, _ = load_teacher(teacher_dir)
     try:
         names = resolve_layers(model, layers)
@@ -159,21 +159,33 @@ def check_taps(teacher_dir: str | Path, layers: list[str] | None) -> list[str]:
     return names
 
 
+class _BlockFolder:
+    """Folds the blocks of finished units in block order, as soon as the prefix up to a block is complete."""
+
+    def __init__(self, plan: Plan, bar):
+        self.plan, self.bar = plan, bar
+        self.done: dict[int, dict] = {}
+        self.next = 0
+        self.total: dict[str, Moments] | None = None
+
+    def add(self, unit: int, blocks: dict[int, dict]) -> None:
+        self.done.update(blocks)
+        while self.next in self.done:
+            self.total = fold(self.total, self.done.pop(self.next))
+            start, stop = self.plan.blocks[self.next]
+            self.bar.update(stop - start)
+            self.next += 1
+
+
 def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfig, *, num_workers: int = 1,
                   progress: bool = True, on_result: Callable[[int, dict], None] | None = None,
                   images: int | None = None) -> StatsResult:
     """Run the actor pool over the train split and fold the per-block moments in block order.
 
-    ``on_result(unit_id, pool)`` is called after each finished unit (tests use it to
-    kill an actor or remove a node mid-run); ``pool`` maps actor ids to handles.
-    ``images``: only the first ``images`` rows of the split (benchmarks, smoke runs).
+    ``on_result(unit_id, actors)`` is called after each finished unit (tests use it to kill an actor or remove
+    a node mid-run); ``actors`` maps actor keys to handles.  ``images``: only the first ``images`` rows of the
+    split (benchmarks, smoke runs).
     """
-    import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-    from tqdm.auto import tqdm
-
-    from unidd_ray.data.loading import read_labels
-
     # actors may start in another working directory (or on another node): hand them absolute paths
     teacher_dir, data_dir = Path(teacher_dir).resolve(), Path(data_dir).resolve()
     labels = read_labels(str(data_dir), "train")
@@ -181,8 +193,6 @@ def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfi
         raise ValueError(f"images must lie in 1..{len(labels)} (the train split's size), got {images}")
     plan = make_plan(len(labels) if images is None else int(images), cfg)
     check_taps(teacher_dir, cfg.layers)
-    from unidd_ray.ray_utils import require_resources
-
     # actors beyond the cluster's size only queue (the pool works with those that start),
     # but one actor that can never be placed would leave the pool waiting forever
     require_resources("a stats actor", workers=1, cpus=cfg.cpus_per_actor, gpus=cfg.gpus_per_actor,
@@ -197,105 +207,35 @@ def compute_stats(teacher_dir: str | Path, data_dir: str | Path, cfg: StatsConfi
             str(teacher_dir), str(data_dir), cfg.layers, plan.batch_size, plan.block_size, threads, num_workers,
             device)
 
+    def submit(actor, unit: int):
+        return actor.compute.remote([(b, *plan.blocks[b]) for b in plan.units[unit]])
+
     started = time.perf_counter()
-    # actors join the pool once their constructor has run (a replacement that can never be
-    # scheduled, e.g. after a node was removed, simply never joins)
-    joining = {}
-    for _ in range(cfg.actors):
-        a = new_actor()
-        joining[a.ready.remote()] = a
-    pool: dict[int, object] = {}
-    in_flight: dict = {}  # ref -> (unit_id, actor_key)
-    queue = deque(range(len(plan.units)))
-    attempts = {u: 0 for u in queue}
-    done_blocks: dict[int, dict] = {}
-    next_block = 0
-    total = None
-    retried = 0
-    failed_starts = 0
-    next_key = 0
-    bar = tqdm(total=plan.images, unit="img", desc="stats", disable=not progress)
-
-    def dispatch():
-        busy = {key for _, key in in_flight.values()}
-        for key, actor in pool.items():
-            if key in busy or not queue:
-                continue
-            unit = queue.popleft()
-            blocks = [(b, *plan.blocks[b]) for b in plan.units[unit]]
-            in_flight[actor.compute.remote(blocks)] = (unit, key)
-
-    def replace_dead(key):
-        nonlocal retried
-        actor = pool.pop(key, None)
-        for ref, (unit, k) in list(in_flight.items()):
-            if k == key:
-                in_flight.pop(ref)
-                attempts[unit] += 1
-                if attempts[unit] > cfg.max_retries:
-                    raise RuntimeError(f"work unit {unit} failed {attempts[unit]} times; giving up")
-                queue.appendleft(unit)
-                retried += 1
-        if actor is not None:
-            ray.kill(actor, no_restart=True)
-        replacement = new_actor()
-        joining[replacement.ready.remote()] = replacement
-
+    pool = ElasticPool(new_actor, cfg.actors, submit, max_retries=cfg.max_retries,
+                       max_failed_starts=cfg.max_retries + cfg.actors)
+    bar = console.progress(plan.images, "statistics", unit="img") if progress else _NoBar()
+    folder = _BlockFolder(plan, bar)
     try:
-        while queue or in_flight:
-            dispatch()
-            waiting = list(in_flight) + list(joining)
-            if not waiting:
-                raise RuntimeError("no statistics actor could be started; check stats.cpus_per_actor/gpus_per_actor "
-                                   "against the cluster's resources")
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=None)
-            ref = ready[0]
-            if ref in joining:
-                actor = joining.pop(ref)
-                try:
-                    ray.get(ref)
-                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                    failed_starts += 1
-                    if failed_starts > cfg.max_retries + cfg.actors:
-                        raise RuntimeError(f"statistics actors keep failing to start: {exc}") from exc
-                    replacement = new_actor()
-                    joining[replacement.ready.remote()] = replacement
-                    continue
-                pool[next_key] = actor
-                next_key += 1
-                continue
-            unit, key = in_flight[ref]
-            try:
-                blocks = ray.get(ref)
-            except (RayActorError, ActorDiedError, ActorUnavailableError):
-                replace_dead(key)
-                continue
-            in_flight.pop(ref)
-            done_blocks.update(blocks)
-            while next_block in done_blocks:
-                total = _fold(total, done_blocks.pop(next_block))
-                start, stop = plan.blocks[next_block]
-                bar.update(stop - start)
-                next_block += 1
-            if on_result is not None:
-                on_result(unit, dict(pool))
+        pool.run(list(range(len(plan.units))), folder.add, after_unit=on_result)
     finally:
         bar.close()
-        for actor in list(pool.values()) + list(joining.values()):
-            ray.kill(actor, no_restart=True)
-    if next_block != len(plan.blocks):
-        raise RuntimeError(f"only {next_block} of {len(plan.blocks)} blocks were merged")
-    return StatsResult(total, plan, time.perf_counter() - started, retried, cfg.actors)
+    if folder.next != len(plan.blocks):
+        raise RuntimeError(f"only {folder.next} of {len(plan.blocks)} blocks were merged")
+    return StatsResult(folder.total, plan, time.perf_counter() - started, pool.retried, cfg.actors)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def check_stats(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: StatsConfig):
     """Every check of a statistics pass that can fail, before Ray or any actor starts: the output path, the
     prepared data (verified), the teacher (its weights' checksum) and its agreement with the data, and the
     tapped layers.  Returns (dataset info, teacher info)."""
-    from unidd_ray.artifacts import check_output
-    from unidd_ray.data.dataset_info import verify_dataset
-    from unidd_ray.teacher import check_teacher_data, read_teacher_info
-
     check_output(out_dir, "stats")
     info = verify_dataset(data_dir)
     teacher = read_teacher_info(teacher_dir)
@@ -313,9 +253,6 @@ def run_stats(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path
     The files are written to a temporary sibling of ``out_dir`` that replaces it only when all are there, so
     the summary and config in ``out_dir`` always describe its statistics.
     """
-    from unidd_ray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
-    from unidd_ray.stats_io import covariance_report, write_stats
-
     info, teacher = check_stats(data_dir, teacher_dir, out_dir, cfg)
     result = compute_stats(teacher_dir, data_dir, cfg, num_workers=num_workers, progress=progress,
                            on_result=on_result)

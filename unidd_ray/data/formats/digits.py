@@ -15,7 +15,7 @@ from unidd_ray.data.splitting import stratified_split
 
 def load(root: str | None = None, *, val_fraction: float = 0.2, seed: int = 0) -> SourceDataset:
     """Read the digits (they ship with scikit-learn, so there is no ``root``)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes a second to import, and only digits needs it
 
     if root is not None:
         raise SourceError(f"digits: got root {root!r}, but the digits ship with scikit-learn; remove data.root "

@@ -1,0 +1,297 @@
+"""Relabel-and-train evaluation of a distilled set (SPEC §1.3), in pure torch (no Ray).
+
+A fresh student learns from the distilled images with the teacher's soft labels:
+loss ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, RandomResizedCrop + flip +
+CutMix, AdamW and a per-step cosine schedule; or, in hard-label mode, the
+cross-entropy of the CutMix-mixed one-hot labels.
+
+The augmentation stream is keyed by *(stream seed, epoch, image id)*, never by
+the training seed or the batch: every image's crop, flip, CutMix partner and
+box for an epoch are drawn for the whole set at once.  The teacher's output on
+an augmented image is therefore a function of (image id, epoch) alone, which is
+what makes stored soft labels (:mod:`unidd_ray.artifacts.soft_labels`) reusable at any
+batch size or training seed.
+
+:func:`evaluate_in_process` trains one student per seed and tests it on the real val split;
+the evaluate stage runs it on Ray Train workers, Ray Tune trials in their own process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unidd_ray.artifacts.dataset import read_labels
+from unidd_ray.config import EvaluateConfig
+from unidd_ray.data.augment import crop_resize, sample_crops
+from unidd_ray.data.loading import make_loader
+from unidd_ray.models import build_model, memory_format
+
+
+@dataclass
+class EpochAugment:
+    """Augmentation parameters of every image for one epoch (rows indexed by image id)."""
+
+    crop: Tensor  # (N, 4) top, left, height, width as fractions of the side
+    flip: Tensor  # (N,) bool
+    partner: Tensor  # (N,) CutMix partner image id
+    box: Tensor  # (N, 4) CutMix box top, left, height, width as fractions; zero size = no mixing
+
+    def rows(self, ids: Tensor) -> "EpochAugment":
+        return EpochAugment(self.crop[ids], self.flip[ids], self.partner[ids], self.box[ids])
+
+
+def epoch_augment(n: int, epoch: int, settings: EvaluateConfig) -> EpochAugment:
+    """Draw the epoch's parameters for all ``n`` images from a generator seeded by (aug_seed, epoch)."""
+    g = torch.Generator().manual_seed(hash_seed(settings.aug_seed, epoch))
+    crop = sample_crops(n, settings.crop_scale, generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    partner = torch.randperm(n, generator=g)
+    if settings.cutmix > 0:
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        lam = _beta_icdf(u, settings.cutmix)  # inverse-CDF sampling keeps the draw on the seeded generator
+        cut = torch.sqrt(1 - lam)
+        cy, cx = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+        y0, y1 = (cy - cut / 2).clamp(0, 1), (cy + cut / 2).clamp(0, 1)
+        x0, x1 = (cx - cut / 2).clamp(0, 1), (cx + cut / 2).clamp(0, 1)
+        box = torch.stack([y0, x0, y1 - y0, x1 - x0], 1)
+    else:
+        box = torch.zeros(n, 4, dtype=torch.float64)
+    return EpochAugment(crop, flip, partner, box)
+
+
+def _beta_icdf(u: Tensor, a: float) -> Tensor:
+    """Quantile of the symmetric Beta(a, a) by interpolating its tabulated CDF (Beta(1, 1) is uniform)."""
+    if a == 1.0:
+        return u
+    x = torch.linspace(0, 1, 2049, dtype=torch.float64)[1:-1]
+    pdf = (x * (1 - x)) ** (a - 1)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(pdf, 0)])
+    cdf = cdf / cdf[-1]
+    grid = torch.linspace(0, 1, len(cdf), dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u).clamp(1, len(cdf) - 1)
+    c0, c1 = cdf[idx - 1], cdf[idx]
+    t = ((u - c0) / (c1 - c0).clamp(min=1e-300)).clamp(0, 1)
+    return grid[idx - 1] + t * (grid[idx] - grid[idx - 1])
+
+
+def hash_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def augment_batch(images_all: Tensor, ids: Tensor, aug: EpochAugment) -> tuple[Tensor, Tensor, Tensor]:
+    """The augmented images of ``ids`` (a function of image id and epoch only), their CutMix partners
+    and the kept-area fractions λ."""
+    size = images_all.shape[-1]
+    rows = aug.rows(ids.cpu())
+    own = crop_resize(images_all[ids], rows.crop, rows.flip, size)
+    partner_ids = rows.partner.to(images_all.device)
+    partner_rows = aug.rows(rows.partner)
+    other = crop_resize(images_all[partner_ids], partner_rows.crop, partner_rows.flip, size)
+    y0 = (rows.box[:, 0] * size).round().long()
+    x0 = (rows.box[:, 1] * size).round().long()
+    y1 = ((rows.box[:, 0] + rows.box[:, 2]) * size).round().long()
+    x1 = ((rows.box[:, 1] + rows.box[:, 3]) * size).round().long()
+    grid = torch.arange(size)
+    inside_y = (grid[None, :] >= y0[:, None]) & (grid[None, :] < y1[:, None])
+    inside_x = (grid[None, :] >= x0[:, None]) & (grid[None, :] < x1[:, None])
+    mask = (inside_y[:, :, None] & inside_x[:, None, :]).to(images_all.device)[:, None]
+    mixed = torch.where(mask, other, own)
+    lam = 1 - mask.flatten(1).float().mean(1)
+    return mixed, partner_ids, lam
+
+
+class SoftLabelSource(Protocol):
+    def __call__(self, epoch: int, ids: Tensor, mixed: Tensor) -> Tensor: ...
+
+
+class TeacherLabels:
+    """Online soft labels: the teacher's logits on the augmented images.
+
+    The teacher sees each batch in image-id order, so the logits of (epoch, image id) do not
+    depend on the training seed's batch order.  With ``memo_bytes`` > 0 the logits of each
+    (epoch, set of ids) are kept up to that many bytes and handed to later students of the same
+    set and augmentation stream (one worker training several seeds of a set computes them once).
+    """
+
+    def __init__(self, teacher: nn.Module, *, memo_bytes: int = 0):
+        self.teacher = teacher.eval()
+        self.memo_bytes = memo_bytes
+        self.memo: dict[tuple[int, bytes], Tensor] = {}
+        self.memo_used = 0
+        self.hits = 0
+
+    @torch.no_grad()
+    def __call__(self, epoch: int, ids: Tensor, mixed: Tensor) -> Tensor:
+        order = torch.argsort(ids.cpu())
+        key = (epoch, ids.cpu()[order].numpy().tobytes())
+        logits = self.memo.get(key)
+        if logits is None:
+            logits = self.teacher(mixed[order.to(mixed.device)])
+            size = logits.numel() * logits.element_size()
+            if self.memo_used + size <= self.memo_bytes:
+                self.memo[key] = logits
+                self.memo_used += size
+        else:
+            self.hits += 1
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return logits[inverse.to(logits.device)]
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: EvaluateConfig, *, seed: int,
+                  soft_labels: SoftLabelSource | None, num_classes: int, device: str | torch.device = "cpu",
+                  on_epoch: Callable[[int, nn.Module], None] | None = None, shard: tuple[int, int] = (0, 1),
+                  wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """Train ``student`` on the distilled ``images`` (normalised) and return it (in eval mode).
+
+    With ``shard=(rank, world)`` this process takes every ``world``-th image of each batch and
+    ``wrap_model`` (e.g. DDP) averages the gradients over the processes.
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    layout = memory_format(settings.channels_last)
+    student.to(device, memory_format=layout).train()
+    model = wrap_model(student) if wrap_model is not None else student
+    images, labels = images.to(device), labels.to(device)
+    n = len(images)
+    batch = n if settings.batch_size is None else settings.batch_size
+    steps_per_epoch = math.ceil(n / batch)
+    total = steps_per_epoch * settings.epochs
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    order_gen = torch.Generator().manual_seed(hash_seed(seed, 1))
+    stored = soft_labels if hasattr(soft_labels, "verify_epoch") else None  # labels read from a relabel artifact
+    if stored is not None and not settings.hard_labels:
+        stored.check_stream(settings, n)
+    t = settings.temperature
+    step = 0
+    for epoch in range(settings.epochs):
+        aug = epoch_augment(n, epoch, settings)
+        if stored is not None and not settings.hard_labels:
+            stored.verify_epoch(epoch, aug)
+        order = torch.randperm(n, generator=order_gen)
+        for start in range(0, n, batch):
+            ids = order[start:start + batch][shard[0]::shard[1]]
+            mixed, partner, lam = augment_batch(images, ids.to(device), aug)
+            mixed = mixed.contiguous(memory_format=layout)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * _cosine(step, total)
+            logits = model(mixed)
+            if settings.hard_labels or soft_labels is None:
+                own = F.cross_entropy(logits, labels[ids.to(device)], reduction="none")
+                other = F.cross_entropy(logits, labels[partner], reduction="none")
+                loss = (lam * own + (1 - lam) * other).mean()
+            else:
+                target = soft_labels(epoch, ids, mixed).to(device)
+                loss = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
+                                log_target=True) * t * t
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        if on_epoch is not None:
+            on_epoch(epoch, student)
+    return student.eval()
+
+
+# ----------------------------------------------------------------------------- testing students
+def check_batches(cfg: EvaluateConfig, *, images: int) -> None:
+    """Refuse an evaluation of an ``images``-image set that its settings cannot run (the settings themselves
+    were checked when ``cfg`` was built): with ``split: data`` every batch is shared out to the workers, so
+    none of its batches may hold fewer images than there are workers."""
+    if cfg.split == "data" and cfg.workers > 1:
+        batch = images if cfg.batch_size is None else min(cfg.batch_size, images)
+        smallest = min(batch, images % batch or batch)  # the last batch of an epoch holds the rest
+        if smallest < cfg.workers:
+            raise ValueError(
+                f"evaluate.split 'data' shares every batch out to the {cfg.workers} evaluate.workers, but with "
+                f"evaluate.batch_size {cfg.batch_size} a batch of the {images}-image set holds {smallest} images, "
+                f"leaving a worker none; use split: seeds, fewer workers, or a batch_size whose batches (the last "
+                f"one too) hold at least {cfg.workers}")
+
+
+def check_student(cfg: EvaluateConfig, *, num_classes: int, in_channels: int, resolution: int) -> None:
+    """Build the student once for the teacher's classes, channels and side: an option value the student
+    refuses is named here instead of inside every worker."""
+    try:
+        build_model(cfg.student, num_classes=num_classes, in_channels=in_channels, resolution=resolution,
+                    **cfg.student_options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"evaluate.student {cfg.student!r} with evaluate.student_options {cfg.student_options}: "
+                         f"{exc}") from None
+
+
+def top1_on_split(model: nn.Module, data_dir: str, *, batch_size: int, num_workers: int, device, indices=None,
+                  resolution: int | None = None, split: str = "val") -> tuple[int, int]:
+    """(correct, total) of ``model`` on ``split`` of the prepared data (or the rows ``indices`` of it)."""
+    loader = make_loader(data_dir, split, batch_size=batch_size, num_workers=num_workers, indices=indices,
+                         train=False, device=str(device), resolution=resolution)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels, _ in loader:
+            pred = model(images.to(device)).argmax(1)
+            correct += int((pred == labels.to(device)).sum())
+            total += len(labels)
+    model.train(was_training)
+    return correct, total
+
+
+def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateConfig, *, num_classes: int,
+                        in_channels: int, resolution: int, seeds: list[int], device="cpu", num_workers: int = 1,
+                        soft_labels=None, report=None, shard: tuple[int, int] = (0, 1), wrap=None,
+                        val_classes: list[int] | None = None, epoch_done=None) -> list[float]:
+    """Top-1 (%) of one student per seed.  ``report(seed, epoch, top1)`` receives intermediate accuracies when
+    ``cfg.eval_every`` > 0 (Ray Tune uses it for early stopping); ``epoch_done(seed, epoch)`` is called after
+    every epoch (progress).  ``val_classes`` restricts the validation images to those classes (for sets
+    distilled from a class subset).  With ``shard=(rank, world)`` this process trains on its share of every
+    batch and tests its share of the val split; ``wrap`` (``sum(tensor)`` and ``wrap_model(model)``, e.g. DDP)
+    combines the processes."""
+    source = None if cfg.hard_labels else (soft_labels or TeacherLabels(teacher))
+    val_labels = read_labels(data_dir, "val")
+    val_indices = np.arange(len(val_labels))
+    if val_classes is not None:
+        val_indices = val_indices[np.isin(val_labels, val_classes)]
+    val_indices = val_indices[shard[0]::shard[1]]
+
+    def top1(model) -> float:
+        correct, total = top1_on_split(model, data_dir, batch_size=cfg.eval_batch_size, num_workers=num_workers,
+                                       device=device, indices=val_indices, resolution=resolution)
+        counts = torch.tensor([correct, total], dtype=torch.float64)
+        if wrap is not None:
+            counts = wrap.sum(counts)
+        return float(100 * counts[0] / counts[1])
+
+    results = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        student = build_model(cfg.student, num_classes=num_classes, in_channels=in_channels,
+                              resolution=resolution, **cfg.student_options)
+
+        def on_epoch(epoch, model, _seed=seed):
+            if epoch_done is not None:
+                epoch_done(_seed, epoch)
+            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+                acc = top1(model)
+                if report is not None:
+                    report(_seed, epoch, acc)
+
+        trained = train_student(student, images, labels, cfg, seed=seed, soft_labels=source,
+                                num_classes=num_classes, device=device, on_epoch=on_epoch, shard=shard,
+                                wrap_model=wrap.wrap_model if wrap is not None else None)
+        acc = top1(trained)
+        if report is not None:
+            report(seed, cfg.epochs - 1, acc)
+        results.append(acc)
+    return results
