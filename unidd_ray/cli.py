@@ -403,20 +403,28 @@ def _command() -> str:
     return " ".join(["unidd-ray", *sys.argv[1:]])
 
 
+def _leave_ray() -> None:
+    """Stop a Ray this command started (its last lines go to its log file), then give the terminal back."""
+    cluster = sys.modules.get("unidd_ray.runtime.cluster")  # imported only by the commands that start Ray
+    if cluster is not None:
+        cluster.shutdown_ray()
+    console.restore()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = f"unidd-ray {args.command}"
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        console.restore()  # Ray's output went to its log file: what follows is for the terminal
+        _leave_ray()  # Ray's output went to its log file: what follows is for the terminal
         if args.verbose:
             traceback.print_exc()
         console.warn(f"{name}: interrupted; finished work is kept: run the same command again to continue"
                      + (" (with --resume)" if args.command in ("squeeze", "recover") else ""))
         return 130
     except Exception as exc:  # noqa: BLE001 - sorted into the user's mistakes and bugs below
-        console.restore()
+        _leave_ray()
         if _no_space(exc):
             where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
             message = (f"no space left on the device{where}: free some space or choose another output; finished "
@@ -430,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         console.warn(f"{name}: error: {message}")
         return 2
     finally:
-        console.restore()
+        _leave_ray()
 
 
 if __name__ == "__main__":

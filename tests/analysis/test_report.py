@@ -224,6 +224,7 @@ def test_report_json_accuracy_table(run_dir, report):
     assert report["accuracy"] == results["rows"]
     html = (run_dir / "report.html").read_text()
     assert "70.50 ± 1.25" in html and "72.00 ± 0.50" in html and "95.00" in html
+    assert f"<title>{run_dir.name}</title>" in html and f"<h1>{run_dir.name}</h1>" in html  # the run's name
     assert set(report["methods"]) == {f"random-ipc{IPC}", f"cfm-ipc{IPC}"}
     for key, entry in report["methods"].items():
         assert entry["ipc"] == IPC and entry["images"] == 10 * IPC

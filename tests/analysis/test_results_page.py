@@ -47,7 +47,8 @@ def test_the_command_writes_over_its_own_page_only(tmp_path, capsys):
     page = tmp_path / "RESULTS.md"
     assert main(["results", str(run), "--out", str(page)]) == 0
     first = page.read_text()
-    assert first == results_page([run])
+    assert first == results_page([run], page)
+    assert f"`unidd-ray results {run} --out {page}`" in first  # the command that regenerates it
     (run / "results.json").write_text(json.dumps({**RESULTS, "seconds": 60.0}))
     write_results_page([run], page)  # its own page: regenerated
     assert "wall time 1 min 00 s" in page.read_text()

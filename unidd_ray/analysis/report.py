@@ -237,13 +237,13 @@ def _losses(report: dict, out: Path) -> str:
         slots = sorted(per_slot, key=int)
         for part in ("loss_filter", "loss_signal", "loss_bn", "loss_ce"):
             values = [per_slot[s].get(part) for s in slots]
-            if slots and all(v is not None for v in values):
+            if slots and all(v is not None for v in values) and any(v > 0 for v in values):  # log axis
                 ax.plot([int(s) for s in slots], values, marker=".", label=f"{key} {part[5:]}")
     ax.set_xlabel("IPC slot")
     ax.set_ylabel("final loss part")
     ax.set_yscale("log")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
     else:  # a run without recovered sets (random subsets only)
         ax.text(0.5, 0.5, "no recovery losses in this run", ha="center", va="center", transform=ax.transAxes)
     _save_figure(fig, out / "losses.png", dpi=90)
@@ -278,11 +278,12 @@ def _html(report: dict, figs: dict[str, str]) -> str:
         f"<tr><td>{esc(k)}</td><td>{e['high_frequency_fraction']:.4f}</td><td>{_fmt(e['intra_class_cosine'])}</td></tr>"
         for k, e in report["methods"].items())
     grids = "".join(f"<img src='{esc(v)}' alt='{esc(k)}'>" for k, v in figs.items() if k.startswith("grid:"))
-    title = f"{report['run']}: {report.get('recipe') or ''} on {report.get('dataset') or ''}"
+    title = report["run"]
+    about = f"recipe {report.get('recipe') or '?'} on {report.get('dataset') or '?'} · {report['path']}"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}} td,th{{padding:2px 8px;text-align:left}}
 img{{max-width:100%;display:block;margin:0.5em 0}} .grids img{{display:inline-block;vertical-align:top;margin-right:1em}}
-</style></head><body><h1>{esc(title)}</h1><p>{esc(report['path'])}</p>
+</style></head><body><h1>{esc(title)}</h1><p>{esc(about)}</p>
 <h2>Accuracy</h2><table><tr><th>method</th><th>IPC</th><th>labels</th><th>top-1 (%)</th><th>seeds</th></tr>{rows}
 </table>
 <h2>Frequency content and diversity</h2>

@@ -70,6 +70,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     _EMBEDDED = address == "local"
 
 
+def shutdown_ray() -> None:
+    """Stop the Ray that :func:`init_ray` started in this process with its output going to a log file, while it
+    still does: Ray's last lines (the raylet's warnings, workers exiting) then land in the log, not on the
+    terminal after the command's own.  A Ray started otherwise (a test's, a notebook's) is left running."""
+    if ray.is_initialized() and console.log_file() is not None:
+        ray.shutdown()
+
+
 # ----------------------------------------------------------------------------- what embedded instances leave
 SESSION_MARK = "unidd_ray-driver.json"  # in the session folder of every embedded instance this project starts
 KEEP_SESSIONS = 3  # folders of ended embedded instances kept for their logs (the newest); older ones are removed
