@@ -54,7 +54,7 @@ from unidd_ray.methods import BASELINES, get_method
 from unidd_ray.models import build_model, load_weights
 from unidd_ray.runtime import console
 from unidd_ray.runtime.cluster import init_ray
-from unidd_ray.stages.evaluate import EvalJob, run_evaluations
+from unidd_ray.stages.evaluate import EvalJob, job_key, run_evaluations
 from unidd_ray.stages.recover import run_recover, validate_inputs
 from unidd_ray.stages.squeeze import squeeze
 from unidd_ray.stages.stats import run_stats
@@ -398,6 +398,7 @@ class _Evaluation:
     ipc: int
     out: Path
     job: EvalJob
+    key: str  # what its stored students must match to count (:func:`unidd_ray.stages.evaluate.job_key`)
 
 
 def _plan_evaluations(recipe: Recipe, inputs: RunInputs, sets: list[_Set]) -> list[_Evaluation]:
@@ -409,7 +410,7 @@ def _plan_evaluations(recipe: Recipe, inputs: RunInputs, sets: list[_Set]) -> li
         out = inputs.run / f"eval-{s.method}-ipc{s.ipc}-{evaluate_key(eval_cfg, inputs.info, inputs.tinfo, identity)}"
         _intact(out, lambda d: check_output(d, "evaluation"))  # a damaged one is evaluated again
         job = EvalJob(s.out, out, eval_cfg, recipe_yaml=inputs.recipe_yaml, name=f"{s.method} IPC {s.ipc}")
-        planned.append(_Evaluation(s.method, s.ipc, out, job))
+        planned.append(_Evaluation(s.method, s.ipc, out, job, job_key(job, identity, inputs.tinfo, inputs.info)))
     return planned
 
 
@@ -421,7 +422,7 @@ def _evaluate_all(recipe: Recipe, inputs: RunInputs, planned: list[_Evaluation])
     pending = {id(e) for e in todo}
     for e in planned:
         if id(e) in pending:
-            stored = len(list((e.out / evaluation.SEEDS).glob("seed-*.json"))) if e.out.is_dir() else 0
+            stored = len([s for s in evaluation.finished_seeds(e.out, e.key) if s < e.job.cfg.seeds])
             _log(f"evaluate {e.method} IPC {e.ipc}: {e.job.cfg.seeds} seeds" + (f", {stored} stored" if stored else "")
                  + f", student {e.job.cfg.student}")
         else:
