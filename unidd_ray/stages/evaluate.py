@@ -31,6 +31,7 @@ from unidd_ray.artifacts.locks import output_lock
 from unidd_ray.artifacts.teacher import check_teacher_data, load_teacher, read_teacher_info
 from unidd_ray.config import EvaluateConfig, to_dict
 from unidd_ray.core.evaluation import TeacherLabels, check_batches, check_student, evaluate_in_process
+from unidd_ray.core.recovery import TorchDistReducer
 from unidd_ray.keys import dataset_identity, distilled_identity, seed_key
 from unidd_ray.models import memory_format
 from unidd_ray.runtime import console
@@ -95,13 +96,9 @@ def deal(tasks: list, workers: int) -> list[list]:
 
 
 # ----------------------------------------------------------------------------- the workers
-class _DistWrap:
-    """DDP helpers for the workers of ``split: data``: sums over the group and the DDP-wrapped student."""
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
+class _DistWrap(TorchDistReducer):
+    """DDP helpers for the workers of ``split: data``: sums over the group (the recovery's reducer) and the
+    DDP-wrapped student."""
 
     def wrap_model(self, model):
         return ray.train.torch.prepare_model(model, move_to_device=False)
