@@ -111,7 +111,7 @@ def main() -> None:
     labels = torch.tensor(classes)
     rows = []
     for slot in slots:
-        images = load_real_images(data_dir, [plan.init_index[k][slot] for k in classes])
+        images = load_real_images(data_dir, [plan.init_index[k][slot] for k in classes], normalize=distiller.normalize)
         images = images.contiguous(memory_format=distiller.layout)
         emu = emu_after(distiller, final, slot)
         generator = torch.Generator().manual_seed(slot)

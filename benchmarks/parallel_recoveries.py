@@ -56,12 +56,12 @@ def child(args) -> None:
     info, distiller = build_distiller(cfg, data, teacher, None if args.method == "sre2l" else stats, "cpu")
     plan = make_plan(read_labels(data, "train"), info.num_classes, cfg)
     emu = EMU(distiller.emu_layers(), enabled=cfg.emu, device="cpu") if distiller.layers else None
-    init = InitImages(data, plan, 0, image_bytes=image_bytes(distiller))
+    init = InitImages(data, plan, 0, image_bytes=image_bytes(distiller), normalize=distiller.normalize)
     seconds = []
     for r in range(plan.rounds):
         t0 = time.perf_counter()
-        run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, sync="round", data_dir=data, num_workers=1,
-                  device="cpu", init_images=init)
+        run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, data_dir=data, num_workers=1, device="cpu",
+                  init_images=init)
         seconds.append(time.perf_counter() - t0)
     print(json.dumps({"method": args.method, "threads": args.threads, "slot_seconds": seconds,
                       "batch": len(plan.chunks[0][0])}), flush=True)

@@ -1,5 +1,5 @@
 """The ``unidd-ray`` command: prepare | squeeze | stats | recover | evaluate | relabel | pipeline | tune | report |
-results | spectra.
+results | spectra | import.
 
 Every stage command takes ``--recipe NAME`` (built-in) or ``--config FILE``
 plus repeatable ``--set section.key=value`` overrides; explicit flags such as
@@ -138,11 +138,17 @@ def cmd_stats(args) -> int:
         rows = []
         for name, m in stats.items():
             rep = covariance_report(m, [betas[0], betas[-1]])
-            t, w = rep["total"], rep["within_class"]
+            t = rep["total"] if "total" in rep else rep["per_batch"]
+            w = rep.get("within_class") or rep.get("per_batch") or {}
             rows.append({"layer": name, "C": m.channels, "count": m.count, "trace": t["trace"],
-                         "eig_min": t["eig_min"], "eig_max": t["eig_max"], "wc_eig_min": w["eig_min"],
-                         "wc_eig_max": w["eig_max"], f"cond(b={betas[0]:.3g})": t["condition"][f"{betas[0]:.6g}"],
+                         "eig_min": t["eig_min"], "eig_max": t["eig_max"], "wc_eig_min": w.get("eig_min"),
+                         "wc_eig_max": w.get("eig_max"),
+                         f"cond(b={betas[0]:.3g})": t["condition"][f"{betas[0]:.6g}"],
                          f"cond(b={betas[-1]:.3g})": t["condition"][f"{betas[-1]:.6g}"]})
+        if rows and rows[0]["count"] is None:  # imported: per_batch where the columns say within-class
+            rows = [{("pb" + k[2:] if k.startswith("wc_") else k): v for k, v in r.items() if k != "count"}
+                    for r in rows]
+            console.say(f"imported statistics; they serve {stats[next(iter(stats))].serves()}")
         console.show(_table(rows, list(rows[0])))
         return 0
     if not (args.data and args.teacher and args.out):
@@ -269,6 +275,31 @@ def cmd_results(args) -> int:
     return 0
 
 
+# the datasets the authors released artifacts for: classes, side and the normalisation their teachers use
+AUTHORS_DATASETS = {"cifar10": (10, 32, "cifar10"), "cifar100": (100, 32, "cifar100"),
+                    "tiny-imagenet": (200, 64, "tiny-imagenet"), "imagenet1k": (1000, 224, "imagenet")}
+
+
+def cmd_import(args) -> int:
+    from unidd_ray.artifacts.authors import import_unidd  # lazy: see the note at the top
+    from unidd_ray.data.normalization import CONSTANTS  # lazy: see the note at the top
+
+    if args.dataset not in AUTHORS_DATASETS:
+        raise ConfigError(f"--dataset {args.dataset!r} is not one of {list(AUTHORS_DATASETS)}")
+    num_classes, resolution, normalization = AUTHORS_DATASETS[args.dataset]
+    check_output(args.out, "import")
+    mean, std = CONSTANTS[normalization]
+    out = import_unidd(statistics=args.statistics, checkpoint=args.checkpoint, model_name=args.model, arch=args.arch,
+                       dataset=args.dataset, num_classes=num_classes, resolution=args.resolution or resolution,
+                       mean=list(mean), std=list(std), out=args.out)
+    record = json.loads((Path(out) / "import.json").read_text())
+    console.show(_table([{"teacher": str(Path(out) / "teacher"), "stats": str(Path(out) / "stats"),
+                          "layers": len(record["layers"]), "normalization": normalization,
+                          "sha256": record["teacher_sha256"][:12]}],
+                        ["teacher", "stats", "layers", "normalization", "sha256"]))
+    return 0
+
+
 def cmd_spectra(args) -> int:
     from unidd_ray.analysis.spectra import spectral_demo  # lazy: see the note at the top
 
@@ -367,6 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
                 recipe=False, writes=False)
     p.add_argument("runs", nargs="+", metavar="RUN", help="pipeline run directories, in the page's order")
     p.add_argument("--out", default=None, help="the page to write (default: print it)")
+
+    p = command("import", "import the UniDD authors' teacher checkpoint and statistics as artifacts", cmd_import,
+                recipe=False)
+    p.add_argument("source", choices=["unidd"], help="whose artifacts (unidd: github bdy9527/UniDD)")
+    p.add_argument("--statistics", required=True, metavar="DIR",
+                   help="their statistics folder (statistic/<dataset>/input/ConvFeatureHook, or a folder above it)")
+    p.add_argument("--model", required=True, help="their model name, e.g. ConvNetW128D3 or ResNet18")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="their checkpoint, e.g. ckpt/CIFAR-10/ConvNetW128D3.pth")
+    p.add_argument("--arch", required=True, choices=["convnet", "resnet18"])
+    p.add_argument("--dataset", required=True, choices=sorted(AUTHORS_DATASETS))
+    p.add_argument("--resolution", type=int, default=None, help="input side (default: the dataset's)")
+    p.add_argument("--out", required=True)
 
     p = command("spectra", "spectral demo: covariance spectra and CFM filter responses", cmd_spectra, recipe=False,
                 writes=False)

@@ -20,13 +20,18 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
+from unidd_ray.data.normalization import check_normalization
 from unidd_ray.data.sources import check_source_options
-from unidd_ray.methods import ALPHA_SCALES, BASELINES, METHODS, SYNC_MODES, method_filter
+from unidd_ray.methods import ALPHA_SCALES, BASELINES, METHODS, method_filter
 from unidd_ray.models import available_models, check_model_options
 from unidd_ray.spectral import COVARIANCE_MODES, SCHEDULES, SIGNAL_KINDS
 from unidd_ray.spectral.filters import PRECISIONS
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+DISTRIBUTIONS = ("exact", "independent")  # recover.distribution: how W workers share a recovery's batches
+INITS = ("random", "first")  # recover.init: which real image each (class, slot) starts from
+ROLLS = ("symmetric", "nonnegative")  # recover.roll: the signs of the random shifts
+LR_SCHEDULES = ("cosine", "constant")  # recover.lr_schedule: the pixels' learning rate over the iterations
 
 
 class ConfigError(ValueError):
@@ -66,6 +71,9 @@ class ModelConfig:
     arch: str = "convnet"
     options: dict = field(default_factory=dict)  # width, depth, norm, stem, ...
     weights: str | None = None  # torchvision-format state_dict to start from (weights_only load)
+    # the teacher's input normalisation (unidd_ray/data/normalization.py): dataset (the training split's mean/std) |
+    # cifar10 | cifar100 | tiny-imagenet | imagenet (the UniDD authors' constants) | {mean: [...], std: [...]}
+    normalization: str | dict = "dataset"
 
     SECTION: ClassVar[str] = "teacher"
 
@@ -116,10 +124,11 @@ class StatsConfig:
 
 @dataclass(frozen=True)
 class RecoverConfig:
-    method: str = "cfm"  # cfm | krr | dc | dm | mtt | sre2l | ce
+    method: str = "cfm"  # cfm | krr | lfm | dc | dm | mtt | sre2l | ce
     ipc: int = 10
     iterations: int = 1000
     lr: float = 0.25
+    lr_schedule: str = "cosine"  # cosine: to 0 over the iterations (the authors') | constant
     adam_betas: tuple[float, float] = (0.5, 0.9)
     alpha: float = 0.1  # weight of the spectral matching terms
     # constant: α for every batch | emu: α·t for the t-th batch, which undoes the 1/t weight the EMU mix
@@ -132,18 +141,32 @@ class RecoverConfig:
     mtt_eta: float = 0.1
     mtt_steps: int = 10
     bn_weight: float = 0.01  # sre2l: weight of the BatchNorm statistics loss
-    signal: str = "mean"  # mean | class | soft
-    covariance: str = "total"  # total | within_class
+    # mean | class | soft (class means, raw / teacher-softmax-weighted) | class_share | mix_share (the authors'
+    # class / mix signals: (n_k/N)·μ_k and its softmax-weighted form, over all K columns)
+    signal: str = "mean"
+    # total | within_class | per_batch (the authors' running_cov; served by imported statistics)
+    covariance: str = "total"
     emu: bool = True
-    classes_per_batch: int | None = None  # None: all classes of a worker in one batch
+    # classes of one batch, the unit the EMU counts once: with distribution exact the global batch (the authors'
+    # --batch: classes in order, cut into batches of this size), with independent each worker's own batch;
+    # None: every class (exact) or every class of a worker (independent) in one batch
+    batch_classes: int | None = None
     workers: int = 1
     cpus_per_worker: float = 1
     use_gpu: bool = False
-    sync: str = "round"  # round: all-reduce EMU moments after each round; step: every iteration
+    # exact: a round is one global batch split across the workers, moments all-reduced at every iteration (the
+    # same images for any worker count); independent: each worker its own batch, the EMU summed after each round
+    distribution: str = "exact"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     max_roll: int | None = None  # None: 4 px at 32 px, scaled with resolution
+    roll: str = "symmetric"  # symmetric: shifts in -max_roll..max_roll | nonnegative: 0..max_roll (the authors')
     flip: bool = True
+    augment: bool = True  # false: no crop, flip or roll (deterministic checks, ablations)
     seed: int = 0
+    # the real image each (class, slot) starts from: random = a choice seeded by (seed, class); first = the
+    # class's first IPC images in file order (the authors')
+    init: str = "random"
+    classes: tuple[int, ...] | None = None  # the classes to distil (None: every class of the dataset)
     save_beton: bool = False
     # NHWC teacher and images (default): faster convolutions on CPUs (oneDNN) for every method, and every
     # tap's Gram matrix is one product on an (N·H·W, C) view (benchmarks/recover.py); a layout, so not
@@ -322,6 +345,10 @@ def check_data(cfg: "DataConfig") -> None:
 def check_model(cfg: "ModelConfig") -> None:
     _choice(cfg.SECTION, "arch", cfg.arch, available_models())
     _model_options(cfg.SECTION, "options", cfg.arch, cfg.options)
+    try:
+        check_normalization(cfg.normalization)
+    except ValueError as exc:
+        raise InvalidSetting(cfg.SECTION, "normalization", str(exc)) from None
     # (the weights file is read where the teacher is trained, e.g. on a cluster's shared storage: checked there)
 
 
@@ -375,13 +402,21 @@ def check_recover(cfg: "RecoverConfig") -> None:
     _number(section, "bn_weight", cfg.bn_weight, low=0)
     _choice(section, "signal", cfg.signal, SIGNAL_KINDS)
     _choice(section, "covariance", cfg.covariance, COVARIANCE_MODES)
-    _integer(section, "classes_per_batch", cfg.classes_per_batch, 1, optional=True)
+    _integer(section, "batch_classes", cfg.batch_classes, 1, optional=True)
     _integer(section, "workers", cfg.workers, 1)
     _number(section, "cpus_per_worker", cfg.cpus_per_worker, low=0, low_open=True)
-    _choice(section, "sync", cfg.sync, SYNC_MODES)
+    _choice(section, "distribution", cfg.distribution, DISTRIBUTIONS)
     _crop_scale(section, "crop_scale", cfg.crop_scale)
     _integer(section, "max_roll", cfg.max_roll, 0, optional=True)
+    _choice(section, "roll", cfg.roll, ROLLS)
+    _choice(section, "lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _integer(section, "seed", cfg.seed, 0)
+    _choice(section, "init", cfg.init, INITS)
+    if cfg.classes is not None and (not cfg.classes or len(set(cfg.classes)) != len(cfg.classes)
+                                    or any(isinstance(k, bool) or not isinstance(k, int) or k < 0
+                                           for k in cfg.classes)):
+        _fail(section, "classes", "must be a non-empty list of distinct class indices >= 0 (or null: every class)",
+              cfg.classes)
     _integer(section, "max_failures", cfg.max_failures, 0)
     try:
         method_filter(cfg)  # the method's own checks of the filter settings it reads (a schedule's beta_min...)
@@ -497,6 +532,8 @@ def _coerce(value: Any, tp, where: str):
 
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass ``cls`` from a (nested) mapping, refusing unknown keys."""
+    if cls is RecoverConfig:
+        data = _former_recover_names(data, where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -509,6 +546,24 @@ def from_dict(cls, data: dict, where: str = ""):
     except InvalidSetting as exc:
         section = getattr(cls, "SECTION", None)
         raise (exc.at(where) if where and section and exc.section == section else exc) from None
+
+
+def _former_recover_names(data: dict, where: str) -> dict:
+    """A recover section in the names it had before ``batch_classes`` and ``distribution`` (a run's stored
+    ``config.yaml``, an older recipe) in today's: ``classes_per_batch`` is ``batch_classes``, ``sync: round``
+    (each worker its own batch) is ``distribution: independent`` and ``sync: step`` (the moments all-reduced
+    at every iteration) ``distribution: exact``."""
+    former = {"classes_per_batch": "batch_classes", "sync": "distribution"}
+    if not any(k in data for k in former):
+        return data
+    data, prefix = dict(data), f"{where}." if where else ""
+    for old, new in former.items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"{prefix}{old} is the former name of {prefix}{new}; give only {prefix}{new}")
+            value = data.pop(old)
+            data[new] = {"round": "independent", "step": "exact"}.get(value, value) if old == "sync" else value
+    return data
 
 
 def to_dict(obj) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from unidd_ray.artifacts.files import differences, sha256_json
 from unidd_ray.config import EvaluateConfig, ModelConfig, Recipe, RecoverConfig, SqueezeConfig, to_dict
+from unidd_ray.data.normalization import DATASET
 from unidd_ray.methods import get_method
 
 CACHE_FORMAT = 2
@@ -31,12 +32,21 @@ PERFORMANCE_KEYS = {
     "data": {"num_workers", "resolution"},  # (prepare does not read data.resolution: the side models train at)
 }
 EXTENT_KEYS = {"evaluate": {"seeds"}}
+# Settings added under this format, each with the value that computes what the stages did before it: at that
+# value a setting stays out of the key, so the directories made before it keep their keys.
+ADDED_KEYS = {"recover": {"init": "random", "lr_schedule": "cosine", "roll": "symmetric", "augment": True,
+                          "classes": None}}
+# Settings renamed under this format enter the key under their former name (the keys of stored stages stay).
+RENAMED_KEYS = {"recover": {"batch_classes": "classes_per_batch"}}
 
 
 def key_settings(kind: str, settings: dict) -> dict:
-    """The settings of a ``kind`` stage that go into its key (its performance and extent settings left out)."""
+    """The settings of a ``kind`` stage that go into its key (its performance and extent settings left out, an
+    added setting at its former behaviour left out, a renamed one under its former name)."""
     drop = PERFORMANCE_KEYS.get(kind, set()) | EXTENT_KEYS.get(kind, set())
-    return {k: v for k, v in settings.items() if k not in drop}
+    added, renamed = ADDED_KEYS.get(kind, {}), RENAMED_KEYS.get(kind, {})
+    return {renamed.get(k, k): v for k, v in settings.items()
+            if k not in drop and not (k in added and v == added[k])}
 
 
 def stage_key(kind: str, settings: dict, **inputs) -> str:
@@ -60,6 +70,33 @@ def dataset_identity(info) -> dict:
     return {"fingerprint": info.fingerprint, **lossy_storage(info)}
 
 
+def teacher_settings(model_cfg: ModelConfig) -> dict:
+    """The teacher section as it enters a key: ``normalization: dataset`` (the default, a function of the dataset,
+    whose identity is in the key) is left out, so a recipe that does not set it keeps the key it had before the
+    setting existed."""
+    model = to_dict(model_cfg)
+    if model.get("normalization") == DATASET:
+        del model["normalization"]
+    return model
+
+
+def teacher_normalization(tinfo, info) -> dict:
+    """The teacher's input normalisation where it is not the dataset's own mean and std (``{}`` where it is): a
+    stage input of its own, since a pretrained teacher's weights (its sha256) are the same under any."""
+    mean, std = getattr(tinfo, "mean", None), getattr(tinfo, "std", None)
+    if mean is None or (list(mean) == list(getattr(info, "mean", None) or [])
+                        and list(std) == list(getattr(info, "std", None) or [])):
+        return {}
+    return {"normalization": {"mean": list(mean), "std": list(std)}}
+
+
+def teacher_identity(tinfo, info):
+    """The teacher as a stage input: its weights' sha256, with its normalisation where it is not the dataset's
+    (:func:`teacher_normalization`; so the keys of a teacher normalised with the dataset's stay as they were)."""
+    normalization = teacher_normalization(tinfo, info)
+    return {"sha256": tinfo.sha256, **normalization} if normalization else tinfo.sha256
+
+
 def distilled_identity(rows: list[dict], files: dict[str, str]) -> str:
     """What an evaluation reads of a distilled set: every image's path, class and sha256, in the order of its
     ``manifest.parquet`` ``rows`` (an image's row is its id in the augmentation stream and in stored soft
@@ -81,33 +118,39 @@ def data_key(recipe: Recipe) -> str:
 def teacher_key(recipe: Recipe, info, weights_sha256: str | None) -> str:
     """The teacher's key on the prepared dataset ``info``; ``weights_sha256``: its starting weights' (by content,
     not path)."""
-    model = {**to_dict(recipe.teacher), "weights": weights_sha256}
+    model = {**teacher_settings(recipe.teacher), "weights": weights_sha256}
     return stage_key("squeeze", {**to_dict(recipe.squeeze), "model": model, "resolution": recipe.data.resolution},
                      dataset=dataset_identity(info))
 
 
 def stats_key(recipe: Recipe, info, tinfo) -> str:
     """The real statistics' key under the teacher ``tinfo``."""
-    return stage_key("stats", to_dict(recipe.stats), teacher=tinfo.sha256, dataset=dataset_identity(info))
+    return stage_key("stats", to_dict(recipe.stats), teacher=teacher_identity(tinfo, info),
+                     dataset=dataset_identity(info))
 
 
 def random_key(recipe: Recipe, ipc: int, info, tinfo) -> str:
     """The random real subset's key: IPC images per class drawn with the IPC's recover seed, written at the
-    teacher's side like the recovered sets."""
-    return stage_key("random", {"ipc": ipc, "seed": recipe.recover_for(ipc).seed, "resolution": tinfo.resolution},
+    teacher's side like the recovered sets (read and encoded with the teacher's normalisation)."""
+    return stage_key("random", {"ipc": ipc, "seed": recipe.recover_for(ipc).seed, "resolution": tinfo.resolution,
+                                **teacher_normalization(tinfo, info)},
                      dataset=dataset_identity(info))
 
 
 def recover_settings(cfg: RecoverConfig) -> dict:
     """The settings of ``cfg`` its method reads (its :mod:`unidd_ray.methods` entry's ``unread`` left out), less
-    the performance settings."""
+    the performance settings.  ``distribution`` enters as the ``sync`` it replaced: ``round`` (each worker its own
+    batch) for ``independent`` and for one worker, where both compute the same; ``exact`` for an exact recovery
+    over several workers (never a key before: the former ``sync: step`` batches were not the authors')."""
     unread = get_method(cfg.method).unread
-    return key_settings("recover", {k: v for k, v in to_dict(cfg).items() if k not in unread})
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in unread}
+    settings["sync"] = "exact" if settings.pop("distribution") == "exact" and cfg.workers > 1 else "round"
+    return key_settings("recover", settings)
 
 
 def recover_key(cfg: RecoverConfig, info, tinfo, stats: str | None) -> str:
     """A recovery's key; ``stats``: the statistics key for a spectral method, else None."""
-    return stage_key("recover", recover_settings(cfg), teacher=tinfo.sha256, stats=stats,
+    return stage_key("recover", recover_settings(cfg), teacher=teacher_identity(tinfo, info), stats=stats,
                      dataset=dataset_identity(info))
 
 
@@ -125,32 +168,36 @@ def evaluate_settings(cfg: EvaluateConfig) -> dict:
 def evaluate_key(cfg: EvaluateConfig, info, tinfo, distilled: str) -> str:
     """An evaluation's key: its settings but the seed count, the teacher, the dataset and the distilled set's
     images (``distilled``: :func:`distilled_identity`)."""
-    return stage_key("evaluate", evaluate_settings(cfg), teacher=tinfo.sha256, distilled=distilled,
-                     dataset=dataset_identity(info))
+    return stage_key("evaluate", evaluate_settings(cfg), teacher=teacher_identity(tinfo, info),
+                     distilled=distilled, dataset=dataset_identity(info))
 
 
 # ----------------------------------------------------------------------------- what a resumed stage must match
 def training_identity(squeeze_cfg: SqueezeConfig, model_cfg: ModelConfig, info, resolution: int,
                       weights_sha256: str | None) -> dict:
     """What a teacher's training depends on: the squeeze settings of its key, the model, its starting weights'
-    sha256, the side and the dataset."""
+    sha256, its normalisation (unless ``dataset``), the side and the dataset."""
+    normalization = teacher_settings(model_cfg).get("normalization")
     return {"squeeze": key_settings("squeeze", to_dict(squeeze_cfg)),
-            "teacher": {"arch": model_cfg.arch, "options": dict(model_cfg.options), "weights": weights_sha256},
+            "teacher": {"arch": model_cfg.arch, "options": dict(model_cfg.options), "weights": weights_sha256,
+                        **({} if normalization is None else {"normalization": normalization})},
             "resolution": resolution, "dataset": dataset_identity(info)}
 
 
 def recovery_identity(cfg: RecoverConfig, info, tinfo, stats_sha256: str | None) -> dict:
     """What the recovered images depend on besides the plan: the settings of the recovery's key, the teacher's
-    sha256, the statistics' sha256 (spectral methods) and the dataset."""
-    return {"recover": recover_settings(cfg), "teacher": tinfo.sha256, "statistics": stats_sha256,
+    sha256 (and normalisation, :func:`teacher_identity`), the statistics' sha256 (spectral methods) and the
+    dataset."""
+    return {"recover": recover_settings(cfg), "teacher": teacher_identity(tinfo, info), "statistics": stats_sha256,
             "dataset": dataset_identity(info)}
 
 
-def seed_key(cfg: EvaluateConfig, distilled: str, teacher_sha256: str, dataset: dict,
+def seed_key(cfg: EvaluateConfig, distilled: str, teacher_sha256, dataset: dict,
              soft_labels: str | None) -> str:
     """What a stored per-seed result of an evaluation must match to be reused: the settings its students
     depend on (so a re-run with other performance settings or another seed count keeps the finished seeds), the
-    distilled images, the teacher, the dataset and the stored soft labels (by content; None: online or hard)."""
+    distilled images, the teacher (``teacher_sha256``: :func:`teacher_identity`), the dataset and the stored soft
+    labels (by content; None: online or hard)."""
     return sha256_json({"evaluate": evaluate_settings(cfg), "distilled": distilled, "teacher": teacher_sha256,
                         "dataset": dataset, "soft_labels": soft_labels})
 

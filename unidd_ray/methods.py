@@ -23,7 +23,6 @@ from unidd_ray.spectral import make_filter
 FILTER_SETTINGS = ("beta_max", "schedule", "beta_min", "precision", "mtt_eta", "mtt_steps")
 MATCHING_SETTINGS = ("alpha", "alpha_scale", "signal", "covariance", "emu")
 ALPHA_SCALES = ("constant", "emu")  # constant: α for every batch | emu: α·t for the t-th batch of the EMU mix
-SYNC_MODES = ("round", "step")
 # real subsets of IPC images per class, evaluated with soft (False) or hard (True) labels
 BASELINES = {"random": False, "random-hard": True}
 
@@ -63,6 +62,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            unread=("schedule", "beta_min", "mtt_eta", "mtt_steps", "bn_weight")),
     Method("dc", "low-pass f = λ (gradient matching)", lambda s: make_filter("dc"),
            unread=FILTER_SETTINGS + ("bn_weight",)),
+    Method("lfm", "low-pass F = Ψ on both terms, the signal filtered too (the paper's LFM rows)",
+           lambda s: make_filter("lfm"), unread=FILTER_SETTINGS + ("bn_weight",)),
     Method("dm", "signal only, f = 1 (distribution matching)", lambda s: make_filter("dm"),
            unread=FILTER_SETTINGS + ("bn_weight",)),
     Method("mtt", "f = (1 − ηλ)^p (trajectory matching)",

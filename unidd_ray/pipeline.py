@@ -303,7 +303,7 @@ def _write_real_subsets(recipe: Recipe, inputs: RunInputs, sets: list[_Set]) -> 
             _log(f"random real subset, IPC {s.ipc} -> {s.out}")
             write_real_subset(inputs.data_dir, s.out, ipc=s.ipc, seed=recipe.recover_for(s.ipc).seed,
                               num_workers=recipe.data.num_workers, recipe_yaml=inputs.recipe_yaml,
-                              resolution=inputs.tinfo.resolution)
+                              resolution=inputs.tinfo.resolution, normalize=(inputs.tinfo.mean, inputs.tinfo.std))
         seconds[s.method, s.ipc] = time.perf_counter() - t0
     return seconds
 

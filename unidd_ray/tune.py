@@ -320,7 +320,7 @@ def run_trial(config: dict, *, recipe: Recipe, base: dict, trial: TrialSettings,
     evaluate_in_process(images, labels, distiller.teacher, data_dir, r.evaluate, num_classes=tinfo.num_classes,
                         in_channels=tinfo.in_channels, resolution=tinfo.resolution, seeds=list(range(r.evaluate.seeds)),
                         device=device, num_workers=r.data.num_workers, report=SeedReports(tune.report),
-                        val_classes=classes)
+                        val_classes=classes, normalize=(tinfo.mean, tinfo.std))
 
 
 class SeedReports:

@@ -128,7 +128,8 @@ def test_an_edited_dataset_json_is_refused(data, key, value):
 
 def test_the_teacher_must_agree_with_the_dataset(data, digits_teacher, tmp_path):
     """A dataset.json edited together with its checksum (or one from before the checksum) still has to agree
-    with what the teacher recorded of it."""
+    with what the teacher recorded of it: its classes and channels (the normalisation is the teacher's own, so
+    another mean in dataset.json is no disagreement)."""
     from unidd_ray.artifacts.files import ArtifactError
     from unidd_ray.artifacts.dataset import content_sha256
     from unidd_ray.stages.stats import check_stats
@@ -138,7 +139,11 @@ def test_the_teacher_must_agree_with_the_dataset(data, digits_teacher, tmp_path)
     info["mean"] = [info["mean"][0] + 0.01]
     info["info_sha256"] = content_sha256(info)
     (data / "dataset.json").write_text(json.dumps(info))
-    with pytest.raises(ArtifactError, match=r"teacher.json and .*dataset.json disagree \(mean \[.*\] \(teacher\) vs"):
+    check_stats(data, digits_teacher, tmp_path / "s", StatsConfig(batch_size=128, block_size=256))
+    info["channels"] = 3
+    info["info_sha256"] = content_sha256(info)
+    (data / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ArtifactError, match=r"teacher.json and .*dataset.json disagree \(channels 1 \(teacher\) vs 3"):
         check_stats(data, digits_teacher, tmp_path / "s", StatsConfig(batch_size=128, block_size=256))
 
 

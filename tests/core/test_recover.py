@@ -63,13 +63,14 @@ def _emu_close(a: dict, b: dict, *, rtol=1e-5, atol=1e-7):
 # ----------------------------------------------------------------------------- a 2-worker run via the CLI
 @pytest.fixture(scope="module")
 def cli_run(ray_session, digits_data, digits_teacher, digits_stats, tmp_path_factory):
-    """``unidd-ray recover`` with 2 workers, CFM, IPC 2, 3 iterations, .beton on."""
+    """``unidd-ray recover`` with 2 workers each optimising its own batch (``distribution: independent``), CFM,
+    IPC 2, 3 iterations, .beton on."""
     from unidd_ray.cli import main
 
     threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("recover-cli")
     out = root / "distilled"
-    sets = {**BASE, "save_beton": "true"}
+    sets = {**BASE, "save_beton": "true", "distribution": "independent"}
     argv = ["recover", "--recipe", "digits", "--data", str(digits_data), "--teacher", str(digits_teacher),
             "--stats", str(digits_stats), "--ipc", "2", "--method", "cfm", "--workers", "2", "--out", str(out),
             "--storage-path", str(root / "ray")]
@@ -155,7 +156,7 @@ def test_worker_partition_is_balanced_and_disjoint(cli_run):
 
 def test_plan_partitions_and_seeded_init():
     labels = np.repeat(np.arange(7), 5)
-    cfg = RecoverConfig(ipc=3, workers=3, seed=4, classes_per_batch=2)
+    cfg = RecoverConfig(ipc=3, workers=3, seed=4, batch_classes=2, distribution="independent")
     plan = make_plan(labels, 7, cfg)
     assert plan.partitions == [[0, 1, 2], [3, 4], [5, 6]]
     assert sorted(k for p in plan.partitions for k in p) == list(range(7))
@@ -174,8 +175,9 @@ def test_plan_partitions_and_seeded_init():
 def test_init_images_read_ahead_gives_each_round_its_own_images(digits_data, budget_images):
     """Whatever the read-ahead budget, every round gets exactly the images it would read itself."""
     labels = read_labels(str(digits_data), "train")
-    cfg = RecoverConfig(ipc=3, workers=2, seed=1, classes_per_batch=3)
+    cfg = RecoverConfig(ipc=3, workers=2, seed=1, batch_classes=9)  # batches 0-8 and 9: worker 1's 2nd piece empty
     plan = make_plan(labels, 10, cfg)
+    assert plan.piece(1, 1) == [] and plan.rounds == 6
     one = load_real_images(str(digits_data), [0])
     image_bytes = one[0].numel() * 4
     for rank in range(2):
@@ -183,10 +185,9 @@ def test_init_images_read_ahead_gives_each_round_its_own_images(digits_data, bud
         source = InitImages(str(digits_data), plan, rank, image_bytes=image_bytes, start_round=start,
                             budget_bytes=budget_images * image_bytes)
         for r in range(start, plan.rounds):
-            slot, j = divmod(r, plan.rounds_per_slot)
-            if j >= len(plan.chunks[rank]):
-                continue
-            indices = [plan.init_index[k][slot] for k in plan.chunks[rank][j]]
+            if not plan.piece(rank, r):
+                continue  # (run_round asks for no images)
+            indices = [plan.init_index[k][r // plan.rounds_per_slot] for k in plan.piece(rank, r)]
             assert torch.equal(source(indices), load_real_images(str(digits_data), indices))
         assert source.cache == {}  # nothing kept once no later round needs it
 
@@ -224,8 +225,8 @@ def test_round_sync_equals_single_process_over_the_union(cli_run, digits_data, d
         results = []
         for w in range(plan.workers):
             local = copy.deepcopy(union)  # every worker starts the round from the synchronised state
-            chunk, result = run_round(distiller, plan, r, rank=w, emu=local, reducer=None, sync="round",
-                                      data_dir=str(digits_data), num_workers=1, device="cpu")
+            chunk, result = run_round(distiller, plan, r, rank=w, emu=local, reducer=None, data_dir=str(digits_data),
+                                      num_workers=1, device="cpu")
             results.append((chunk, result))
         for chunk, result in results:  # one process holding the union of the round's batches
             for name, st in result.stats.items():
@@ -255,45 +256,167 @@ def test_real_side_cache_keeps_only_the_current_slot(digits_data, digits_teacher
     emu = EMU(distiller.emu_layers())
     layers = len(distiller.layers)
     for r in range(plan.rounds):
-        run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, sync="round", data_dir=str(digits_data),
-                  num_workers=1, device="cpu")
+        run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, data_dir=str(digits_data), num_workers=1,
+                  device="cpu")
         emu.synchronise(None)
         assert len(distiller.cache) == layers
     assert distiller.cache.misses == plan.rounds * layers
     assert distiller.cache.hits == plan.rounds * layers * (ITERS - 1)
 
 
-def test_step_sync_two_workers_equal_one_large_batch(ray_session, digits_data, digits_teacher, digits_stats,
-                                                     tmp_path):
-    """``sync: step``: 2 workers × 5 classes per batch give the images one process gets with all 10 classes
-    in one batch (same init, same augmentation stream), and the same EMU state and losses."""
-    cfg2 = RecoverConfig(**BASE, ipc=2, workers=2, sync="step")
-    out = run_recover(digits_data, digits_teacher, digits_stats, tmp_path / "step", cfg2,
-                      storage_path=tmp_path / "ray", progress=False)
-    torch.set_num_threads(1)
-    cfg1 = RecoverConfig(**BASE, ipc=2, workers=1)
-    info, distiller = build_distiller(cfg1, digits_data, digits_teacher, digits_stats, "cpu")
-    plan = make_plan(read_labels(digits_data, "train"), info.num_classes, cfg1)
-    assert plan.chunks == [[list(range(10))]]  # one process, one batch of all classes per slot
+# ----------------------------------------------------------------------------- exact distribution
+# global batches of 4 classes (0-3, 4-7, 8-9): 3 workers get pieces of 2/1/1, 2/1/1 and 1/1/0 classes (uneven, and
+# the last worker's piece of the third batch is empty); the class signal's columns come from every worker
+EXACT = {**BASE, "ipc": 2, "batch_classes": 4, "signal": "class"}
+
+
+def _one_process(cfg: RecoverConfig, data, teacher, stats, real: dict[int, torch.Tensor] | None = None) -> dict:
+    """The one-process recovery of ``cfg``: images per (class, slot), loss parts per round, final EMU state, and
+    ``real``: the initial images by train index (read at once when not given: a loader costs ~1 s a start)."""
+    torch.set_num_threads(1)  # as in the workers (cpus_per_worker=1)
+    info, distiller = build_distiller(cfg, data, teacher, stats, "cpu")
+    plan = make_plan(read_labels(data, "train"), info.num_classes, cfg)
+    if real is None:
+        indices = sorted(i for k in plan.classes for i in plan.init_index[k])
+        real = dict(zip(indices, load_real_images(str(data), indices, normalize=distiller.normalize)))
     emu = EMU(distiller.emu_layers())
-    got = _pixels(out)
-    summary = json.loads((out / "summary.json").read_text())
+    images, parts = {}, []
     for r in range(plan.rounds):
-        chunk, result = run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, sync="round",
-                                  data_dir=str(digits_data), num_workers=1, device="cpu")
+        chunk, result = run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, data_dir=str(data),
+                                  num_workers=1, device="cpu",
+                                  init_images=lambda indices: torch.stack([real[i] for i in indices]))
         for cls, image in zip(chunk, result.images):
-            mine = np.asarray(Image.open(io.BytesIO(to_png_bytes(image, info.mean, info.std))), dtype=np.int16)
-            assert np.abs(mine - got[(cls, r)]).max() <= 1, (cls, r)
-        for k in ("ce", "filter", "signal", "total"):  # the workers' (global) loss parts = the large batch's
-            assert summary["per_slot"][str(r)][f"loss_{k}"] == pytest.approx(result.parts[k], rel=1e-4, abs=1e-6)
-    # the EMU state (float64 sums of the last iteration's batch statistics) agrees to float tolerance
-    _emu_close(emu.state_dict(), torch.load(out / "emu_state.pt", weights_only=True), rtol=1e-4, atol=1e-6)
+            images[(cls, r // plan.rounds_per_slot)] = image
+        parts.append(result.parts)
+    return {"images": images, "parts": parts, "emu": emu.state_dict(), "real": real, "normalize": distiller.normalize}
+
+
+def test_exact_distribution_gives_the_images_of_one_process_for_any_worker_count(digits_data, digits_teacher,
+                                                                                 digits_stats):
+    """``distribution: exact`` (the default): 1, 2 and 3 workers (a gloo group, the all-reduces of a Ray Train
+    recovery) recover the same images, loss parts and EMU state: the authors' batches of ``batch_classes``
+    classes in order, whatever the split, and a worker with an empty piece still joins every all-reduce.
+
+    Tolerance 1e-5 on the (normalised) pixels, 1e-5 relative on the loss parts and the EMU's float64 sums: the
+    workers evaluate the same loss of the same global batch, and only the rounding differs (the moments are
+    summed in float64 across workers where one process sums its float32 batch once; convolutions over batches
+    of other sizes may take other kernels), about 1e-7 relative, which Adam's steps (lr 0.05, 3 iterations)
+    carry into the pixels at that scale (measured: 1.2e-7).  Another batch composition moves pixels by ~lr."""
+    from support.gloo import recover_rank, run_ranks
+
+    ref = _one_process(RecoverConfig(**EXACT, workers=1), digits_data, digits_teacher, digits_stats)
+    real = ref["real"]  # the initial images, read once for every worker
+    assert len(ref["parts"]) == 2 * 3  # IPC 2 × 3 global batches, the EMU counting each once
+    for workers in (2, 3):
+        ranks = run_ranks(recover_rank, workers, RecoverConfig(**EXACT, workers=workers), str(digits_data),
+                          str(digits_teacher), str(digits_stats), real)
+        images = {key: image for rank in ranks for key, image in rank["images"].items()}
+        assert sorted(images) == sorted(ref["images"])
+        for key, image in ref["images"].items():
+            torch.testing.assert_close(images[key], image, rtol=0, atol=1e-5,
+                                       msg=lambda m, key=key, w=workers: f"{w} workers, {key}: {m}")
+        for rank in ranks:
+            for got, want in zip(rank["parts"], ref["parts"]):  # every worker sees the global batch's loss
+                assert got == pytest.approx(want, rel=1e-5, abs=1e-8)
+            assert all(torch.equal(rank["emu"][k], ranks[0]["emu"][k]) for k in ranks[0]["emu"])  # one state
+        _emu_close(ranks[0]["emu"], ref["emu"], rtol=1e-5, atol=1e-8)
+    other = _one_process(RecoverConfig(**{**EXACT, "batch_classes": 5}), digits_data, digits_teacher, digits_stats,
+                         real)
+    assert max((other["images"][k] - ref["images"][k]).abs().max() for k in ref["images"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_exact_recovery_on_ray_matches_one_process(ray_session, digits_data, digits_teacher, digits_stats,
+                                                   tmp_path):
+    """The stage itself: ``run_recover`` with 3 Ray Train workers (pieces 2/1/1, 2/1/1, 1/1/0) writes the
+    images of one process, to one 8-bit level (a value within float rounding of a rounding boundary can land on
+    either side), with each piece's record holding its global batch's loss parts and the empty piece none."""
+    ref = _one_process(RecoverConfig(**EXACT, workers=1), digits_data, digits_teacher, digits_stats)
+    out = run_recover(digits_data, digits_teacher, digits_stats, tmp_path / "out", RecoverConfig(**EXACT, workers=3),
+                      storage_path=tmp_path / "ray", progress=False)
+    got = _pixels(out)
+    assert sorted(got) == sorted(ref["images"])
+    for key, image in ref["images"].items():
+        mine = np.asarray(Image.open(io.BytesIO(to_png_bytes(image, *ref["normalize"]))), dtype=np.int16)
+        assert np.abs(mine - got[key]).max() <= 1, key
+    batches = json.loads((out / BATCHES).read_text())
+    pieces = {(b["slot"], b["chunk"], b["worker"]): b for b in batches}
+    assert len(pieces) == 2 * 8 and (0, 2, 2) not in pieces and pieces[(0, 2, 1)]["classes"] == [9]
+    for b in batches:
+        want = ref["parts"][b["slot"] * 3 + b["chunk"]]
+        assert b["parts"] == pytest.approx(want, rel=1e-4, abs=1e-6), b["batch"]
+    _emu_close(ref["emu"], torch.load(out / "emu_state.pt", weights_only=True), rtol=1e-4, atol=1e-6)
+
+
+def test_exact_and_independent_plans():
+    """exact: the classes in order cut into global batches, each split across the workers (uneven, possibly
+    empty pieces), one EMU batch per round; independent: each worker's own classes cut into its own batches."""
+    labels = np.repeat(np.arange(10), 3)
+    exact = make_plan(labels, 10, RecoverConfig(ipc=2, workers=3, batch_classes=4))
+    assert exact.chunks == [[[0, 1], [4, 5], [8]], [[2], [6], [9]], [[3], [7], []]]
+    assert exact.global_batches and exact.rounds_per_slot == 3 and exact.rounds == 6
+    assert [exact.batch_size(r) for r in range(3)] == [4, 4, 2]
+    assert exact.batches() == 2 * 8 and exact.batches_done(2) == 8 and exact.batches_done(3) == 11
+    assert exact.partitions == [[0, 1, 4, 5, 8], [2, 6, 9], [3, 7]]
+    one = make_plan(labels, 10, RecoverConfig(ipc=2, workers=1, batch_classes=4))
+    assert one.chunks == [[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]] and not one.global_batches
+    assert make_plan(labels, 10, RecoverConfig(ipc=2, workers=1, batch_classes=4, distribution="independent")) == one
+    whole = make_plan(labels, 10, RecoverConfig(ipc=2, workers=3))  # batch_classes None: one batch of every class
+    assert whole.chunks == [[[0, 1, 2, 3]], [[4, 5, 6]], [[7, 8, 9]]] and whole.rounds_per_slot == 1
+    independent = make_plan(labels, 10, RecoverConfig(ipc=2, workers=3, batch_classes=2, distribution="independent"))
+    assert independent.chunks == [[[0, 1], [2, 3]], [[4, 5], [6]], [[7, 8], [9]]]
+    assert not independent.global_batches and independent.batches() == 2 * 6
+
+
+def test_init_first_takes_each_class_in_file_order_and_random_is_unchanged():
+    """``init: first`` starts slot b of class k from the b-th train image of class k in file order (the authors'
+    choice), for any seed; ``random`` (the default) is the seeded draw it always was."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=60)
+    first = make_plan(labels, 5, RecoverConfig(ipc=3, init="first", seed=7))
+    for k in range(5):
+        assert first.init_index[k] == np.flatnonzero(labels == k)[:3].tolist()
+    assert make_plan(labels, 5, RecoverConfig(ipc=3, init="first", seed=1, workers=2)).init_index == first.init_index
+    plan = make_plan(labels, 5, RecoverConfig(ipc=3, seed=7))
+    for k in range(5):
+        members = np.flatnonzero(labels == k)
+        assert plan.init_index[k] == members[np.random.default_rng([7, k]).permutation(len(members))[:3]].tolist()
+    assert plan.init_index != first.init_index
+
+
+def test_keys_tell_the_distributions_apart_and_keep_their_former_form():
+    """The key holds ``distribution`` as the ``sync`` it replaced — ``round`` for independent and for one worker
+    (both compute the same), ``exact`` for an exact recovery over several workers — and ``batch_classes`` under
+    its former name ``classes_per_batch``; ``init`` enters only when it is not ``random``.  So the recoveries
+    stored before these settings keep their keys."""
+    from types import SimpleNamespace
+
+    from unidd_ray.keys import recover_key, recover_settings
+
+    info, tinfo = SimpleNamespace(fingerprint="f" * 64, storage="raw"), SimpleNamespace(sha256="t" * 64)
+
+    def key(**cfg):
+        return recover_key(RecoverConfig(**cfg), info, tinfo, "s" * 12)
+
+    default = recover_settings(RecoverConfig())
+    assert default["sync"] == "round" and default["classes_per_batch"] is None
+    assert not {"distribution", "batch_classes", "init"} & set(default)
+    assert recover_settings(RecoverConfig(init="first"))["init"] == "first" and key(init="first") != key()
+    assert key(distribution="independent") == key()  # one worker: the same images
+    assert recover_settings(RecoverConfig(workers=2))["sync"] == "exact"
+    assert recover_settings(RecoverConfig(workers=2, distribution="independent"))["sync"] == "round"
+    assert len({key(), key(workers=2), key(workers=2, distribution="independent")}) == 3
+    assert key(batch_classes=5) != key()
+    # keys computed by unidd_ray 2861ced (cache format 2, with classes_per_batch and sync): still the same
+    assert key() == "9436ffb687e8" and key(workers=2, distribution="independent") == "24c3b4fb037f"
+    assert key(workers=2, batch_classes=3, distribution="independent") == "f93830238601"
+    assert recover_key(RecoverConfig(method="sre2l"), info, tinfo, None) == "713c8c365aeb"
 
 
 # ----------------------------------------------------------------------------- every method, one loop
 @pytest.mark.parametrize("method", ["cfm", "krr", "dc", "dm", "mtt", "sre2l", "ce"])
 def test_every_method_runs_through_the_loop(method, digits_data, digits_teacher, digits_stats):
-    cfg = RecoverConfig(ipc=1, iterations=ITERS, lr=0.05, max_roll=1, method=method, classes_per_batch=5)
+    cfg = RecoverConfig(ipc=1, iterations=ITERS, lr=0.05, max_roll=1, method=method, batch_classes=5)
     stats = digits_stats if method not in ("sre2l", "ce") else None
     info, distiller = build_distiller(cfg, digits_data, digits_teacher, stats, "cpu")
     plan = make_plan(read_labels(digits_data, "train"), info.num_classes, cfg)
@@ -349,7 +472,7 @@ def test_channels_last_recovers_the_same_images(method, digits_data, digits_teac
     change: the same images and loss parts up to float32 rounding."""
     runs = {}
     for channels_last in (False, True):
-        cfg = RecoverConfig(ipc=1, iterations=ITERS, lr=0.05, max_roll=1, method=method, classes_per_batch=5,
+        cfg = RecoverConfig(ipc=1, iterations=ITERS, lr=0.05, max_roll=1, method=method, batch_classes=5,
                             channels_last=channels_last)
         stats = digits_stats if method == "cfm" else None
         info, distiller = build_distiller(cfg, digits_data, digits_teacher, stats, "cpu")
@@ -500,8 +623,11 @@ def test_refuses_more_workers_than_classes_and_missing_stats(tmp_path, digits_da
         _recover(tmp_path, digits_data, digits_teacher, None, method="sre2l", workers=11)
     with pytest.raises(ValueError, match="needs --stats"):
         _recover(tmp_path, digits_data, digits_teacher, None, method="cfm")
-    with pytest.raises(ValueError, match=r"recover.sync must be one of \['round', 'step'\], got 'always'"):
-        _recover(tmp_path, digits_data, digits_teacher, None, method="sre2l", sync="always")
+    with pytest.raises(ValueError, match=r"recover.distribution must be one of \['exact', 'independent'\], got "
+                                         r"'always'"):
+        _recover(tmp_path, digits_data, digits_teacher, None, method="sre2l", distribution="always")
+    with pytest.raises(ValueError, match=r"recover.init must be one of \['random', 'first'\], got 'last'"):
+        _recover(tmp_path, digits_data, digits_teacher, None, method="sre2l", init="last")
     _nothing_written(tmp_path)
 
 
@@ -512,7 +638,8 @@ def test_refuses_more_workers_than_classes_and_missing_stats(tmp_path, digits_da
     ({"crop_scale": (0.0, 1.0)}, r"recover.crop_scale must be \[low, high\]"),
     ({"crop_scale": (0.9, 0.5)}, r"recover.crop_scale must be \[low, high\]"),
     ({"method": "dm", "schedule": "cosin"}, r"recover.schedule must be one of \['cosine'.*got 'cosin'"),
-    ({"signal": "bogus"}, r"recover.signal must be one of \['mean', 'class', 'soft'\], got 'bogus'"),
+    ({"signal": "bogus"},
+     r"recover.signal must be one of \['mean', 'class', 'soft', 'class_share', 'mix_share'\], got 'bogus'"),
     ({"method": "dm", "signal": "bogus"}, "recover.signal must be one of"),
     ({"method": "dm", "covariance": "bogus"}, r"recover.covariance must be one of \['total'"),
     ({"method": "mtt", "covariance": "bogus"}, "recover.covariance must be one of"),
@@ -554,6 +681,7 @@ def _start(root: Path, data, teacher, stats, *, resume=False, **cfg):
     ({"signal": "class"}, r'recover.signal: "mean" -> "class"'),
     ({"emu": False}, r"recover.emu: true -> false"),
     ({"method": "krr"}, r'recover.method: "cfm" -> "krr"'),
+    ({"init": "first"}, r'recover.init: null -> "first"'),
 ])
 def test_resume_refuses_other_settings_naming_them(changed, named, tmp_path, digits_data, digits_teacher,
                                                    digits_stats, no_training):

@@ -221,3 +221,21 @@ def test_recover_command_reads_the_ipcs_entry(tmp_path, monkeypatch):
                          "--ipc", str(ipc), "--method", "krr", "--out", str(tmp_path / f"ipc{ipc}")]) == 0
     assert [(c.ipc, c.method, c.lr) for c, _ in calls] == [(1, "krr", 0.1), (10, "krr", 0.05)]
     assert [written["recover"]["lr"] for _, written in calls] == [0.1, 0.05]
+
+
+def test_a_recover_section_in_its_former_names_reads_as_today():
+    """A run's stored config.yaml from before ``batch_classes`` and ``distribution``: ``classes_per_batch`` is
+    ``batch_classes``, ``sync: round`` (each worker its own batch) is ``distribution: independent``; an old name
+    given beside its new one is refused."""
+    import yaml
+
+    from unidd_ray.config import RecoverConfig, from_dict, recipe_to_yaml
+
+    old = from_dict(RecoverConfig, {"classes_per_batch": 5, "sync": "round", "workers": 2}, "recover")
+    assert (old.batch_classes, old.distribution) == (5, "independent")
+    assert from_dict(RecoverConfig, {"sync": "step"}).distribution == "exact"
+    with pytest.raises(ConfigError, match=r"^recover.sync is the former name of recover.distribution; give only "):
+        from_dict(RecoverConfig, {"sync": "round", "distribution": "exact"}, "recover")
+    recipe = load_recipe(overrides=["recover.classes_per_batch=3"])
+    assert recipe.recover.batch_classes == 3
+    assert "classes_per_batch" not in yaml.safe_load(recipe_to_yaml(recipe))["recover"]  # written in today's names

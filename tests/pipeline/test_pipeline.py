@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = ["recover.iterations=5", "recover.classes_per_batch=2", "evaluate.epochs=50", "squeeze.epochs=3",
+SETTINGS = ["recover.iterations=5", "recover.batch_classes=2", "evaluate.epochs=50", "squeeze.epochs=3",
             "evaluate.seeds=1", "methods=[random, dm, cfm]", "parallel_recoveries=2"]
 TIMEOUT = 900
 

@@ -205,7 +205,7 @@ def test_recover_keys_hold_the_settings_each_method_reads():
             return None  # a setting the method refuses (krr's one beta has no floor)
         return recover_key(cfg, info, tinfo, "s" * 12 if method not in ("sre2l", "ce") else None)
 
-    methods = ["cfm", "krr", "dc", "dm", "mtt", "sre2l", "ce"]
+    methods = ["cfm", "krr", "lfm", "dc", "dm", "mtt", "sre2l", "ce"]
     base = {m: key(m) for m in methods}
     assert len(set(base.values())) == len(methods)
 
@@ -221,15 +221,22 @@ def test_recover_keys_hold_the_settings_each_method_reads():
     assert moved(bn_weight=0.05) == ["cfm", "sre2l"]
     for matching in ({"alpha": 0.3}, {"alpha_scale": "emu"}, {"signal": "class"}, {"covariance": "within_class"},
                      {"emu": False}):
-        assert moved(**matching) == ["cfm", "dc", "dm", "krr", "mtt"], matching
+        assert moved(**matching) == ["cfm", "dc", "dm", "krr", "lfm", "mtt"], matching
     for shared in ({"lr": 0.04}, {"iterations": 7}, {"seed": 3}, {"crop_scale": (0.5, 1.0)}, {"workers": 2},
-                   {"classes_per_batch": 2}, {"flip": False}, {"sync": "step"}):
+                   {"batch_classes": 2}, {"flip": False}, {"init": "first"},
+                   {"workers": 2, "distribution": "independent"}, {"lr_schedule": "constant"},
+                   {"roll": "nonnegative"}, {"augment": False}, {"classes": (0, 2)}):
         assert moved(**shared) == sorted(methods), shared
+    assert moved(distribution="independent") == []  # one worker: the same images either way
     for performance in ({"cpus_per_worker": 4}, {"channels_last": False}, {"max_failures": 0}):
         assert moved(**performance) == []
 
     cfm = RecoverConfig(method="cfm", beta_max=0.03, precision="mixed")
-    assert recover_key(cfm, info, tinfo, "s" * 12) == stage_key("recover", to_dict(cfm), teacher="t" * 64,
+    # every setting but the performance ones, under the names and defaults of the keys stored recoveries have
+    former = {k: v for k, v in to_dict(cfm).items()
+              if k not in ("batch_classes", "distribution", "init", "lr_schedule", "roll", "augment", "classes")}
+    former |= {"classes_per_batch": cfm.batch_classes, "sync": "round"}
+    assert recover_key(cfm, info, tinfo, "s" * 12) == stage_key("recover", former, teacher="t" * 64,
                                                                dataset={"fingerprint": "f" * 64}, stats="s" * 12)
 
 

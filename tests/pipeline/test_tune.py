@@ -206,6 +206,7 @@ def test_a_trial_with_two_seeds_reports_their_mean(monkeypatch):
 
     def fake_evaluate(images, labels, model, data_dir, cfg, *, seeds, report, **kw):
         evaluated.append((cfg.seeds, seeds))
+        assert kw["normalize"] == ([0.5], [0.25])  # the students are validated with the teacher's constants
         for seed in seeds:
             for epoch in (4, 9):
                 report(seed, epoch, accuracy[seed, epoch])
@@ -217,7 +218,7 @@ def test_a_trial_with_two_seeds_reports_their_mean(monkeypatch):
     monkeypatch.setattr(trials, "recover_in_process", lambda *a, **k: (None, None, []))
     monkeypatch.setattr(trials, "read_labels", lambda *a: None)
     monkeypatch.setattr(trials, "read_teacher_info",
-                        lambda d: SimpleNamespace(num_classes=10, in_channels=1, resolution=8))
+                        lambda d: SimpleNamespace(num_classes=10, in_channels=1, resolution=8, mean=[0.5], std=[0.25]))
     monkeypatch.setattr(trials, "evaluate_in_process", fake_evaluate)
     reports = []
     monkeypatch.setattr(tune, "report", reports.append)

@@ -7,6 +7,13 @@ The schema metadata (key ``unidd_ray``) holds the format version, the teacher's
 sha256, the dataset fingerprint, the layer list, the image count and the
 reduction plan (batch and block sizes).  ``DIR/manifest.json`` records the
 file's sha256; :func:`load_stats` verifies it before reading.
+
+Statistics imported from the UniDD authors' files (:mod:`unidd_ray.artifacts.authors`) are finished
+matrices, not sums: the same file, with metadata ``form: targets``, holds per layer the list<double> columns
+``per_batch``, ``second_moment``, ``mean``, ``class_share`` and ``mix_share`` (null where absent), read back as
+:class:`~unidd_ray.spectral.Targets`; the metadata records their provenance and which covariances and signals
+they serve (the others are refused by name when a recovery asks for them).  Their dataset fingerprint is
+empty: they were computed elsewhere, on data this project never prepared.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import pyarrow.parquet as pq
 import torch
 
 from unidd_ray.artifacts.files import ArtifactError, atomic_file, read_manifest, write_manifest
-from unidd_ray.spectral import Moments
+from unidd_ray.spectral import Moments, Targets
 
 STATS_FILE = "stats.parquet"
 FORMAT_VERSION = 1
 KIND = "stats"
+TARGET_FIELDS = ("per_batch", "second_moment", "mean", "class_share", "mix_share")
 
 
 def write_stats(out_dir: str | Path, moments: dict[str, Moments], *, teacher_sha256: str,
@@ -61,6 +69,61 @@ def write_stats(out_dir: str | Path, moments: dict[str, Moments], *, teacher_sha
     return out_dir / STATS_FILE
 
 
+def write_targets(out_dir: str | Path, targets: dict[str, Targets], *, teacher_sha256: str, provenance: dict
+                  ) -> Path:
+    """Write imported :class:`Targets` as ``stats.parquet`` (``form: targets``) and its ``manifest.json``."""
+    out_dir = Path(out_dir)
+    layers = list(targets)
+    first = targets[layers[0]]
+    meta = {"format_version": FORMAT_VERSION, "form": "targets", "teacher_sha256": teacher_sha256,
+            "dataset_fingerprint": "", "layers": layers, "images": None, "serves": first.serves(),
+            "provenance": provenance}
+    fields = [pa.field("layer", pa.string()), pa.field("channels", pa.int32()), pa.field("num_classes", pa.int32())]
+    fields += [pa.field(f, pa.list_(pa.float64())) for f in TARGET_FIELDS]
+    columns: dict[str, list] = {"layer": layers, "channels": [], "num_classes": [], **{f: [] for f in TARGET_FIELDS}}
+    for name in layers:
+        t = targets[name]
+        columns["channels"].append(t.channels)
+        columns["num_classes"].append(t.num_classes)
+        for f in TARGET_FIELDS:
+            value = t.mean_vector if f == "mean" else getattr(t, f)
+            columns[f].append(None if value is None else value.numpy().astype(np.float64).reshape(-1))
+    schema = pa.schema(fields, metadata={"unidd_ray": json.dumps(meta)})
+    table = pa.table({k: columns[k] for k in schema.names}, schema=schema)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out_dir / STATS_FILE) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    write_manifest(out_dir, KIND, files=[STATS_FILE], teacher_sha256=teacher_sha256, dataset_fingerprint="",
+                   images=None, layers=layers, form="targets")
+    return out_dir / STATS_FILE
+
+
+def _read_targets(table, directory: Path) -> dict[str, Targets]:
+    out = {}
+    for row in table.to_pylist():
+        c, k = row["channels"], row["num_classes"]
+        shapes = {"per_batch": (c, c), "second_moment": (c, c), "mean": (c,), "class_share": (c, k),
+                  "mix_share": (c, k)}
+        values = {}
+        for f, shape in shapes.items():
+            raw = row[f]
+            if raw is None:
+                values[f] = None
+                continue
+            if len(raw) != int(np.prod(shape)):
+                raise ArtifactError(f"layer {row['layer']!r} of {directory / STATS_FILE}: {f} has {len(raw)} values, "
+                                    f"expected {shape}; import the statistics again")
+            values[f] = torch.from_numpy(np.asarray(raw, dtype=np.float64).reshape(shape))
+        try:
+            targets = Targets(**values)
+            covariance_report(targets)
+        except (ValueError, ArtifactError) as exc:
+            raise ArtifactError(f"layer {row['layer']!r} of {directory / STATS_FILE}: {exc}; import the statistics "
+                                "again") from None
+        out[row["layer"]] = targets
+    return out
+
+
 def read_stats_metadata(path: str | Path) -> dict:
     directory = _directory(path)
     schema = pq.read_schema(directory / STATS_FILE)
@@ -76,8 +139,9 @@ def _directory(path: str | Path) -> Path:
 
 
 def load_stats(path: str | Path, *, teacher_sha256: str | None = None, dataset_fingerprint: str | None = None,
-               verify: bool = True) -> dict[str, Moments]:
-    """``{layer_name: Moments}`` from a statistics directory (or its ``stats.parquet``).
+               verify: bool = True) -> dict[str, Moments | Targets]:
+    """``{layer_name: Moments}`` from a statistics directory (or its ``stats.parquet``); imported statistics give
+    ``{layer_name: Targets}``.
 
     The file's sha256 is checked against the manifest (a half-written or
     tampered file is refused); when ``teacher_sha256``/``dataset_fingerprint``
@@ -96,12 +160,16 @@ def load_stats(path: str | Path, *, teacher_sha256: str | None = None, dataset_f
             f"the statistics in {directory} were computed with teacher {meta['teacher_sha256'][:12]}…, not with "
             f"this teacher ({teacher_sha256[:12]}…); recompute them with `unidd-ray stats --teacher ...`"
         )
-    if dataset_fingerprint is not None and meta["dataset_fingerprint"] != dataset_fingerprint:
+    imported = meta.get("form") == "targets"
+    # imported statistics were computed on data this project never prepared: they name no fingerprint
+    if dataset_fingerprint is not None and not imported and meta["dataset_fingerprint"] != dataset_fingerprint:
         raise ArtifactError(
             f"the statistics in {directory} were computed on dataset {meta['dataset_fingerprint'][:12]}…, not on "
             f"this one ({dataset_fingerprint[:12]}…); recompute them with `unidd-ray stats --data ...`"
         )
     table = pq.read_table(directory / STATS_FILE)
+    if imported:
+        return _read_targets(table, directory)
     out: dict[str, Moments] = {}
     rows = table.to_pylist()
     for row in rows:
@@ -122,12 +190,17 @@ def load_stats(path: str | Path, *, teacher_sha256: str | None = None, dataset_f
 ASYMMETRY_TOLERANCE = 1e-9  # relative to the largest |Σxxᵀ| entry; float64 sums of symmetric products are exact
 
 
-def covariance_report(moments: Moments, betas: list[float] | None = None) -> dict:
+TARGETS_TOLERANCE = 1e-6  # imported matrices were accumulated in float32: their rounding, relative to λ_max
+
+
+def covariance_report(moments: Moments | Targets, betas: list[float] | None = None) -> dict:
     """Symmetry/PSD check and eigenvalue ranges of one layer's covariances (SPEC §1.4).
 
     ``asymmetry``: the largest |Σxxᵀ − (Σxxᵀ)ᵀ| of the accumulated second moments relative to their
     largest entry (the covariances are symmetrised when formed, so they are checked before that).
     """
+    if isinstance(moments, Targets):
+        return _targets_report(moments, betas)
     scale = float(moments.sumsq.abs().max()) or 1.0
     asym = float((moments.sumsq - moments.sumsq.T).abs().max()) / scale
     if asym > ASYMMETRY_TOLERANCE:
@@ -143,6 +216,29 @@ def covariance_report(moments: Moments, betas: list[float] | None = None) -> dic
             raise ArtifactError(f"the {mode} covariance is not positive semi-definite (smallest eigenvalue "
                                 f"{lam_min:.3e}); the statistics are corrupt")
         report[mode] = {"trace": float(torch.trace(cov)), "eig_min": lam_min, "eig_max": lam_max}
+        if betas:
+            report[mode]["condition"] = {f"{b:.6g}": (lam_max + b) / (max(lam_min, 0.0) + b) for b in betas}
+    return report
+
+
+def _targets_report(targets: Targets, betas: list[float] | None) -> dict:
+    """The symmetry/PSD check and eigenvalue ranges of imported targets' covariances (float32 tolerances)."""
+    report = {"channels": targets.channels, "count": None, "serves": targets.serves()}
+    worst = 0.0
+    for name in ("per_batch", "second_moment"):
+        matrix = getattr(targets, name)
+        if matrix is not None:
+            worst = max(worst, float((matrix - matrix.T).abs().max()) / (float(matrix.abs().max()) or 1.0))
+    if worst > TARGETS_TOLERANCE:
+        raise ArtifactError(f"the covariance is not symmetric (relative asymmetry {worst:.3e})")
+    report["asymmetry"] = worst
+    for mode in targets.serves()["covariance"]:
+        eig = torch.linalg.eigvalsh(targets.covariance(mode))
+        lam_min, lam_max = float(eig[0]), float(eig[-1])
+        if lam_min < -TARGETS_TOLERANCE * max(abs(lam_max), 1e-300):
+            raise ArtifactError(f"the {mode} covariance is not positive semi-definite (smallest eigenvalue "
+                                f"{lam_min:.3e})")
+        report[mode] = {"trace": float(eig.sum()), "eig_min": lam_min, "eig_max": lam_max}
         if betas:
             report[mode]["condition"] = {f"{b:.6g}": (lam_max + b) / (max(lam_min, 0.0) + b) for b in betas}
     return report

@@ -1,12 +1,14 @@
 """The teacher artifact: ``teacher.pt`` (a state_dict) and ``teacher.json`` (what it is).
 
 ``teacher.json`` names the architecture and its options, the dataset it was
-trained on (name and fingerprint), the normalisation, the validation top-1,
+trained on (name and fingerprint; an empty fingerprint for a teacher trained
+elsewhere and imported), the normalisation of its inputs (``mean``/``std``,
+which every stage normalises the data with), the validation top-1,
 the sha256 of ``teacher.pt`` and ``info_sha256``, the checksum of its other
 keys; :func:`read_teacher_info` refuses an edited file, :func:`load_teacher`
 checks the weights' checksum and loads them with ``weights_only=True``, and
-:func:`check_teacher_data` refuses a teacher whose dataset, classes, channels
-or normalisation are not those of the prepared data it is used with.
+:func:`check_teacher_data` refuses a teacher that does not suit the prepared
+data it is used with.
 """
 
 from __future__ import annotations
@@ -106,18 +108,32 @@ def load_teacher(teacher_dir: str | Path, *, device: str | torch.device = "cpu")
 
 
 def check_teacher_data(tinfo: TeacherInfo, info, teacher_dir: str | Path, data_dir: str | Path) -> None:
-    """Refuse a teacher trained on other data than the prepared dataset ``info`` (in ``data_dir``): another
-    dataset fingerprint, or another class count, channel count or normalisation than ``dataset.json``
-    records now (the teacher's inputs are normalised with the dataset's mean and std)."""
-    if tinfo.dataset_fingerprint != info.fingerprint:
+    """Refuse a teacher that cannot be used with the prepared dataset ``info`` (in ``data_dir``).
+
+    The rule:
+
+    - a teacher trained here (``dataset_fingerprint`` set) must have been trained on this very data: the same
+      dataset fingerprint, and the class and channel counts ``dataset.json`` records now;
+    - an imported teacher, trained elsewhere (``dataset_fingerprint == ""``, e.g. ``unidd-ray import``, which
+      records where it came from in ``extra["provenance"]``), is checked for what the data can show: its class
+      count, its channel count and, for raw storage (where every image has the stored side), its resolution;
+    - the normalisation is never compared: it belongs to the teacher (``mean``/``std``, e.g. a pretrained
+      teacher's fixed constants), and every stage normalises the data with the teacher's, whatever the
+      dataset's own mean and std are.
+    """
+    imported = not tinfo.dataset_fingerprint
+    if not imported and tinfo.dataset_fingerprint != info.fingerprint:
         raise ArtifactError(f"the teacher in {teacher_dir} was trained on dataset {tinfo.dataset_fingerprint[:12]}…, "
                             f"not on {data_dir} ({info.fingerprint[:12]}…); train one on this data with "
                             "`unidd-ray squeeze`")
-    differ = [f"{name} {theirs} (teacher) vs {ours} (dataset)"
-              for name, theirs, ours in (("num_classes", tinfo.num_classes, info.num_classes),
-                                         ("channels", tinfo.in_channels, info.channels),
-                                         ("mean", list(tinfo.mean), list(info.mean)),
-                                         ("std", list(tinfo.std), list(info.std))) if theirs != ours]
+    checks = [("num_classes", tinfo.num_classes, info.num_classes), ("channels", tinfo.in_channels, info.channels)]
+    if imported and info.storage == "raw":
+        checks.append(("resolution", tinfo.resolution, info.resolution))
+    differ = [f"{name} {theirs} (teacher) vs {ours} (dataset)" for name, theirs, ours in checks if theirs != ours]
+    if differ and imported:
+        raise ArtifactError(f"the imported teacher in {teacher_dir} does not suit {data_dir} ({'; '.join(differ)}): "
+                            f"it was trained on {tinfo.dataset or 'other data'}; import a teacher of this data or "
+                            "prepare the data it was trained on")
     if differ:
         raise ArtifactError(f"{teacher_dir}/{INFO} and {data_dir}/dataset.json disagree ({'; '.join(differ)}): one "
                             "of them was edited; prepare the dataset again and re-run `unidd-ray squeeze`")

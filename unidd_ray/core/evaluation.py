@@ -232,10 +232,11 @@ def check_student(cfg: EvaluateConfig, *, num_classes: int, in_channels: int, re
 
 
 def top1_on_split(model: nn.Module, data_dir: str, *, batch_size: int, num_workers: int, device, indices=None,
-                  resolution: int | None = None, split: str = "val") -> tuple[int, int]:
-    """(correct, total) of ``model`` on ``split`` of the prepared data (or the rows ``indices`` of it)."""
+                  resolution: int | None = None, split: str = "val", normalize=True) -> tuple[int, int]:
+    """(correct, total) of ``model`` on ``split`` of the prepared data (or the rows ``indices`` of it), its images
+    normalised with ``normalize`` (the teacher's ``(mean, std)``; see :func:`~unidd_ray.data.loading.make_loader`)."""
     loader = make_loader(data_dir, split, batch_size=batch_size, num_workers=num_workers, indices=indices,
-                         train=False, device=str(device), resolution=resolution)
+                         train=False, device=str(device), resolution=resolution, normalize=normalize)
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -251,10 +252,11 @@ def top1_on_split(model: nn.Module, data_dir: str, *, batch_size: int, num_worke
 def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateConfig, *, num_classes: int,
                         in_channels: int, resolution: int, seeds: list[int], device="cpu", num_workers: int = 1,
                         soft_labels=None, report=None, shard: tuple[int, int] = (0, 1), wrap=None,
-                        val_classes: list[int] | None = None, epoch_done=None) -> list[float]:
-    """Top-1 (%) of one student per seed.  ``report(seed, epoch, top1)`` receives intermediate accuracies when
-    ``cfg.eval_every`` > 0 (Ray Tune uses it for early stopping); ``epoch_done(seed, epoch)`` is called after
-    every epoch (progress).  ``val_classes`` restricts the validation images to those classes (for sets
+                        val_classes: list[int] | None = None, epoch_done=None, normalize=True) -> list[float]:
+    """Top-1 (%) of one student per seed, tested on val images normalised with ``normalize`` (the teacher's
+    ``(mean, std)``, which ``images`` are normalised with too; see :func:`~unidd_ray.data.loading.make_loader`).
+    ``report(seed, epoch, top1)`` receives intermediate accuracies when ``cfg.eval_every`` > 0 (Ray Tune uses
+    it for early stopping); ``epoch_done(seed, epoch)`` is called after every epoch (progress).  ``val_classes`` restricts the validation images to those classes (for sets
     distilled from a class subset).  With ``shard=(rank, world)`` this process trains on its share of every
     batch and tests its share of the val split; ``wrap`` (``sum(tensor)`` and ``wrap_model(model)``, e.g. DDP)
     combines the processes."""
@@ -267,7 +269,8 @@ def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateCon
 
     def top1(model) -> float:
         correct, total = top1_on_split(model, data_dir, batch_size=cfg.eval_batch_size, num_workers=num_workers,
-                                       device=device, indices=val_indices, resolution=resolution)
+                                       device=device, indices=val_indices, resolution=resolution,
+                                       normalize=normalize)
         counts = torch.tensor([correct, total], dtype=torch.float64)
         if wrap is not None:
             counts = wrap.sum(counts)

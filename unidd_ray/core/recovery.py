@@ -8,8 +8,9 @@ SRe2L BatchNorm loss, or CE alone).  The EMU state and an optional cross-worker
 reducer are passed in, so the Ray Train program composes this class without
 the class knowing about Ray.
 
-:func:`run_round` is one round of a recovery plan (:mod:`unidd_ray.core.plan`) on one worker: its chunk's
-batch optimised, then folded into the EMU (summed over the workers with a :class:`TorchDistReducer`);
+:func:`run_round` is one round of a recovery plan (:mod:`unidd_ray.core.plan`) on one worker: its piece of the
+round optimised (its share of one global batch, moments all-reduced with a :class:`TorchDistReducer` at every
+iteration; or its own batch), then folded into the EMU;
 :func:`recover_in_process` runs every round of a one-worker plan in this process (Ray Tune trials, notebooks).
 """
 
@@ -57,8 +58,9 @@ def default_max_roll(resolution: int) -> int:
 
 
 def sample_augment(generator: torch.Generator, resolution: int, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                   flip: bool = True, max_roll: int = 4) -> AugmentParams:
-    """One RandomResizedCrop box, flip and roll for a whole batch, drawn from ``generator``."""
+                   flip: bool = True, max_roll: int = 4, nonnegative_roll: bool = False) -> AugmentParams:
+    """One RandomResizedCrop box, flip and roll for a whole batch, drawn from ``generator``; the roll's shifts
+    lie in -max_roll..max_roll, or in 0..max_roll with ``nonnegative_roll`` (the authors' ``randint(0, jitter)``)."""
     area = resolution * resolution
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -74,7 +76,8 @@ def sample_augment(generator: torch.Generator, resolution: int, *, scale=(0.08, 
     else:
         top, left, h, w = 0, 0, resolution, resolution
     rest = torch.rand(1, generator=generator).item()
-    shifts = torch.randint(-max_roll, max_roll + 1, (2,), generator=generator).tolist() if max_roll > 0 else [0, 0]
+    low = 0 if nonnegative_roll else -max_roll
+    shifts = torch.randint(low, max_roll + 1, (2,), generator=generator).tolist() if max_roll > 0 else [0, 0]
     return AugmentParams(top, left, h, w, flip and rest < 0.5, shifts[0], shifts[1])
 
 
@@ -118,7 +121,10 @@ class Distiller:
 
     def __init__(self, teacher: nn.Module, real: dict[str, Moments] | None, settings: RecoverConfig, *,
                  num_classes: int, resolution: int, pixel_min: Tensor, pixel_max: Tensor,
-                 layers: list[str] | None = None, device: str | torch.device = "cpu"):
+                 layers: list[str] | None = None, device: str | torch.device = "cpu", normalize=True):
+        """``normalize``: how the images are normalised, as :func:`~unidd_ray.data.loading.make_loader`'s
+        argument: the teacher's ``(mean, std)`` (:func:`build_distiller`) or True (``dataset.json``'s); the real
+        images a batch starts from are read with it, ``pixel_min``/``pixel_max`` are [0, 1] under it."""
         method = get_method(settings.method)  # (its settings were checked when ``settings`` was built)
         self.device = torch.device(device)
         self.layout = memory_format(settings.channels_last)
@@ -130,6 +136,7 @@ class Distiller:
         self.resolution = resolution
         self.pixel_min = pixel_min.to(self.device).view(1, -1, 1, 1)
         self.pixel_max = pixel_max.to(self.device).view(1, -1, 1, 1)
+        self.normalize = normalize
         self.max_roll = settings.max_roll if settings.max_roll is not None else default_max_roll(resolution)
         self.filter = method_filter(settings)
         self.layers: list[str] = []
@@ -159,7 +166,7 @@ class Distiller:
                              "layer")
 
     def emu_layers(self) -> dict[str, tuple[int, int]]:
-        columns = self.num_classes if self.s.signal in ("class", "soft") else 1
+        columns = self.num_classes if self.s.signal != "mean" else 1
         return {name: (self.real_cov[name].shape[0], columns) for name in self.layers}
 
     def slot_filter(self, slot: int, ipc: int):
@@ -185,7 +192,7 @@ class Distiller:
                  progress: Callable[[int, dict], None] | None = None) -> BatchResult:
         """Optimise one batch starting from ``init`` (normalised images) with class ``labels``.
 
-        ``reducer`` sums statistics over workers at every iteration (``sync: step``),
+        ``reducer`` sums statistics over workers at every iteration (``distribution: exact``),
         making the workers' batches one large batch of ``global_count`` images.
         """
         s = self.s
@@ -197,56 +204,85 @@ class Distiller:
         generator = torch.Generator().manual_seed(int(aug_seed))
         filt = self.slot_filter(slot, ipc)
         alpha = self.matching_weight(emu)
-        captured: dict[str, Tensor] = {}
-        hooked = self.layers + self.bn_layers
         parts: dict[str, float] = {}
         last_stats: dict[str, BatchStatistics] = {}
-        with tapped(self.teacher, hooked, lambda name, feats: captured.__setitem__(name, feats)):
-            for it in range(s.iterations):
-                lr = 0.5 * s.lr * (1 + math.cos(math.pi * it / s.iterations))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+        for it in range(s.iterations):
+            for group in optimizer.param_groups:
+                group["lr"] = self.learning_rate(it)
+            images = x
+            if s.augment:
                 aug = sample_augment(generator, self.resolution, scale=tuple(s.crop_scale), flip=s.flip,
-                                     max_roll=self.max_roll)
-                captured.clear()
-                logits = self.teacher(apply_augment(x, aug))
-                ce = F.cross_entropy(logits, labels, reduction="sum") / count if len(labels) else logits.sum() * 0
-                loss = ce
-                parts = {"ce": float(reducer.sum(ce.detach().reshape(1)))}
-                if filt is not None:
-                    probs = torch.softmax(logits, 1) if s.signal == "soft" else None
-                    f_total, s_total, last_stats = self.matching_terms(captured, labels, probs, filt, emu, reducer)
-                    loss = loss + alpha * (f_total + s_total)
-                    parts.update(filter=_value(f_total), signal=_value(s_total))
-                    spectral = alpha * (parts["filter"] + parts["signal"])
-                elif self.bn_layers:
-                    bn = self._bn_loss(captured, reducer)
-                    loss = loss + s.bn_weight * bn
-                    parts["bn"] = _value(bn)
-                    spectral = s.bn_weight * parts["bn"]
-                else:
-                    spectral = 0.0
-                # the global total (CE summed over workers + the shared matching term), not this worker's share
-                parts["total"] = parts["ce"] + spectral
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                self.clamp_(x)
-                if progress is not None:
-                    progress(it, parts)
+                                     max_roll=self.max_roll, nonnegative_roll=s.roll == "nonnegative")
+                images = apply_augment(x, aug)
+            loss, parts, last_stats = self.batch_loss(images, labels, filt=filt, alpha=alpha, emu=emu,
+                                                      reducer=reducer, count=count)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self.clamp_(x)
+            if progress is not None:
+                progress(it, parts)
         return BatchResult(x.detach(), parts, {k: _detach_stats(v) for k, v in last_stats.items()})
 
+    def learning_rate(self, it: int) -> float:
+        """The pixels' learning rate at iteration ``it``: cosine decay to 0 over the iterations, or constant."""
+        if self.s.lr_schedule == "constant":
+            return self.s.lr
+        return 0.5 * self.s.lr * (1 + math.cos(math.pi * it / self.s.iterations))
+
     # ------------------------------------------------------------------------- losses
+    def batch_loss(self, images: Tensor, labels: Tensor, *, filt, alpha: float, emu: EMU | None,
+                   reducer: Reducer | None = None, count: int | None = None, per_layer: dict | None = None):
+        """``(loss, parts, stats)`` of one forward pass of the (augmented) ``images``: CE summed over the batch
+        and divided by the global ``count``, plus ``alpha`` times the matching terms of ``filt`` (or the
+        BatchNorm term of SRe2L).  ``parts`` holds plain floats (the global CE and total); ``stats`` each tap's
+        batch statistics; ``per_layer`` (a dict), when given, receives each tap's (filter, signal) losses."""
+        s = self.s
+        reducer = reducer or Reducer()
+        count = count or len(labels)
+        captured: dict[str, Tensor] = {}
+        stats: dict[str, BatchStatistics] = {}
+        with tapped(self.teacher, self.layers + self.bn_layers, lambda name, feats: captured.__setitem__(name, feats)):
+            logits = self.teacher(images)
+        ce = F.cross_entropy(logits, labels, reduction="sum") / count if len(labels) else logits.sum() * 0
+        loss = ce
+        parts = {"ce": float(reducer.sum(ce.detach().reshape(1)))}
+        if filt is not None:
+            f_total, s_total, stats = self.matching_terms(captured, labels, self._probs(logits), filt, emu, reducer,
+                                                          per_layer=per_layer)
+            loss = loss + alpha * (f_total + s_total)
+            parts.update(filter=_value(f_total), signal=_value(s_total))
+            spectral = alpha * (parts["filter"] + parts["signal"])
+        elif self.bn_layers:
+            bn = self._bn_loss(captured, reducer)
+            loss = loss + s.bn_weight * bn
+            parts["bn"] = _value(bn)
+            spectral = s.bn_weight * parts["bn"]
+        else:
+            spectral = 0.0
+        # the global total (CE summed over workers + the shared matching term), not this worker's share
+        parts["total"] = parts["ce"] + spectral
+        return loss, parts, stats
+
+    def _probs(self, logits: Tensor) -> Tensor | None:
+        """The teacher's class probabilities a signal weights by: ``soft`` differentiates through them;
+        ``mix_share`` takes them as fixed weights, as the authors do (a detached copy of the teacher)."""
+        if self.s.signal == "soft":
+            return torch.softmax(logits, 1)
+        if self.s.signal == "mix_share":
+            return torch.softmax(logits.detach(), 1)
+        return None
+
     def _batch_stats(self, feats: Tensor, labels: Tensor, probs: Tensor | None, reducer: Reducer
                      ) -> BatchStatistics:
         s = self.s
         stats = batch_statistics(feats, labels, signal=s.signal, probs=probs, num_classes=self.num_classes)
         if type(reducer) is Reducer:
             return stats
-        # sync: step — sum the moments over workers; class columns are scattered to all K first.  They
+        # distribution: exact — sum the moments over workers; class columns are scattered to all K first.  They
         # are summed in float64: a worker with a small batch holds float64 moments (see
         # batch_statistics), and every worker must send the same dtype.
-        k = self.num_classes if s.signal in ("class", "soft") else 1
+        k = self.num_classes if s.signal != "mean" else 1
         f64 = torch.float64
         sig_sum = feats.new_zeros(feats.shape[1], k, dtype=f64).index_copy(1, stats.columns, stats.signal_sum.to(f64))
         sig_w = feats.new_zeros(k, dtype=f64).index_copy(0, stats.columns, stats.signal_weight.to(f64))
@@ -259,9 +295,11 @@ class Distiller:
         return BatchStatistics(n=n, sum=total, sumsq=sumsq, signal_sum=sig_sum[:, present],
                                signal_weight=sig_w[present], columns=present)
 
-    def matching_terms(self, captured, labels, probs, filt, emu: EMU | None, reducer: Reducer):
+    def matching_terms(self, captured, labels, probs, filt, emu: EMU | None, reducer: Reducer, *,
+                       per_layer: dict | None = None):
         """The filter and signal losses summed over the taps (each batch mixed with the EMU when given) and
-        each tap's batch statistics, from the features ``captured`` of one forward pass."""
+        each tap's batch statistics, from the features ``captured`` of one forward pass; ``per_layer`` (a dict),
+        when given, receives each tap's (filter, signal) losses."""
         f_total = s_total = 0.0
         stats_out = {}
         for name in self.layers:
@@ -274,6 +312,8 @@ class Distiller:
                                               columns=stats.columns, cache=self.cache)
             f_total = f_total + f_loss
             s_total = s_total + s_loss
+            if per_layer is not None:
+                per_layer[name] = (f_loss, s_loss)
         return f_total, s_total, stats_out
 
     def _bn_loss(self, captured, reducer: Reducer):
@@ -313,15 +353,16 @@ class InitImages:
     while ImageNet-sized ones are read a few rounds at a time."""
 
     def __init__(self, data_dir: str, plan: RecoverPlan, rank: int, *, image_bytes: int, num_workers: int = 1,
-                 start_round: int = 0, budget_bytes: int = 256 << 20, resolution: int | None = None):
+                 start_round: int = 0, budget_bytes: int = 256 << 20, resolution: int | None = None,
+                 normalize=True):
         self.data_dir, self.num_workers, self.resolution = data_dir, num_workers, resolution
+        self.normalize = normalize  # the distiller's (Distiller.normalize): the teacher's (mean, std)
         self.per_load = max(1, budget_bytes // max(1, image_bytes))
-        chunks = plan.chunks[rank]
-        self.rounds = []  # the index lists this worker will ask for, in order
+        self.rounds = []  # the index lists this worker will ask for, in order (none for an empty piece)
         for r in range(start_round, plan.rounds):
-            slot, j = divmod(r, plan.rounds_per_slot)
-            if j < len(chunks):
-                self.rounds.append([plan.init_index[k][slot] for k in chunks[j]])
+            piece = plan.piece(rank, r)
+            if piece:
+                self.rounds.append([plan.init_index[k][r // plan.rounds_per_slot] for k in piece])
         self.next = 0
         self.cache: dict[int, torch.Tensor] = {}
         self.remaining = Counter(i for r in self.rounds for i in r)  # uses of each index in rounds[next:]
@@ -338,7 +379,7 @@ class InitImages:
                 wanted += ahead
             wanted = list(dict.fromkeys(wanted))
             self.cache.update(zip(wanted, load_real_images(self.data_dir, wanted, num_workers=self.num_workers,
-                                                           resolution=self.resolution)))
+                                                           resolution=self.resolution, normalize=self.normalize)))
         images = torch.stack([self.cache[i] for i in indices])
         for i in indices:
             if self.remaining[i] <= 0:  # no later round asks for it
@@ -374,42 +415,46 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-def run_round(distiller, plan: RecoverPlan, r: int, *, rank: int, emu, reducer, sync: str, data_dir: str,
-              num_workers: int, device, init_images=None) -> tuple[list[int] | None, object]:
-    """Round ``r`` of worker ``rank``: optimise its chunk (if any), then fold the round into the EMU.
+def run_round(distiller, plan: RecoverPlan, r: int, *, rank: int, emu, reducer, data_dir: str, num_workers: int,
+              device, init_images=None) -> tuple[list[int], object]:
+    """Round ``r`` of worker ``rank``: optimise its piece of the round (if any), then fold the round into the EMU.
 
-    With ``sync == "step"`` and several workers, a worker without a chunk still takes part
-    (with an empty batch) in every iteration's all-reduce.  ``init_images`` (indices → images, e.g.
-    an :class:`InitImages`) supplies the real initial images; by default each round reads its own.
-    Returns (classes, BatchResult or None).
+    Exact distribution over several workers (``plan.global_batches``): the round's pieces are one global batch —
+    the moments are summed with ``reducer`` at every iteration, the cross-entropy is normalised by the global
+    batch size, every worker draws the same augmentation (seeded by (seed, slot, batch)), a worker with an empty
+    piece still takes part (with an empty batch) in every all-reduce, and every worker folds the same global
+    statistics into its EMU, which so counts the round once.  Independent: each worker optimises its own batch
+    alone and the EMU sums the round's batches with ``reducer`` (None: one process).  ``init_images`` (indices
+    → images, e.g. an :class:`InitImages`) supplies the real initial images; by default each round reads its
+    own.  Returns (classes, BatchResult or None).
     """
     slot, j = divmod(r, plan.rounds_per_slot)
-    chunks = plan.chunks[rank]
-    chunk = chunks[j] if j < len(chunks) else None
-    step_sync = sync == "step" and reducer is not None
+    piece = plan.piece(rank, r)
+    shared = plan.global_batches
+    if shared and reducer is None:
+        raise ValueError("an exact recovery over several workers needs a reducer: its moments are all-reduced "
+                         "at every iteration")
     result = None
-    if chunk is not None or step_sync:
-        classes = chunk or []
-        if classes:
-            indices = [plan.init_index[k][slot] for k in classes]
+    if piece or shared:
+        if piece:
+            indices = [plan.init_index[k][slot] for k in piece]
             init = (init_images(indices) if init_images is not None
                     else load_real_images(data_dir, indices, num_workers=num_workers,
-                                          resolution=distiller.resolution))
+                                          resolution=distiller.resolution, normalize=distiller.normalize))
         else:
             side = distiller.resolution
             init = torch.zeros(0, len(distiller.pixel_min.flatten()), side, side)
-        global_count = int(reducer.sum(torch.tensor([float(len(classes))]))[0]) if step_sync else None
         aug_seed = int(np.random.SeedSequence([plan.seed, slot, j]).generate_state(1)[0])
-        result = distiller.optimize(init.to(device), torch.tensor(classes, dtype=torch.long), slot=slot,
-                                    ipc=plan.ipc, aug_seed=aug_seed, emu=emu,
-                                    reducer=reducer if step_sync else None, global_count=global_count)
+        result = distiller.optimize(init.to(device), torch.tensor(piece, dtype=torch.long), slot=slot,
+                                    ipc=plan.ipc, aug_seed=aug_seed, emu=emu, reducer=reducer if shared else None,
+                                    global_count=plan.batch_size(r) if shared else None)
     if emu is not None:
         if result is not None:
             for name, stats in result.stats.items():
                 emu.commit(name, stats.covariance, stats.signal, stats.columns)
-        # sync: round sums every worker's new batches; sync: step already shared one large batch
-        emu.synchronise(reducer.sum if (reducer is not None and sync == "round") else None)
-    return chunk, result
+        # independent: sum every worker's new batch; exact: the workers already shared one batch
+        emu.synchronise(None if shared or reducer is None else reducer.sum)
+    return piece, result
 
 
 def image_bytes(distiller: "Distiller") -> int:
@@ -427,13 +472,13 @@ def recover_in_process(distiller, plan: RecoverPlan, *, data_dir: str, emu_enabl
         raise ValueError("recover_in_process runs a one-worker plan; use run_recover for several workers")
     emu = EMU(distiller.emu_layers(), enabled=emu_enabled, device=device) if distiller.layers else None
     init_images = InitImages(data_dir, plan, 0, image_bytes=image_bytes(distiller), num_workers=num_workers,
-                             resolution=distiller.resolution)
+                             resolution=distiller.resolution, normalize=distiller.normalize)
     found: dict[tuple[int, int], torch.Tensor] = {}
     parts = []
     for r in range(plan.rounds):
         slot = r // plan.rounds_per_slot
-        chunk, result = run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, sync="round",
-                                  data_dir=data_dir, num_workers=num_workers, device=device, init_images=init_images)
+        chunk, result = run_round(distiller, plan, r, rank=0, emu=emu, reducer=None, data_dir=data_dir,
+                                  num_workers=num_workers, device=device, init_images=init_images)
         for cls, image in zip(chunk, result.images):
             found[(cls, slot)] = image.cpu()
         parts.append({"slot": slot, "classes": chunk, **result.parts})
@@ -449,13 +494,15 @@ def build_distiller(cfg: RecoverConfig, data_dir: str | Path, teacher_dir: str |
                     device) -> tuple[object, Distiller]:
     """The dataset's info and a :class:`Distiller` for ``cfg`` on the teacher in ``teacher_dir`` (its weights'
     checksum verified), matching the statistics in ``stats_dir`` (a spectral method's; None for the others)
-    and keeping its images in the dataset's pixel range."""
+    and keeping its images in the valid pixel range under the teacher's normalisation (``TeacherInfo.mean``/``std``,
+    with which it also reads its real initial images)."""
     info = read_dataset_info(data_dir)
     teacher, tinfo = load_teacher(teacher_dir, device=device)
     real = None
     if stats_dir is not None:
         real = load_stats(stats_dir, teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)
-    mean = torch.tensor(info.mean, dtype=torch.float32)
-    std = torch.tensor(info.std, dtype=torch.float32)
+    mean = torch.tensor(tinfo.mean, dtype=torch.float32)
+    std = torch.tensor(tinfo.std, dtype=torch.float32)
     return info, Distiller(teacher, real, cfg, num_classes=info.num_classes, resolution=tinfo.resolution,
-                           pixel_min=(0 - mean) / std, pixel_max=(1 - mean) / std, device=device)
+                           pixel_min=(0 - mean) / std, pixel_max=(1 - mean) / std, device=device,
+                           normalize=(list(tinfo.mean), list(tinfo.std)))

@@ -2,8 +2,10 @@
 
 Every loader yields ``(images, labels, index)``:
 
-- ``images``: float32 ``(B, C, H, W)`` on ``device``, normalised with ``dataset.json``'s mean/std
-  (``normalize=True``) or scaled to [0, 1];
+- ``images``: float32 ``(B, C, H, W)`` on ``device``, normalised with ``normalize=(mean, std)`` (the
+  teacher's: ``TeacherInfo.mean``/``std``, see :mod:`~unidd_ray.data.normalization`), with ``dataset.json``'s
+  mean/std (``normalize=True``: the ``dataset`` normalisation, for code without a teacher) or scaled to [0, 1]
+  (``normalize=False``);
 - ``labels``: int64 ``(B,)`` on ``device``;
 - ``index``: int64 ``(B,)`` on the CPU, each row's position in its split.
 
@@ -123,7 +125,23 @@ def _to_device(device: torch.device) -> list:
     return [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
 
 
-def _image_pipeline(info: DatasetInfo, *, train: bool, device: torch.device, normalize: bool, resolution: int,
+def _normalization(info: DatasetInfo, normalize) -> tuple[Sequence[float] | None, Sequence[float] | None]:
+    """The (mean, std) that ``normalize`` asks for (``(None, None)``: scale to [0, 1])."""
+    if normalize is True:
+        return info.mean, info.std
+    if normalize is False or normalize is None:
+        return None, None
+    try:
+        mean, std = normalize
+    except (TypeError, ValueError):
+        raise ValueError(f"normalize must be a (mean, std) pair, True (dataset.json's) or False, got {normalize!r}") \
+            from None
+    if len(mean) != info.channels:
+        raise ValueError(f"normalize gives {len(mean)} channel(s) of mean but the images have {info.channels}")
+    return mean, std
+
+
+def _image_pipeline(info: DatasetInfo, *, train: bool, device: torch.device, normalize, resolution: int,
                     crop_scale: tuple[float, float], seed: int) -> list:
     # lazy, like every FFCV import here (see Threads above)
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, RandomResizedCropRGBImageDecoder
@@ -141,7 +159,7 @@ def _image_pipeline(info: DatasetInfo, *, train: bool, device: torch.device, nor
             stages = [CenterCropRGBImageDecoder((resolution, resolution), ratio=info.eval_crop_ratio)]
     else:
         stages = [NDArrayDecoder()]
-    mean, std = (info.mean, info.std) if normalize else (None, None)
+    mean, std = _normalization(info, normalize)
     if on_cpu:  # convert (and, for JPEG training, flip) in numba
         flip_seed = seed if train and info.storage == "jpeg" else None
         stages += [ToFloatNCHW.for_stats(info.channels, mean, std, flip_seed=flip_seed), ToTensor()]
@@ -158,14 +176,15 @@ def _image_pipeline(info: DatasetInfo, *, train: bool, device: torch.device, nor
 
 def make_loader(data_dir: str | Path, split: str, *, batch_size: int, num_workers: int,
                 indices: Sequence[int] | np.ndarray | None = None, train: bool = False, order: str = "sequential",
-                seed: int = 0, device: str = "cpu", normalize: bool = True, resolution: int | None = None,
+                seed: int = 0, device: str = "cpu", normalize=True, resolution: int | None = None,
                 crop_scale: tuple[float, float] = (0.08, 1.0), drop_last: bool = False):
     """An ``ffcv.loader.Loader`` over ``split`` of the prepared dataset in ``data_dir``.
 
     ``indices``: rows to read (default: all); ``train``: add the training augmentation;
     ``order``: ``"sequential"``, ``"random"`` or ``"quasi_random"`` (``seed`` seeds the order and the
     raw-storage augmentation); ``resolution``: output side (default: ``dataset.json``'s);
-    ``drop_last``: drop a final partial batch.  See the module docstring for what is yielded.
+    ``drop_last``: drop a final partial batch; ``normalize``: ``(mean, std)`` (the teacher's, what every stage
+    passes), ``True`` (``dataset.json``'s) or ``False`` ([0, 1]).  See the module docstring for what is yielded.
     """
     threads = torch.get_num_threads()  # before FFCV's import, which sets it to 1: FFCV is imported here, lazily
     from ffcv.fields.decoders import IntDecoder
@@ -241,15 +260,17 @@ class ThreadKeepingLoader:
 
 
 def load_real_images(data_dir: str | Path, indices: list[int], *, num_workers: int = 1, resolution: int | None = None,
-                     batch_size: int = 256) -> torch.Tensor:
+                     batch_size: int = 256, normalize=True) -> torch.Tensor:
     """Normalised eval-pipeline images of the given train indices, in the given order.
 
     ``resolution``: output side (default: the stored one; a recovery asks for its teacher's);
-    ``batch_size``: images per loader batch, which bounds the loader's buffers.
+    ``batch_size``: images per loader batch, which bounds the loader's buffers; ``normalize``: as for
+    :func:`make_loader` (a recovery passes its teacher's ``(mean, std)``).
     """
     unique = sorted(set(indices))
     loader = make_loader(data_dir, "train", batch_size=max(1, min(batch_size, len(unique))), num_workers=num_workers,
-                         indices=unique, train=False, order="sequential", resolution=resolution)
+                         indices=unique, train=False, order="sequential", resolution=resolution,
+                         normalize=normalize)
     rows = {}
     for images, _, index in loader:
         for i, img in zip(index.tolist(), images):

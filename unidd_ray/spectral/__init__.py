@@ -15,6 +15,7 @@ from unidd_ray.spectral.filters import (
     DistributionMatching,
     GradientMatching,
     KernelRidge,
+    LowPassMatching,
     SpectralFilter,
     TrajectoryMatching,
     apply_filter,
@@ -25,7 +26,14 @@ from unidd_ray.spectral.filters import (
     resolvent,
 )
 from unidd_ray.spectral.losses import RealSideCache, cfm_layer_loss, default_cache, unidd_layer_loss
-from unidd_ray.spectral.moments import COVARIANCE_MODES, SIGNAL_KINDS, BatchStatistics, Moments, batch_statistics
+from unidd_ray.spectral.moments import (
+    COVARIANCE_MODES,
+    SIGNAL_KINDS,
+    BatchStatistics,
+    Moments,
+    Targets,
+    batch_statistics,
+)
 from unidd_ray.spectral.schedules import SCHEDULES, beta_schedule
 
 __all__ = [
@@ -39,10 +47,12 @@ __all__ = [
     "DistributionMatching",
     "GradientMatching",
     "KernelRidge",
+    "LowPassMatching",
     "Moments",
     "RealSideCache",
     "RunningAverage",
     "SpectralFilter",
+    "Targets",
     "TrajectoryMatching",
     "apply_filter",
     "available_filters",

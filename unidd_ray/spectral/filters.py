@@ -10,6 +10,7 @@ family     g = I term                 g = FLC term
 =========  =========================  ==================================
 ``dm``     absent                     1
 ``dc``     λ                          1
+``lfm``    λ                          λ
 ``mtt``    (1 − ηλ)^p                 (1 − (1 − ηλ)^p) / λ
 ``krr``    1 / (λ + β)                1 / (λ + β)
 ``cfm``    1 / (λ + β_b)              1 / (λ + β_b), β_b scheduled per IPC slot
@@ -261,6 +262,29 @@ class GradientMatching(SpectralFilter):
 
     def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
         return signal
+
+
+@register_filter("lfm")
+@dataclass(frozen=True)
+class LowPassMatching(SpectralFilter):
+    """LFM, the low-pass baseline of the paper's tables: F = Ψ on both terms, so the signal is filtered
+    too (``‖Ψ_T − Ψ_S‖_F + ‖Ψ_T Φ_T − Ψ_S Φ_S‖_F``); ``dc`` leaves the signal unfiltered."""
+
+    def filter_response(self, eigvals: Tensor) -> Tensor:
+        return eigvals
+
+    def signal_response(self, eigvals: Tensor) -> Tensor:
+        return eigvals
+
+    def filter_matrix(self, matrix: Tensor) -> Tensor:
+        return symmetrize(matrix)
+
+    def signal_matrix(self, matrix: Tensor, signal: Tensor) -> Tensor:
+        return symmetrize(matrix) @ signal
+
+    def filter_and_signal(self, matrix: Tensor, signal: Tensor) -> tuple[Tensor, Tensor]:
+        filtered = symmetrize(matrix)
+        return filtered, filtered @ signal.to(filtered.dtype)
 
 
 @register_filter("mtt")

@@ -21,8 +21,16 @@ from torch.nn.grad import conv2d_weight
 
 from unidd_ray.spectral.filters import symmetrize
 
-COVARIANCE_MODES = ("total", "within_class")
-SIGNAL_KINDS = ("mean", "class", "soft")
+# total: the covariance of all positions | within_class: around each class's mean | per_batch: the
+# batch-size-weighted mean of per-batch covariances over fixed batches in file order (the paper authors'
+# ``running_cov``; served by statistics imported from their code, see :class:`Targets`)
+COVARIANCE_MODES = ("total", "within_class", "per_batch")
+# mean: μ | class: the class means μ_k over the classes present | soft: the teacher-softmax-weighted class means
+# | class_share / mix_share: the paper authors' ``class`` / ``mix`` signals, Σ_{x∈k} pooled(x) / N = (n_k/N)·μ_k
+# and Σ_x p_k(x)·pooled(x) / N over all K columns (a class's mean weighted by its share of the data; on the
+# synthetic side the batch's sums over its B images / B, with the teacher's softmax detached)
+SIGNAL_KINDS = ("mean", "class", "soft", "class_share", "mix_share")
+SHARE_SIGNALS = ("class_share", "mix_share")
 
 _F64 = torch.float64
 
@@ -213,6 +221,10 @@ class Moments:
             s = self.class_sum[seen]
             between = (s.T / self.class_n[seen]) @ s
             cov = (self.sumsq - between) / self.n
+        elif mode == "per_batch":
+            raise ValueError("the per_batch covariance (the mean of per-batch covariances, the paper authors' "
+                             "running_cov) is served by statistics imported with `unidd-ray import unidd`; use "
+                             "covariance total or within_class with statistics computed by `unidd-ray stats`")
         else:
             raise ValueError(f"unknown covariance mode {mode!r}; choose one of {COVARIANCE_MODES}")
         return symmetrize(cov)
@@ -238,14 +250,89 @@ class Moments:
 
     def signal(self, kind: str = "mean") -> Tensor:
         """The FLC stand-in Φ as a (C, columns) matrix: ``mean`` → μ (C, 1),
-        ``class`` → class means (C, K), ``soft`` → soft class means (C, K)."""
+        ``class`` → class means (C, K), ``soft`` → soft class means (C, K), ``class_share`` → (n_k/N)·μ_k
+        (C, K), ``mix_share`` → Σ_x p_k(x)·pooled(x) / N (C, K)."""
         if kind == "mean":
             return self.mean[:, None]
         if kind == "class":
             return self.class_means.T
         if kind == "soft":
             return self.soft_means.T
+        if kind == "class_share":
+            self._require_samples()
+            return self.pooled_sum.T / self.image_n.sum()
+        if kind == "mix_share":
+            self._require_samples()
+            if not (self.soft_weight > 0).any():
+                raise ValueError("no teacher probabilities were accumulated; pass probs= to update() for mix_share")
+            return self.soft_sum.T / self.image_n.sum()
         raise ValueError(f"unknown signal {kind!r}; choose one of {SIGNAL_KINDS}")
+
+
+class Targets:
+    """Real-side targets given as finished matrices rather than sums: statistics imported from the paper
+    authors' code, which stores per layer ``running_cov`` (the per_batch covariance), ``running_corr``
+    (E[x xᵀ] over positions), ``running_mean`` (μ), ``running_class_mean`` (class_share) and
+    ``running_mix_mean`` (mix_share).  Such targets cannot be merged or split; they serve the covariances and
+    signals listed by :meth:`serves` and refuse the others by name.
+    """
+
+    def __init__(self, *, per_batch: Tensor | None, second_moment: Tensor | None, mean: Tensor,
+                 class_share: Tensor | None = None, mix_share: Tensor | None = None):
+        self.mean_vector = torch.as_tensor(mean, dtype=_F64).reshape(-1)
+        c = self.mean_vector.numel()
+        self.per_batch = None if per_batch is None else torch.as_tensor(per_batch, dtype=_F64)
+        self.second_moment = None if second_moment is None else torch.as_tensor(second_moment, dtype=_F64)
+        self.class_share = None if class_share is None else torch.as_tensor(class_share, dtype=_F64)
+        self.mix_share = None if mix_share is None else torch.as_tensor(mix_share, dtype=_F64)
+        for name in ("per_batch", "second_moment"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (c, c):
+                raise ValueError(f"{name} must be {c} x {c} like the mean has {c} channels, got {tuple(value.shape)}")
+        widths = {v.shape[1] for v in (self.class_share, self.mix_share) if v is not None}
+        for name in ("class_share", "mix_share"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 2 or value.shape[0] != c):
+                raise ValueError(f"{name} must be {c} x K, got {tuple(value.shape)}")
+        if len(widths) > 1:
+            raise ValueError(f"class_share and mix_share have different class counts {sorted(widths)}")
+        if self.per_batch is None and self.second_moment is None:
+            raise ValueError("targets need a covariance: per_batch or the second moment")
+        for name in ("mean_vector", "per_batch", "second_moment", "class_share", "mix_share"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
+                raise ValueError(f"{name} contains NaN or Inf values")
+        self.channels = c
+        self.num_classes = widths.pop() if widths else None
+        self.count = None  # the number of positions behind them is not known
+
+    def serves(self) -> dict[str, list[str]]:
+        """The covariance modes and signals these targets can give."""
+        covs = [m for m, ok in (("total", self.second_moment is not None), ("per_batch", self.per_batch is not None))
+                if ok]
+        signals = ["mean"] + [k for k in SHARE_SIGNALS if getattr(self, k) is not None]
+        return {"covariance": covs, "signal": signals}
+
+    def covariance(self, mode: str = "total") -> Tensor:
+        if mode not in COVARIANCE_MODES:
+            raise ValueError(f"unknown covariance mode {mode!r}; choose one of {COVARIANCE_MODES}")
+        if mode not in self.serves()["covariance"]:
+            raise ValueError(f"these imported statistics cannot serve the {mode!r} covariance (they serve "
+                             f"{self.serves()['covariance']}): set recover.covariance to one of those")
+        if mode == "per_batch":
+            return symmetrize(self.per_batch)
+        return symmetrize(self.second_moment - torch.outer(self.mean_vector, self.mean_vector))
+
+    def signal(self, kind: str = "mean") -> Tensor:
+        if kind not in SIGNAL_KINDS:
+            raise ValueError(f"unknown signal {kind!r}; choose one of {SIGNAL_KINDS}")
+        if kind not in self.serves()["signal"]:
+            raise ValueError(f"these imported statistics cannot serve the {kind!r} signal (they serve "
+                             f"{self.serves()['signal']}): set recover.signal to one of those")
+        return self.mean_vector[:, None] if kind == "mean" else getattr(self, kind)
+
+    def __repr__(self) -> str:
+        return f"Targets(channels={self.channels}, num_classes={self.num_classes}, serves={self.serves()})"
 
 
 @dataclass
@@ -404,13 +491,16 @@ def batch_statistics(
             raise ValueError(f"the {signal!r} signal needs the labels of the synthetic batch")
         k = num_classes if num_classes is not None else int(labels.max()) + 1
         labels = _check_labels(labels, n_img, k).to(features.device)
-        columns = torch.unique(labels)
-        if signal == "class":
+        share = signal in SHARE_SIGNALS
+        columns = torch.arange(k, device=features.device) if share else torch.unique(labels)
+        if signal in ("class", "class_share"):
             onehot = (labels[:, None] == columns[None, :]).to(features.dtype)  # (N, K')
         else:
             if probs is None or probs.shape != (n_img, k):
-                raise ValueError(f"the 'soft' signal needs teacher probabilities of shape ({n_img}, {k})")
-            onehot = probs[:, columns]
+                raise ValueError(f"the {signal!r} signal needs teacher probabilities of shape ({n_img}, {k})")
+            onehot = probs[:, columns].to(features.dtype)
         signal_sum = pooled.T @ onehot
-        weight = onehot.sum(0)
+        # a share signal divides every column by the batch's image count B, the others by the column's weight
+        weight = (torch.full((k,), float(n_img), dtype=features.dtype, device=features.device) if share
+                  else onehot.sum(0))
     return BatchStatistics(n=n, sum=total, sumsq=sumsq, signal_sum=signal_sum, signal_weight=weight, columns=columns)

@@ -32,7 +32,7 @@ from unidd_ray.artifacts.teacher import check_teacher_data, load_teacher, read_t
 from unidd_ray.config import EvaluateConfig, to_dict
 from unidd_ray.core.evaluation import TeacherLabels, check_batches, check_student, evaluate_in_process
 from unidd_ray.core.recovery import TorchDistReducer
-from unidd_ray.keys import dataset_identity, distilled_identity, seed_key
+from unidd_ray.keys import dataset_identity, distilled_identity, seed_key, teacher_identity
 from unidd_ray.models import memory_format
 from unidd_ray.runtime import console
 from unidd_ray.runtime.cluster import require_resources
@@ -144,7 +144,8 @@ def _evaluate_loop(config: dict) -> list[dict]:
                                      in_channels=tinfo.in_channels, resolution=tinfo.resolution, seeds=[seed],
                                      device=device, num_workers=run.num_workers, soft_labels=soft, report=report,
                                      shard=(0, 1) if by_seed else (rank, world),
-                                     wrap=_DistWrap() if world > 1 and not by_seed else None, epoch_done=epoch_done)
+                                     wrap=_DistWrap() if world > 1 and not by_seed else None, epoch_done=epoch_done,
+                                     normalize=(tinfo.mean, tinfo.std))
         record = {"job": j, "seed": seed, "top1": acc, "seconds": time.perf_counter() - t0, "key": job.key}
         if writes:
             evaluation.write_seed_record(job.out_dir, record)
@@ -203,7 +204,7 @@ def check_evaluations(jobs: list[EvalJob], teacher_dir, data_dir) -> CheckedJobs
 def job_key(job: EvalJob, identity: str, tinfo, info) -> str:
     """What a stored student of ``job`` must match to be reused (:func:`unidd_ray.keys.seed_key`)."""
     labels = None if not job.soft_labels or job.cfg.hard_labels else sha256_json(soft_labels.content_of(job.soft_labels))
-    return seed_key(job.cfg, identity, tinfo.sha256, dataset_identity(info), labels)
+    return seed_key(job.cfg, identity, teacher_identity(tinfo, info), dataset_identity(info), labels)
 
 
 # ----------------------------------------------------------------------------- the driver

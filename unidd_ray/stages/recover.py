@@ -1,11 +1,12 @@
 """Recovery stage: class-partitioned synthesis of the distilled set on Ray Train.
 
-The plan (:mod:`unidd_ray.core.plan`) gives each worker a range of classes and the rounds it optimises them
-in; in a round every worker optimises its chunk for one slot from the same EMU state
-(:func:`unidd_ray.core.recovery.run_round`).  After the round the workers' new EMU sums are all-reduced
-(``sync: round``), so the state equals what one process holds after the union of their batches.  With
-``sync: step`` the batch moments themselves are all-reduced at every iteration, so the W batches of a round
-are one large batch.
+The plan (:mod:`unidd_ray.core.plan`) gives each worker its piece of every round; in a round every worker
+optimises its piece for one slot from the same EMU state (:func:`unidd_ray.core.recovery.run_round`).  With
+``distribution: exact`` (the default) a round is one global batch of the authors' classes: the batch moments
+are all-reduced at every iteration and the EMU counts the round once, so any worker count gives the images
+of one process (up to float rounding).  With ``distribution: independent`` each worker optimises a batch of
+its own classes and the workers' new EMU sums are all-reduced after the round, so the state equals what one
+process holds after the union of their batches.
 
 After every round, each worker's images are written (PNG, atomically) to the staging directory
 ``<out>.partial`` together with one JSON record per batch; rank 0 checkpoints the EMU state and the number of
@@ -111,7 +112,7 @@ class _Worker:
         self.start_round = self._restore()
         self.init_images = InitImages(job.data_dir, self.plan, self.rank, image_bytes=image_bytes(self.distiller),
                                       num_workers=job.num_workers, start_round=self.start_round,
-                                      resolution=self.distiller.resolution)
+                                      resolution=self.distiller.resolution, normalize=self.distiller.normalize)
 
     def _restore(self) -> int:
         """The first round to run: after the latest checkpoint's, whose EMU state is loaded."""
@@ -127,8 +128,8 @@ class _Worker:
     def run(self, r: int) -> None:
         started = time.perf_counter()
         chunk, result = run_round(self.distiller, self.plan, r, rank=self.rank, emu=self.emu, reducer=self.reducer,
-                                  sync=self.cfg.sync, data_dir=self.job.data_dir, num_workers=self.job.num_workers,
-                                  device=self.device, init_images=self.init_images)
+                                  data_dir=self.job.data_dir, num_workers=self.job.num_workers, device=self.device,
+                                  init_images=self.init_images)
         slot, j = divmod(r, self.plan.rounds_per_slot)
         if chunk:
             self._write(r, slot, j, chunk, result, time.perf_counter() - started)
@@ -141,7 +142,7 @@ class _Worker:
             # a log record, not print(): Ray Train V2 patches print() in its workers to write the line to
             # stdout *and* to the root logger's console handler, so every printed line reached the driver twice
             log.info(f"[recover {self.cfg.method}] round {r + 1}/{self.plan.rounds} (slot {slot + 1}/"
-                     f"{self.plan.ipc}, chunk {j + 1}) {time.perf_counter() - started:.1f}s  "
+                     f"{self.plan.ipc}, batch {j + 1}) {time.perf_counter() - started:.1f}s  "
                      + "  ".join(f"{k} {v:.4g}" for k, v in parts.items()))
         self._checkpoint(r, {"round": r, "slot": slot, "finished_batches": finished,
                              **{f"loss_{k}": v for k, v in parts.items()}})
@@ -153,7 +154,7 @@ class _Worker:
         beta = self.distiller.slot_filter(slot, self.plan.ipc)
         rows = []
         for cls, image in zip(chunk, result.images):
-            data = distilled.to_png_bytes(image, self.info.mean, self.info.std)
+            data = distilled.to_png_bytes(image, *self.distiller.normalize)  # the teacher's (mean, std)
             rel = distilled.write_image(self.staging, cls, slot, data)
             rows.append({"class": cls, "class_name": self.info.class_names[cls], "slot": slot, "path": rel,
                          "sha256": sha256_bytes(data), "source_index": self.plan.init_index[cls][slot],
@@ -208,6 +209,10 @@ def validate_inputs(data_dir, teacher_dir, stats_dir, cfg: RecoverConfig):
         missing = [name for name in layers if name not in real]
         if missing:
             raise ValueError(f"the teacher's layers {missing} have no statistics in {stats_dir}")
+        if method.spectral:  # the covariance and signal asked for (imported statistics serve only some)
+            for name in layers:
+                real[name].covariance(cfg.covariance)
+                real[name].signal(cfg.signal)
         filt = method_filter(cfg)
         # the resolvent filters' (Ψ + βI) must factorise at the smallest β of the schedule
         betas = {getattr(filt.at_slot(b, cfg.ipc), "beta", None) for b in range(cfg.ipc)} - {None} if filt else set()

@@ -37,6 +37,7 @@ from unidd_ray.artifacts.teacher import TeacherInfo, save_teacher
 from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig
 from unidd_ray.core.evaluation import top1_on_split
 from unidd_ray.data.loading import make_loader
+from unidd_ray.data.normalization import resolve_normalization
 from unidd_ray.keys import check_resumable, training_identity
 from unidd_ray.models import build_model, load_weights
 from unidd_ray.runtime import console
@@ -80,6 +81,7 @@ class _Trainer:
         self.device = ray.train.torch.get_device()
         info = read_dataset_info(job.data_dir)
         self.resolution = job.data.resolution or info.resolution
+        self.normalization = resolve_normalization(job.model.normalization, info)  # the teacher's (mean, std)
         self.model = build_model(job.model.arch, num_classes=info.num_classes, in_channels=info.channels,
                                  resolution=self.resolution, **job.model.options)
         if job.model.weights:
@@ -114,7 +116,8 @@ class _Trainer:
         loader = make_loader(self.job.data_dir, "train", batch_size=cfg.batch_size,
                              num_workers=self.job.data.num_workers, indices=shard, train=True, order="random",
                              seed=cfg.seed + 1000 * epoch + self.rank, device=str(self.device),
-                             resolution=self.resolution, crop_scale=tuple(cfg.crop_scale), drop_last=True)
+                             resolution=self.resolution, crop_scale=tuple(cfg.crop_scale), drop_last=True,
+                             normalize=self.normalization)
         self.ddp.train()
         total_steps = self.steps_per_epoch * cfg.epochs
         loss_sum, seen = 0.0, 0
@@ -136,7 +139,7 @@ class _Trainer:
         correct, total = top1_on_split(self.model, self.job.data_dir, batch_size=self.cfg.eval_batch_size,
                                        num_workers=self.job.data.num_workers, device=self.device,
                                        indices=np.arange(self.rank, self.n_val, self.world),
-                                       resolution=self.resolution)
+                                       resolution=self.resolution, normalize=self.normalization)
         counts = torch.tensor([correct, total, loss_sum, seen], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(counts)
@@ -167,9 +170,15 @@ def check_squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: Squ
                   data_cfg: DataConfig):
     """Every check of a teacher training that can fail, before Ray starts or any worker does: the output path,
     the prepared data (verified), a batch that each worker's share holds, the model and its starting weights
-    (inside the workers a bad option would only surface as a worker error).  Returns the dataset's info."""
+    (inside the workers a bad option would only surface as a worker error), its normalisation (as many channels
+    as the data's).  Returns the dataset's info."""
     check_output(out_dir, "teacher")
     info = verify_dataset(data_dir)
+    try:
+        resolve_normalization(model_cfg.normalization, info)
+    except ValueError as exc:
+        raise ValueError(f"teacher.normalization {model_cfg.normalization!r} {exc}; choose a normalisation with "
+                         f"{info.channels} channel(s) (e.g. dataset)") from None
     n_train = len(read_labels(str(data_dir), "train"))
     if squeeze_cfg.epochs > 0 and n_train // squeeze_cfg.workers < squeeze_cfg.batch_size:
         # each worker's loader drops its last partial batch: a shard smaller than a batch trains on nothing
@@ -257,10 +266,11 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
         raise RuntimeError("teacher training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    mean, std = resolve_normalization(model_cfg.normalization, info)  # what the workers trained with
     teacher_info = TeacherInfo(
         arch=model_cfg.arch, options=dict(model_cfg.options), num_classes=info.num_classes,
         in_channels=info.channels, resolution=resolution, dataset=info.name, dataset_fingerprint=info.fingerprint,
-        mean=list(info.mean), std=list(info.std), val_top1=float(result.metrics["val_top1"]),
+        mean=mean, std=std, val_top1=float(result.metrics["val_top1"]),
         extra={"epochs": squeeze_cfg.epochs, "train_loss": float(result.metrics["train_loss"])},
     )
     model = teacher_info.build()

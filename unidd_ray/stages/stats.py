@@ -108,7 +108,8 @@ class StatsWorker:
         indices = [i for _, start, stop in blocks for i in range(start, stop)]
         loader = make_loader(self.data_dir, "train", batch_size=self.batch_size, num_workers=self.num_workers,
                              indices=indices, train=False, order="sequential", device=str(self.device),
-                             resolution=self.info.resolution)  # the teacher's side
+                             resolution=self.info.resolution,  # the teacher's side
+                             normalize=(self.info.mean, self.info.std))  # and the teacher's normalisation
         k = self.info.num_classes
         starts = {bid: start for bid, start, _ in blocks}
         result = {bid: {name: Moments(c, k, device=self.device) for name, c in self.channels.items()}

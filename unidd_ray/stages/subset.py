@@ -35,23 +35,27 @@ def _groups(num_classes: int, ipc: int, group_images: int) -> list[list[int]]:
 @holds_output_lock()
 def write_real_subset(data_dir: str | Path, out_dir: str | Path, *, ipc: int, seed: int,
                       num_workers: int = 1, recipe_yaml: str | None = None, resolution: int | None = None,
-                      group_images: int = 4096) -> Path:
+                      group_images: int = 4096, normalize=True) -> Path:
     """The random-real-subset baseline: IPC seeded real images per class, in the distilled format.
 
     ``resolution``: side of the written images (default: the stored one; the pipeline passes its teacher's, the
     side of the recovered sets); ``group_images``: how many images are read and held at once at most (whole
-    classes: ImageNet at IPC 50 is 50,000 images, ~30 GB as float32 at 224 px).
+    classes: ImageNet at IPC 50 is 50,000 images, ~30 GB as float32 at 224 px); ``normalize``: the teacher's
+    ``(mean, std)``, with which the images are read and encoded, as the recoveries read their starting images
+    (True: ``dataset.json``'s).
     """
     info = verify_dataset(data_dir)
+    mean, std = (info.mean, info.std) if normalize is True else normalize
     plan = make_plan(read_labels(str(data_dir), "train"), info.num_classes, RecoverConfig(ipc=ipc, seed=seed))
     with atomic_directory(out_dir, distilled.KIND) as staging:
         rows = []
         for classes in _groups(info.num_classes, ipc, group_images):
             every = [i for k in classes for i in plan.init_index[k]]
-            loaded = iter(load_real_images(str(data_dir), every, num_workers=num_workers, resolution=resolution))
+            loaded = iter(load_real_images(str(data_dir), every, num_workers=num_workers, resolution=resolution,
+                                           normalize=(mean, std)))
             for k in classes:
                 for slot, index in enumerate(plan.init_index[k]):
-                    data = distilled.to_png_bytes(next(loaded), info.mean, info.std)
+                    data = distilled.to_png_bytes(next(loaded), mean, std)
                     rows.append({"class": k, "class_name": info.class_names[k], "slot": slot,
                                  "path": distilled.write_image(staging, k, slot, data), "sha256": sha256_bytes(data),
                                  "source_index": index, "method": "random", "seed": seed})
