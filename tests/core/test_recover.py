@@ -407,7 +407,7 @@ def test_keys_tell_the_distributions_apart_and_keep_their_former_form():
     assert recover_settings(RecoverConfig(workers=2, distribution="independent"))["sync"] == "round"
     assert len({key(), key(workers=2), key(workers=2, distribution="independent")}) == 3
     assert key(batch_classes=5) != key()
-    # keys computed by unidd_ray 2861ced (cache format 2, with classes_per_batch and sync): still the same
+    # keys computed before these settings existed (cache format 2, with classes_per_batch and sync): still the same
     assert key() == "9436ffb687e8" and key(workers=2, distribution="independent") == "24c3b4fb037f"
     assert key(workers=2, batch_classes=3, distribution="independent") == "f93830238601"
     assert recover_key(RecoverConfig(method="sre2l"), info, tinfo, None) == "713c8c365aeb"
