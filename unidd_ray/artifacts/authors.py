@@ -121,8 +121,9 @@ def statistics_folder(root: Path, model_name: str) -> Path:
 
 
 def read_statistics(folder: Path, model_name: str, model: Model, layers: list[str], num_classes: int
-                    ) -> tuple[dict[str, Targets], dict[str, str]]:
-    """``{our layer: Targets}`` for every tapped layer of the teacher, and the sha256 of every file read."""
+                    ) -> tuple[dict[str, Targets], dict[str, str], dict[str, str]]:
+    """``{our layer: Targets}`` for every tapped layer of the teacher, the sha256 of every file read, and the
+    folder each layer was read from (``{our layer: "<Model>.pth=<their layer>"}``)."""
     theirs = {}
     for path in folder.glob(f"{model_name}.pth=*"):
         theirs[model.our_name(path.name.split("=", 1)[1])] = path
@@ -151,7 +152,7 @@ def read_statistics(folder: Path, model_name: str, model: Model, layers: list[st
             raise ArtifactError(f"{path} holds signals of {t.num_classes} classes, the dataset has {num_classes}")
         targets[name] = t
         read[str(path.relative_to(folder))] = sha256_file(path)
-    return targets, read
+    return targets, read, {name: theirs[name].name for name in layers}
 
 
 def import_unidd(*, statistics: str | Path, checkpoint: str | Path, model_name: str, arch: str, dataset: str,
@@ -163,11 +164,10 @@ def import_unidd(*, statistics: str | Path, checkpoint: str | Path, model_name: 
     teacher = build_teacher(model, state, num_classes=num_classes, resolution=resolution, checkpoint=checkpoint)
     layers = default_tap_layers(teacher)
     folder = statistics_folder(Path(statistics), model_name)
-    targets, read = read_statistics(folder, model_name, model, layers, num_classes)
+    targets, read, sources = read_statistics(folder, model_name, model, layers, num_classes)
     provenance = {"source": SOURCE, "model": model_name, "checkpoint": {"path": str(checkpoint),
                   "sha256": sha256_file(checkpoint)}, "statistics": {"path": str(folder), "files": read},
-                  "layers": {name: f"{model_name}.pth={_their_layer(model, name, folder, model_name)}"
-                             for name in layers}}
+                  "layers": sources}
     with atomic_directory(out, KIND) as tmp:
         info = TeacherInfo(arch=model.arch, options=model.options, num_classes=num_classes, in_channels=3,
                            resolution=resolution, dataset=dataset, dataset_fingerprint="", mean=list(mean),
@@ -178,10 +178,3 @@ def import_unidd(*, statistics: str | Path, checkpoint: str | Path, model_name: 
                                          "teacher_sha256": info.sha256, **provenance})
     return out
 
-
-def _their_layer(model: Model, ours: str, folder: Path, model_name: str) -> str:
-    for path in folder.glob(f"{model_name}.pth=*"):
-        theirs = path.name.split("=", 1)[1]
-        if model.our_name(theirs) == ours:
-            return theirs
-    return ours

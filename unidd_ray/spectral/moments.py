@@ -313,22 +313,23 @@ class Targets:
         signals = ["mean"] + [k for k in SHARE_SIGNALS if getattr(self, k) is not None]
         return {"covariance": covs, "signal": signals}
 
+    def _check_served(self, what: str, value: str, known: tuple[str, ...]) -> None:
+        """Refuse a ``what`` (covariance or signal) that is unknown, or known but not among those served."""
+        if value not in known:
+            raise ValueError(f"unknown {what} {value!r}; choose one of {known}")
+        served = self.serves()[what]
+        if value not in served:
+            raise ValueError(f"these imported statistics cannot serve the {value!r} {what} (they serve {served}): "
+                             f"set recover.{what} to one of those")
+
     def covariance(self, mode: str = "total") -> Tensor:
-        if mode not in COVARIANCE_MODES:
-            raise ValueError(f"unknown covariance mode {mode!r}; choose one of {COVARIANCE_MODES}")
-        if mode not in self.serves()["covariance"]:
-            raise ValueError(f"these imported statistics cannot serve the {mode!r} covariance (they serve "
-                             f"{self.serves()['covariance']}): set recover.covariance to one of those")
+        self._check_served("covariance", mode, COVARIANCE_MODES)
         if mode == "per_batch":
             return symmetrize(self.per_batch)
         return symmetrize(self.second_moment - torch.outer(self.mean_vector, self.mean_vector))
 
     def signal(self, kind: str = "mean") -> Tensor:
-        if kind not in SIGNAL_KINDS:
-            raise ValueError(f"unknown signal {kind!r}; choose one of {SIGNAL_KINDS}")
-        if kind not in self.serves()["signal"]:
-            raise ValueError(f"these imported statistics cannot serve the {kind!r} signal (they serve "
-                             f"{self.serves()['signal']}): set recover.signal to one of those")
+        self._check_served("signal", kind, SIGNAL_KINDS)
         return self.mean_vector[:, None] if kind == "mean" else getattr(self, kind)
 
     def __repr__(self) -> str:
