@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -300,6 +301,21 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_rehearsal_data(args) -> int:
+    from unidd_ray.data.rehearsal import LABEL_FILE, write_imagenet_like  # lazy: see the note at the top
+
+    started = time.perf_counter()
+    try:
+        out = write_imagenet_like(args.out, classes=args.classes, train_per_class=args.train_per_class,
+                                  val_per_class=args.val_per_class, seed=args.seed, wait=args.wait)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    console.say(f"{args.classes} classes, {args.classes * args.train_per_class} train and "
+                f"{args.classes * args.val_per_class} val JPEGs -> {out} ({time.perf_counter() - started:.0f} s); "
+                f"use it with --set data.root={out} --set data.options.val_labels={Path(out).resolve() / LABEL_FILE}")
+    return 0
+
+
 def cmd_spectra(args) -> int:
     from unidd_ray.analysis.spectra import spectral_demo  # lazy: see the note at the top
 
@@ -411,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=sorted(AUTHORS_DATASETS))
     p.add_argument("--resolution", type=int, default=None, help="input side (default: the dataset's)")
     p.add_argument("--out", required=True)
+
+    p = command("rehearsal-data", "write an ImageNet-shaped folder (official layout, JPEGs) for rehearsals",
+                cmd_rehearsal_data, recipe=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--train-per-class", type=int, default=3)
+    p.add_argument("--val-per-class", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
 
     p = command("spectra", "spectral demo: covariance spectra and CFM filter responses", cmd_spectra, recipe=False,
                 writes=False)

@@ -23,7 +23,7 @@ import yaml
 from unidd_ray.data.normalization import check_normalization
 from unidd_ray.data.sources import check_source_options
 from unidd_ray.methods import ALPHA_SCALES, BASELINES, METHODS, method_filter
-from unidd_ray.models import available_models, check_model_options
+from unidd_ray.models import check_model_name, check_model_options, model_normalization
 from unidd_ray.spectral import COVARIANCE_MODES, SCHEDULES, SIGNAL_KINDS
 from unidd_ray.spectral.filters import PRECISIONS
 
@@ -32,6 +32,8 @@ DISTRIBUTIONS = ("exact", "independent")  # recover.distribution: how W workers 
 INITS = ("random", "first")  # recover.init: which real image each (class, slot) starts from
 ROLLS = ("symmetric", "nonnegative")  # recover.roll: the signs of the random shifts
 LR_SCHEDULES = ("cosine", "constant")  # recover.lr_schedule: the pixels' learning rate over the iterations
+AMPS = ("none", "bf16")  # recover.amp: the teacher's forward/backward in float32 or under bfloat16 autocast
+PROTOCOLS = ("ours", "paper")  # evaluate.protocol: how the student is trained and its accuracy reported
 
 
 class ConfigError(ValueError):
@@ -74,6 +76,9 @@ class ModelConfig:
     # the teacher's input normalisation (unidd_ray/data/normalization.py): dataset (the training split's mean/std) |
     # cifar10 | cifar100 | tiny-imagenet | imagenet (the UniDD authors' constants) | {mean: [...], std: [...]}
     normalization: str | dict = "dataset"
+    # a teacher artifact directory (`unidd-ray import unidd`'s OUT/teacher, or an earlier run's teacher-*) used as
+    # the run's teacher in place of the squeeze stage; arch, options, weights and normalisation are then its own
+    artifact: str | None = None
 
     SECTION: ClassVar[str] = "teacher"
 
@@ -115,6 +120,9 @@ class StatsConfig:
     blocks_per_unit: int = 1  # work unit = this many consecutive blocks
     layers: list[str] | None = None  # taps (None: every Conv2d input but residual 1x1 shortcuts)
     max_retries: int = 3  # re-runs of a unit whose actor died
+    # a statistics artifact directory (`unidd-ray import unidd`'s OUT/stats, or an earlier run's stats-*) used in
+    # place of the stats stage; it must have been computed with the run's teacher (teacher.artifact)
+    artifact: str | None = None
 
     SECTION: ClassVar[str] = "stats"
 
@@ -138,6 +146,9 @@ class RecoverConfig:
     schedule: str = "cosine"  # cosine | linear | constant | geometric
     beta_min: float | None = None  # schedule floor: cosine/linear end near it (None: 0), geometric ends at it (None: beta_max / 100)
     precision: str = "mixed"  # cfm/krr resolvent: mixed (float64 values, float32 gradient products) | float64 | float32
+    # none: the teacher in float32 | bf16: its forward and backward under torch.autocast(bfloat16); the taps' inputs
+    # are cast back (to the resolvent's dtype, float64 by default) before the moments, the CE is float32
+    amp: str = "none"
     mtt_eta: float = 0.1
     mtt_steps: int = 10
     bn_weight: float = 0.01  # sre2l: weight of the BatchNorm statistics loss
@@ -184,6 +195,9 @@ class RecoverConfig:
 class EvaluateConfig:
     student: str = "convnet"
     student_options: dict = field(default_factory=dict)
+    # more student architectures (registered or zoo names, each with its default options), each evaluated on every
+    # set beside `student` in its own evaluation, e.g. [resnet18, torchvision:regnet_y_8gf, timm:convnext_tiny]
+    students: list[str] = field(default_factory=list)
     epochs: int = 300
     batch_size: int | None = None  # None: the whole distilled set per step
     lr: float = 1e-3
@@ -206,11 +220,27 @@ class EvaluateConfig:
     # NHWC student/teacher/batches: same arithmetic, other summation order (like a thread count);
     # faster convolutions on CPUs (benchmarks/evaluate.py)
     channels_last: bool = False
+    # how the student is trained and reported (docs/CONFIGURATION.md): "ours" (per-step cosine lr to 0, KL × T²,
+    # CutMix box and partner per image, final accuracy) | "paper" (the UniDD authors' generate_soft_label_online.py:
+    # per-epoch quarter cosine to lr/2, KL without T², one CutMix box, λ and in-batch permutation per batch, and the
+    # test-selected best of the late checks recorded beside the final accuracy)
+    protocol: str = "ours"
+    # batch_size of the sets of one IPC over batch_size, e.g. {1: 10, 10: 50, 50: 100} (EvaluateConfig.for_ipc)
+    batch_size_by_ipc: dict[int, int] | None = None
 
     SECTION: ClassVar[str] = "evaluate"
 
     def __post_init__(self):
+        object.__setattr__(self, "batch_size_by_ipc", _checked_batch_size_by_ipc(self.batch_size_by_ipc))
         check_evaluate(self)
+
+    def for_ipc(self, ipc: int | None) -> "EvaluateConfig":
+        """The settings of the IPC-``ipc`` sets: ``batch_size`` from ``batch_size_by_ipc`` where it names ``ipc``,
+        the table itself dropped (so a resolved evaluation has the key of one that set that batch_size directly)."""
+        if self.batch_size_by_ipc is None:
+            return self
+        batch = self.batch_size_by_ipc.get(ipc, self.batch_size) if ipc is not None else self.batch_size
+        return dataclasses.replace(self, batch_size=batch, batch_size_by_ipc=None)
 
 
 @dataclass(frozen=True)
@@ -342,11 +372,28 @@ def check_data(cfg: "DataConfig") -> None:
     _integer("data", "num_workers", cfg.num_workers, 1)
 
 
+def _model_name(section: str, key: str, name) -> None:
+    """One line naming the setting, the name and the fix (the nearest names of a zoo library)."""
+    if not isinstance(name, str):
+        _fail(section, key, "must be a model name", name)
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        if not name.startswith(("torchvision:", "timm:")):
+            _fail(section, key, str(exc), name)
+        raise InvalidSetting(section, key, f"{name!r}: {exc}") from None
+
+
 def check_model(cfg: "ModelConfig") -> None:
-    _choice(cfg.SECTION, "arch", cfg.arch, available_models())
+    _model_name(cfg.SECTION, "arch", cfg.arch)
     _model_options(cfg.SECTION, "options", cfg.arch, cfg.options)
     try:
         check_normalization(cfg.normalization)
+        if cfg.normalization == "model":
+            try:
+                model_normalization(cfg.arch)
+            except ValueError as exc:
+                raise ValueError(f"model takes teacher.arch's own constants, but {exc}") from None
     except ValueError as exc:
         raise InvalidSetting(cfg.SECTION, "normalization", str(exc)) from None
     # (the weights file is read where the teacher is trained, e.g. on a cluster's shared storage: checked there)
@@ -397,6 +444,7 @@ def check_recover(cfg: "RecoverConfig") -> None:
     _choice(section, "schedule", cfg.schedule, SCHEDULES)
     _number(section, "beta_min", cfg.beta_min, low=0, optional=True)
     _choice(section, "precision", cfg.precision, PRECISIONS)
+    _choice(section, "amp", cfg.amp, AMPS)
     _number(section, "mtt_eta", cfg.mtt_eta, low=0, low_open=True)
     _integer(section, "mtt_steps", cfg.mtt_steps, 1)
     _number(section, "bn_weight", cfg.bn_weight, low=0)
@@ -433,8 +481,12 @@ def _model_options(section: str, key: str, arch: str, options: dict) -> None:
 
 
 def check_evaluate(cfg: "EvaluateConfig") -> None:
-    _choice("evaluate", "student", cfg.student, available_models())
+    _model_name("evaluate", "student", cfg.student)
     _model_options("evaluate", "student_options", cfg.student, cfg.student_options)
+    for i, name in enumerate(cfg.students):
+        _model_name("evaluate", f"students[{i}]", name)
+    if len(set(cfg.students)) != len(cfg.students):  # (evaluate.student among them is evaluated once: see pipeline)
+        _fail("evaluate", "students", "must name each architecture once", list(cfg.students))
     _integer("evaluate", "epochs", cfg.epochs, 1)
     _integer("evaluate", "batch_size", cfg.batch_size, 1, optional=True)
     _number("evaluate", "lr", cfg.lr, low=0, low_open=True)
@@ -449,6 +501,28 @@ def check_evaluate(cfg: "EvaluateConfig") -> None:
     _integer("evaluate", "workers", cfg.workers, 1)
     _choice("evaluate", "split", cfg.split, ("data", "seeds"))
     _number("evaluate", "cpus_per_worker", cfg.cpus_per_worker, low=0, low_open=True)
+    _choice("evaluate", "protocol", cfg.protocol, PROTOCOLS)
+
+
+def _checked_batch_size_by_ipc(table) -> dict[int, int] | None:
+    """``evaluate.batch_size_by_ipc`` with integer IPCs (YAML and ``--set`` may give them as strings) and batch
+    sizes >= 1; None or an empty table: none."""
+    if table is None or table == {}:
+        return None
+    example = "e.g. evaluate.batch_size_by_ipc={1: 10, 10: 50, 50: 100}"
+    if not isinstance(table, dict):
+        raise InvalidSetting("evaluate", "batch_size_by_ipc", f"must map IPCs to batch sizes, got {table!r}; {example}")
+    out: dict[int, int] = {}
+    for raw, batch in table.items():
+        ipc = int(raw) if isinstance(raw, str) and raw.strip().isdigit() else raw
+        if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+            raise InvalidSetting("evaluate", "batch_size_by_ipc", f"keys must be IPCs (positive integers), got "
+                                                                  f"{raw!r}; {example}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise InvalidSetting("evaluate", "batch_size_by_ipc", f"values must be batch sizes (integers >= 1), got "
+                                                                  f"{batch!r} for IPC {ipc}; {example}")
+        out[ipc] = batch
+    return dict(sorted(out.items()))
 
 
 def check_recipe(recipe: "Recipe") -> None:
@@ -463,6 +537,12 @@ def check_recipe(recipe: "Recipe") -> None:
     for ipc in recipe.ipcs:
         _integer("", "ipcs", ipc, 1)
     _integer("", "parallel_recoveries", recipe.parallel_recoveries, 1, optional=True)
+    if recipe.teacher.artifact is not None and recipe.teacher.weights is not None:
+        _fail("teacher", "artifact", "replaces the squeeze stage, so teacher.weights (its starting weights) cannot "
+                                     "be given with it; drop one of them", recipe.teacher.artifact)
+    if recipe.stats.artifact is not None and recipe.teacher.artifact is None:
+        _fail("stats", "artifact", "needs the teacher its statistics were computed with: set teacher.artifact to "
+                                   "that teacher's directory", recipe.stats.artifact)
 
 
 # ----------------------------------------------------------------------------- conversion

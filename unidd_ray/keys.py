@@ -35,7 +35,10 @@ EXTENT_KEYS = {"evaluate": {"seeds"}}
 # Settings added under this format, each with the value that computes what the stages did before it: at that
 # value a setting stays out of the key, so the directories made before it keep their keys.
 ADDED_KEYS = {"recover": {"init": "random", "lr_schedule": "cosine", "roll": "symmetric", "augment": True,
-                          "classes": None}}
+                          "classes": None, "amp": "none"},
+              "stats": {"artifact": None},
+              # students: each evaluation's key has the one student it trains (evaluate.student); the list is []
+              "evaluate": {"protocol": "ours", "batch_size_by_ipc": None, "students": []}}
 # Settings renamed under this format enter the key under their former name (the keys of stored stages stay).
 RENAMED_KEYS = {"recover": {"batch_classes": "classes_per_batch"}}
 
@@ -75,6 +78,7 @@ def teacher_settings(model_cfg: ModelConfig) -> dict:
     whose identity is in the key) is left out, so a recipe that does not set it keeps the key it had before the
     setting existed."""
     model = to_dict(model_cfg)
+    model.pop("artifact", None)  # a teacher artifact takes the stage's place: that stage has no key
     if model.get("normalization") == DATASET:
         del model["normalization"]
     return model
@@ -127,6 +131,12 @@ def stats_key(recipe: Recipe, info, tinfo) -> str:
     """The real statistics' key under the teacher ``tinfo``."""
     return stage_key("stats", to_dict(recipe.stats), teacher=teacher_identity(tinfo, info),
                      dataset=dataset_identity(info))
+
+
+def stats_artifact_key(stats_sha256: str) -> str:
+    """The key of a statistics artifact given to the run (``stats.artifact``) rather than computed by it: its
+    file's sha256 is all it is."""
+    return stage_key("stats-artifact", {}, statistics=stats_sha256)
 
 
 def random_key(recipe: Recipe, ipc: int, info, tinfo) -> str:

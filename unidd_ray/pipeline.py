@@ -33,14 +33,16 @@ import ray
 import torch
 
 from unidd_ray import __version__
+from unidd_ray.analysis.metrics import top1_cell
 from unidd_ray.analysis.report import write_report
 from unidd_ray.artifacts import distilled, evaluation
 from unidd_ray.artifacts.dataset import (read_dataset_info, read_labels, record_source_stat, recorded_source_stat,
                                          verify_dataset)
-from unidd_ray.artifacts.files import (RUN_RECORD, atomic_write_json, atomic_write_text, check_output, sha256_file,
-                                       stage_storage)
+from unidd_ray.artifacts.files import (RUN_RECORD, atomic_write_json, atomic_write_text, check_output, read_manifest,
+                                       sha256_file, stage_storage)
 from unidd_ray.artifacts.locks import output_lock
-from unidd_ray.artifacts.statistics import load_stats
+from unidd_ray.artifacts.statistics import KIND as STATS_KIND
+from unidd_ray.artifacts.statistics import STATS_FILE, load_stats
 from unidd_ray.artifacts.teacher import check_teacher_data, load_teacher, read_teacher_info
 from unidd_ray.config import ConfigError, Recipe, RecoverConfig, recipe_to_yaml
 from unidd_ray.core.evaluation import check_batches
@@ -49,7 +51,7 @@ from unidd_ray.data.hashing import source_stat
 from unidd_ray.data.prepare import prepare_dataset
 from unidd_ray.data.sources import load_source
 from unidd_ray.keys import (CACHE_FORMAT, data_key, distilled_identity, evaluate_key, random_key, recover_key,
-                            stats_key, teacher_key)
+                            stats_artifact_key, stats_key, teacher_key)
 from unidd_ray.methods import BASELINES, get_method
 from unidd_ray.models import build_model, load_weights
 from unidd_ray.runtime import console
@@ -157,7 +159,11 @@ def prepare_stage(recipe: Recipe, run: Path):
 
 def teacher_stage(recipe: Recipe, run: Path, data_dir: Path, info, recipe_yaml: str | None = None):
     """The trained teacher (reused when intact, resumed when a previous run was killed, trained again when
-    damaged)."""
+    damaged), or the recipe's ``teacher.artifact`` as it is (checked by :func:`check_with_data`)."""
+    if recipe.teacher.artifact is not None:
+        teacher_dir = Path(recipe.teacher.artifact).resolve()
+        _log(f"squeeze: using the teacher artifact {teacher_dir}")
+        return teacher_dir, read_teacher_info(teacher_dir)
     weights = sha256_file(recipe.teacher.weights) if recipe.teacher.weights else None
     teacher_dir = run / f"teacher-{teacher_key(recipe, info, weights)}"
     if _intact(teacher_dir, lambda d: check_teacher_data(load_teacher(d)[1], info, d, data_dir)):
@@ -172,8 +178,12 @@ def teacher_stage(recipe: Recipe, run: Path, data_dir: Path, info, recipe_yaml: 
 
 def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Path, tinfo,
                 recipe_yaml: str | None = None):
-    """The real statistics under the teacher (reused when intact, computed again when damaged); returns
-    (directory, key)."""
+    """The real statistics under the teacher (reused when intact, computed again when damaged), or the recipe's
+    ``stats.artifact`` as it is (checked by :func:`check_with_data`); returns (directory, key)."""
+    if recipe.stats.artifact is not None:
+        stats_dir = Path(recipe.stats.artifact).resolve()
+        _log(f"stats: using the statistics artifact {stats_dir}")
+        return stats_dir, stats_artifact_key(read_manifest(stats_dir, STATS_KIND, verify=False)["files"][STATS_FILE])
     key = stats_key(recipe, info, tinfo)
     stats_dir = run / f"stats-{key}"
     if _intact(stats_dir, lambda d: load_stats(d, teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)):
@@ -195,11 +205,17 @@ def check_with_data(recipe: Recipe, data_dir: Path, info):
         for method in recipe.methods:
             make_plan(labels, info.num_classes, recipe.recover_for(ipc, **({} if method in BASELINES else
                                                                             {"method": method})))
-        check_batches(recipe.evaluate, images=ipc * info.num_classes)
+        check_batches(recipe.evaluate.for_ipc(ipc), images=ipc * info.num_classes)
     shape = {"num_classes": info.num_classes, "in_channels": info.channels,
              "resolution": recipe.data.resolution or info.resolution}
-    for section, name, options in (("teacher", recipe.teacher.arch, recipe.teacher.options),
-                                   ("evaluate", recipe.evaluate.student, recipe.evaluate.student_options)):
+    models = [("evaluate", recipe.evaluate.student, recipe.evaluate.student_options),
+              *(("evaluate.students", name, {}) for name in recipe.evaluate.students
+                if name != recipe.evaluate.student)]
+    if recipe.teacher.artifact is None:
+        models.insert(0, ("teacher", recipe.teacher.arch, recipe.teacher.options))
+    else:
+        check_artifacts(recipe, data_dir, info)
+    for section, name, options in models:
         try:
             model = build_model(name, **shape, **options)
         except (TypeError, ValueError) as exc:
@@ -207,6 +223,22 @@ def check_with_data(recipe: Recipe, data_dir: Path, info):
         if section == "teacher" and recipe.teacher.weights:
             load_weights(model, recipe.teacher.weights)
     return labels
+
+
+def check_artifacts(recipe: Recipe, data_dir: Path, info) -> None:
+    """The recipe's ``teacher.artifact`` (and ``stats.artifact``), before any work: complete (every checksum),
+    suited to the prepared data, and the statistics computed with that teacher."""
+    where = recipe.teacher.artifact
+    try:
+        teacher_dir = Path(where).resolve()
+        _, tinfo = load_teacher(teacher_dir)
+        check_teacher_data(tinfo, info, teacher_dir, data_dir)
+        if recipe.stats.artifact is not None:
+            where = recipe.stats.artifact
+            load_stats(Path(where).resolve(), teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)
+    except (ValueError, OSError) as exc:
+        section = "teacher" if where == recipe.teacher.artifact else "stats"
+        raise ConfigError(f"{section}.artifact {where}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- the sets of a run
@@ -241,7 +273,8 @@ def shared_stages(recipe: Recipe, run: Path, *, stats: bool, ray_log: bool) -> R
         if ray_log:
             _log(f"Ray's own output -> {run / RAY_LOG}")
     teacher_dir, tinfo = teacher_stage(recipe, run, data_dir, info, recipe_yaml)
-    _log(f"teacher val top-1 {tinfo.val_top1:.2f}%")
+    _log(f"teacher val top-1 {tinfo.val_top1:.2f}%" if tinfo.val_top1 is not None else
+         "teacher val top-1 not recorded (an imported teacher: its accuracy on its own data is not known here)")
     stats_dir = stats_id = None
     if stats:
         stats_dir, stats_id = stats_stage(recipe, run, data_dir, info, teacher_dir, tinfo, recipe_yaml)
@@ -399,18 +432,38 @@ class _Evaluation:
     out: Path
     job: EvalJob
     key: str  # what its stored students must match to count (:func:`unidd_ray.stages.evaluate.job_key`)
+    tag: str = ""  # "" for evaluate.student; an evaluate.students entry's name in paths (student_tag)
+
+
+def student_tag(name: str) -> str:
+    """An ``evaluate.students`` entry as it appears in directory and stage names (``timm:convnext_tiny`` →
+    ``timm-convnext_tiny``)."""
+    return name.replace(":", "-").replace("/", "-")
 
 
 def _plan_evaluations(recipe: Recipe, inputs: RunInputs, sets: list[_Set]) -> list[_Evaluation]:
-    """One evaluation per set, in a directory named by its settings and the set's images."""
+    """One evaluation per set and student (``evaluate.student``, then each of ``evaluate.students`` with its
+    default options; an entry that is ``evaluate.student`` is that one evaluation), in a directory named by its
+    settings and the set's images.  Each evaluation's settings name
+    its one student and an empty ``students``: the ``evaluate.student`` evaluations keep the keys they had before
+    ``students`` existed, and each other student's has its own."""
     planned = []
+    students = [(recipe.evaluate.student, recipe.evaluate.student_options, ""),
+                *((name, {}, student_tag(name)) for name in recipe.evaluate.students
+                  if name != recipe.evaluate.student)]  # (e.g. `unidd-ray evaluate --student` one of them)
     for s in sets:
-        eval_cfg = replace(recipe.evaluate, hard_labels=BASELINES.get(s.method, False) or recipe.evaluate.hard_labels)
+        eval_cfg = replace(recipe.evaluate.for_ipc(s.ipc),  # the IPC's batch size (evaluate.batch_size_by_ipc)
+                           hard_labels=BASELINES.get(s.method, False) or recipe.evaluate.hard_labels)
         identity = distilled_identity(*distilled.identity_inputs(s.out))  # (the set was verified above)
-        out = inputs.run / f"eval-{s.method}-ipc{s.ipc}-{evaluate_key(eval_cfg, inputs.info, inputs.tinfo, identity)}"
-        _intact(out, lambda d: check_output(d, "evaluation"))  # a damaged one is evaluated again
-        job = EvalJob(s.out, out, eval_cfg, recipe_yaml=inputs.recipe_yaml, name=f"{s.method} IPC {s.ipc}")
-        planned.append(_Evaluation(s.method, s.ipc, out, job, job_key(job, identity, inputs.tinfo, inputs.info)))
+        for student, options, tag in students:
+            cfg = replace(eval_cfg, student=student, student_options=options, students=[])
+            key = evaluate_key(cfg, inputs.info, inputs.tinfo, identity)
+            out = inputs.run / f"eval-{s.method}-ipc{s.ipc}-{tag + '-' if tag else ''}{key}"
+            _intact(out, lambda d: check_output(d, "evaluation"))  # a damaged one is evaluated again
+            job = EvalJob(s.out, out, cfg, recipe_yaml=inputs.recipe_yaml,
+                          name=f"{s.method} IPC {s.ipc}" + (f" {student}" if tag else ""))
+            planned.append(_Evaluation(s.method, s.ipc, out, job, job_key(job, identity, inputs.tinfo, inputs.info),
+                                       tag))
     return planned
 
 
@@ -489,7 +542,7 @@ def _run(recipe: Recipe, run: Path, *, report: bool, ray_log: bool, command: str
     planned = _plan_evaluations(recipe, inputs, sets)
     summaries, shares = _evaluate_all(recipe, inputs, planned)
     stages.update({f"{s.method}-ipc{s.ipc}": str(s.out) for s in sets})
-    stages.update({f"eval-{e.method}-ipc{e.ipc}": str(e.out) for e in planned})
+    stages.update({f"eval-{e.method}-ipc{e.ipc}" + (f"-{e.tag}" if e.tag else ""): str(e.out) for e in planned})
     rows = [{"method": "teacher (full data)", "ipc": None, "top1_mean": tinfo.val_top1, "top1_std": None,
              "seeds": None, "seconds": None}]
     for e in planned:
@@ -497,7 +550,8 @@ def _run(recipe: Recipe, run: Path, *, report: bool, ray_log: bool, command: str
         rows.append({"method": e.method, "ipc": e.ipc, "top1_mean": summary["top1_mean"],
                      "top1_std": summary["top1_std"], "seeds": len(summary["seeds"]),
                      "seconds": round(seconds[e.method, e.ipc] + shares.get(str(e.out), 0.0), 1),
-                     "labels": summary["labels"], "top1": summary["top1"]})
+                     "labels": summary["labels"], "top1": summary["top1"], **protocol_fields(summary),
+                     "student": e.job.cfg.student})
     results = {"recipe": recipe.name, "dataset": info.name, "teacher": {"arch": tinfo.arch, "val_top1": tinfo.val_top1},
                "rows": rows, "stages": stages, "seconds": time.perf_counter() - started,
                "fresh": fresh, "command": command, "machine": machine(),
@@ -513,11 +567,24 @@ def _run(recipe: Recipe, run: Path, *, report: bool, ray_log: bool, command: str
     return results
 
 
+def protocol_fields(summary: dict) -> dict:
+    """A results row's protocol (``evaluate.protocol``; a summary written before it existed is ``ours``) and, for
+    ``paper``, the test-selected figure beside the final one."""
+    fields = {"protocol": summary.get("protocol", "ours")}
+    if "top1_selected" in summary:
+        fields.update({k: summary[k] for k in ("top1_selected", "top1_selected_mean", "top1_selected_std",
+                                               "top1_selected_note")})
+    return fields
+
+
 def results_markdown(results: dict) -> str:
     lines = [f"# {results['recipe']}: distillation results ({results['dataset']})", "",
-             "| method | IPC | labels | top-1 (%) | seeds | wall time (s) |", "|---|---|---|---|---|---|"]
+             "| method | IPC | labels | protocol | top-1 (%) | seeds | wall time (s) | student |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        acc = f"{r['top1_mean']:.2f}" + (f" ± {r['top1_std']:.2f}" if r.get("top1_std") is not None else "")
+        acc = top1_cell(r)
+        protocol = r.get("protocol", "ours") if r["ipc"] is not None else "–"
         lines.append(f"| {r['method']} | {r['ipc'] if r['ipc'] is not None else '–'} | {r.get('labels', '–')} | "
-                     f"{acc} | {r['seeds'] or '–'} | {r['seconds'] if r['seconds'] is not None else '–'} |")
+                     f"{protocol} | {acc} | {r['seeds'] or '–'} | "
+                     f"{r['seconds'] if r['seconds'] is not None else '–'} | {r.get('student') or '–'} |")
     return "\n".join(lines) + "\n"

@@ -317,8 +317,9 @@ def run_trial(config: dict, *, recipe: Recipe, base: dict, trial: TrialSettings,
     plan = make_plan(read_labels(data_dir, "train"), info.num_classes, r.recover, classes=classes)
     images, labels, _ = recover_in_process(distiller, plan, data_dir=data_dir, emu_enabled=r.recover.emu,
                                            num_workers=r.data.num_workers, device=device)
-    evaluate_in_process(images, labels, distiller.teacher, data_dir, r.evaluate, num_classes=tinfo.num_classes,
-                        in_channels=tinfo.in_channels, resolution=tinfo.resolution, seeds=list(range(r.evaluate.seeds)),
+    evaluate_in_process(images, labels, distiller.teacher, data_dir, r.evaluate.for_ipc(r.recover.ipc),
+                        num_classes=tinfo.num_classes, in_channels=tinfo.in_channels, resolution=tinfo.resolution,
+                        seeds=list(range(r.evaluate.seeds)),
                         device=device, num_workers=r.data.num_workers, report=SeedReports(tune.report),
                         val_classes=classes, normalize=(tinfo.mean, tinfo.std))
 

@@ -38,8 +38,8 @@ def test_the_page_holds_each_runs_table_command_and_machine(tmp_path):
     assert "torch 2.13.0+cpu, Ray 2.60.0" in page
     assert "wall time 21 min 52 s (from an empty run directory)" in page
     assert "(reusing stages of earlier runs)" in page
-    assert "| cfm | 10 | soft | 81.95 ± 0.06 | 2 | 81.99, 81.90 | 12 min 34 s |" in page
-    assert "| teacher (full data) | – | – | 90.78 | – | – | – |" in page
+    assert "| cfm | 10 | soft | – | ours | 81.95 ± 0.06 | 2 | 81.99, 81.90 | 12 min 34 s |" in page
+    assert "| teacher (full data) | – | – | – | – | 90.78 | – | – | – |" in page
 
 
 def test_the_command_writes_over_its_own_page_only(tmp_path, capsys):

@@ -77,7 +77,7 @@ def test_the_named_normalisations_resolve_against_the_data(rgb_data, digits_data
     from unidd_ray.data.normalization import CONSTANTS, NAMES, resolve_normalization
 
     rgb, digits = read_dataset_info(rgb_data), read_dataset_info(digits_data)
-    assert NAMES[0] == "dataset" and set(NAMES[1:]) == {"cifar10", "cifar100", "tiny-imagenet", "imagenet"}
+    assert NAMES[0] == "dataset" and set(NAMES[1:]) == {"cifar10", "cifar100", "tiny-imagenet", "imagenet", "model"}
     assert resolve_normalization("dataset", rgb) == (list(rgb.mean), list(rgb.std))
     assert resolve_normalization("dataset", digits) == (list(digits.mean), list(digits.std))
     for name, (mean, std) in CONSTANTS.items():

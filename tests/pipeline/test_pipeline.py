@@ -121,9 +121,9 @@ def test_pipeline_results(first):
     assert results["seconds"] > 0
 
     md = (run / "results.md").read_text()
-    assert "| method | IPC | labels | top-1 (%) | seeds | wall time (s) |" in md
+    assert "| method | IPC | labels | protocol | top-1 (%) | seeds | wall time (s) |" in md
     for method in ("random", "dm", "cfm"):
-        assert re.search(rf"\| {method} \| 2 \| soft \| {_row(results, method)['top1_mean']:.2f} ± 0.00 \| 1 \|", md)
+        assert re.search(rf"\| {method} \| 2 \| soft \| ours \| {_row(results, method)['top1_mean']:.2f} ± 0.00 \| 1 \|", md)
 
     html = (run / "report.html").read_text()
     refs = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", html)

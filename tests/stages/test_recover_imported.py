@@ -1,7 +1,6 @@
 """`unidd-ray recover` on the UniDD authors' imported teacher and statistics, on a tiny CIFAR-10 dataset made
-of the 20 real test images in tests/fixtures/unidd_authors.  Only 8 of the 10 classes have an image there; a
-prepared dataset needs every class, so bird and deer get one mid-grey placeholder each, and the recovery
-distils the 8 real classes (`recover.classes`)."""
+of the 20 real test images in tests/fixtures/unidd_authors (tests/support/authors.py); the recovery distils the 8
+classes that have real images (`recover.classes`)."""
 
 from __future__ import annotations
 
@@ -13,28 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from support.authors import prepare_cifar20
 from unidd_ray.cli import main
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "unidd_authors"
-NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @pytest.fixture(scope="module")
 def cifar20(tmp_path_factory) -> tuple[Path, Path, list[int]]:
-    root = tmp_path_factory.mktemp("cifar20")
-    files = sorted((FIXTURES / "cifar10-test-20").glob("*.png"))
-    x = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8) for f in files])
-    y = np.array([int(f.stem.rsplit("_", 1)[1]) for f in files])
-    missing = sorted(set(range(10)) - set(y.tolist()))
-    x = np.concatenate([x, np.full((len(missing), 32, 32, 3), 128, dtype=np.uint8)])
-    real, y = sorted(set(y.tolist())), np.concatenate([y, missing])
-    np.savez(root / "cifar20.npz", x=x, y=y, x_val=x, y_val=y, class_names=np.array(NAMES))
-    assert main(["prepare", "--dataset", "npz", "--root", str(root / "cifar20.npz"), "--out", str(root / "data"),
-                 "--workers", "1"]) == 0
-    assert main(["import", "unidd", "--statistics", str(FIXTURES / "statistic"), "--model", "ConvNetW128D3",
-                 "--checkpoint", str(FIXTURES / "ckpt" / "CIFAR-10" / "ConvNetW128D3.pth"), "--arch", "convnet",
-                 "--dataset", "cifar10", "--out", str(root / "authors")]) == 0
-    return root / "data", root / "authors", real
+    return prepare_cifar20(tmp_path_factory.mktemp("cifar20"))
 
 
 def test_recover_runs_on_the_imported_artifacts(ray_session, cifar20, tmp_path):

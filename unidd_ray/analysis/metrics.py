@@ -77,6 +77,23 @@ def intra_class_cosine(features: Tensor, labels: Tensor) -> tuple[float | None, 
     return mean, per_class
 
 
+def top1_text(mean: float | None, std: float | None = None) -> str:
+    """A top-1 figure as the tables print it: ``mean ± std``, ``mean`` without a spread, and "not recorded"
+    without a figure (an imported teacher's accuracy on its own data)."""
+    if mean is None:
+        return "not recorded"
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def top1_cell(row: dict) -> str:
+    """A results row's top-1 cell: the final figure (:func:`top1_text`) and, for a ``paper``-protocol row, its
+    test-selected figure beside it (the best of the late tests, chosen on the test set as the paper reports)."""
+    text = top1_text(row["top1_mean"], row.get("top1_std"))
+    if row.get("top1_selected_mean") is not None:
+        text += f" (final); {top1_text(row['top1_selected_mean'], row.get('top1_selected_std'))} (test-selected)"
+    return text
+
+
 def covariance_spectrum(cov: Tensor) -> Tensor:
     """Eigenvalues of a covariance matrix, largest first (clipped at zero)."""
     return torch.linalg.eigvalsh((cov + cov.T) / 2).flip(0).clamp(min=0)

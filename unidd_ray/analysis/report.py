@@ -27,7 +27,7 @@ import matplotlib
 import torch
 
 from unidd_ray.analysis.metrics import (covariance_spectrum, high_frequency_fraction, intra_class_cosine,
-                                        radial_power_spectrum)
+                                        radial_power_spectrum, top1_cell)
 from unidd_ray.artifacts.distilled import load_distilled
 from unidd_ray.artifacts.files import atomic_file, atomic_write_json, atomic_write_text
 from unidd_ray.artifacts.statistics import load_stats
@@ -135,7 +135,9 @@ def analyse_run(run_dir: str | Path) -> dict:
             report["methods"][key] = _set_entry(key, path, teacher, tinfo, layers)
     if "stats" in stages:
         real = load_stats(stages["stats"])
-        report["real"]["eigenvalues"] = {name: covariance_spectrum(real[name].covariance()).tolist()
+        # the covariance the recoveries matched (imported statistics may serve per_batch only)
+        report["real"]["covariance"] = recover.covariance
+        report["real"]["eigenvalues"] = {name: covariance_spectrum(real[name].covariance(recover.covariance)).tolist()
                                          for name in layers if name in real}
     random_keys = [k for k in report["methods"] if k.startswith("random-ipc")]
     if random_keys:
@@ -212,7 +214,8 @@ def _spectra(report: dict, out: Path) -> str:
         top, bottom = axes[0][column], axes[1][column]
         real = report["real"].get("eigenvalues", {}).get(layer)
         if real:
-            top.semilogy(range(1, len(real) + 1), [max(v, 1e-12) for v in real], "k-", lw=2, label="real")
+            top.semilogy(range(1, len(real) + 1), [max(v, 1e-12) for v in real], "k-", lw=2,
+                         label=f"real ({report['real'].get('covariance', 'total')})")
         for key, entry in report["methods"].items():
             ev = entry["eigenvalues"][layer]
             top.semilogy(range(1, len(ev) + 1), [max(v, 1e-12) for v in ev], lw=1, label=key)
@@ -266,13 +269,13 @@ def _fmt(value: float | None) -> str:
 def _html(report: dict, figs: dict[str, str]) -> str:
     esc = html.escape
 
-    def accuracy(r: dict) -> str:
-        text = f"{r['top1_mean']:.2f}"
-        return text if r.get("top1_std") is None else f"{text} ± {r['top1_std']:.2f}"
+    def protocol(r: dict) -> str:
+        return r.get("protocol", "ours") if r["ipc"] is not None else "–"
 
     rows = "".join(
         f"<tr><td>{esc(str(r['method']))}</td><td>{r['ipc'] if r['ipc'] is not None else '–'}</td>"
-        f"<td>{esc(str(r.get('labels', '–')))}</td><td>{accuracy(r)}</td><td>{r.get('seeds') or '–'}</td></tr>"
+        f"<td>{esc(str(r.get('labels', '–')))}</td><td>{esc(str(r.get('student') or '–'))}</td>"
+        f"<td>{esc(protocol(r))}</td><td>{esc(top1_cell(r))}</td><td>{r.get('seeds') or '–'}</td></tr>"
         for r in report["accuracy"])
     stats = "".join(
         f"<tr><td>{esc(k)}</td><td>{e['high_frequency_fraction']:.4f}</td><td>{_fmt(e['intra_class_cosine'])}</td></tr>"
@@ -284,7 +287,7 @@ def _html(report: dict, figs: dict[str, str]) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}} td,th{{padding:2px 8px;text-align:left}}
 img{{max-width:100%;display:block;margin:0.5em 0}} .grids img{{display:inline-block;vertical-align:top;margin-right:1em}}
 </style></head><body><h1>{esc(title)}</h1><p>{esc(about)}</p>
-<h2>Accuracy</h2><table><tr><th>method</th><th>IPC</th><th>labels</th><th>top-1 (%)</th><th>seeds</th></tr>{rows}
+<h2>Accuracy</h2><table><tr><th>method</th><th>IPC</th><th>labels</th><th>student</th><th>protocol</th><th>top-1 (%)</th><th>seeds</th></tr>{rows}
 </table>
 <h2>Frequency content and diversity</h2>
 <table><tr><th>set</th><th>power above ½ Nyquist</th><th>intra-class cosine</th></tr>{stats}</table>

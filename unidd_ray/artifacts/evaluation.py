@@ -4,7 +4,8 @@ Layout of an evaluation directory::
 
     .seeds/seed-<seed>-<key>.json   summary.json   config.yaml
 
-A finished student's record (``top1``, ``seconds``, ``key``) is written as soon as it is tested, so a crash of
+A finished student's record (``top1``, ``protocol``, ``seconds``, ``key``; with ``evaluate.protocol: paper`` also
+``checks``, ``top1_selected`` and ``selected_epoch``) is written as soon as it is tested, so a crash of
 the rest of the run loses none; ``key`` (:func:`unidd_ray.keys.seed_key`) names what the result depends on, so
 an evaluation with other settings written to the same folder keeps its own records, and a re-run (after a
 crash, or with more seeds) trains only the seeds missing.  ``summary.json`` holds the seeds 0 … n − 1 asked

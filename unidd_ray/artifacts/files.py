@@ -132,12 +132,14 @@ OUTPUT_ENTRIES = {
     "evaluation": {"summary.json", "config.yaml", ".seeds"},
     "tune": {"ranking.json", "ranking.md", "best_recipe.yaml", "ray"},
     "import": {"teacher", "stats", "import.json"},  # `unidd-ray import unidd`: the authors' teacher and statistics
+    "rehearsal": {"train", "val", "LOC_val_solution.csv", "rehearsal.json"},  # `unidd-ray rehearsal-data`
 }
 # What an output of a kind without a manifest holds once finished (a record file and a key it always has),
 # and what it holds while in progress (an evaluation keeps its finished seeds, a sweep its Ray Tune state,
 # before the first summary).
 _FINISHED = {"teacher": ("teacher.json", "arch"), "evaluation": ("summary.json", "top1"),
-             "tune": ("ranking.json", "rows"), "import": ("import.json", "source")}
+             "tune": ("ranking.json", "rows"), "import": ("import.json", "source"),
+             "rehearsal": ("rehearsal.json", "classes")}
 _IN_PROGRESS = {"evaluation": ".seeds", "tune": "ray"}
 # A pipeline's run directory: its record, the files it writes and the stage directories it names.
 RUN_RECORD = "pipeline.json"

@@ -54,7 +54,14 @@ def finish(directory: str | Path, *, config_text: str, teacher_sha256: str, imag
                    epochs=epochs)
 
 
+PAPER_REFUSED = ("evaluate.protocol 'paper' mixes each batch with one CutMix box and an in-batch partner, so its "
+                 "teacher labels depend on the batch and cannot be stored per image: evaluate it with online soft "
+                 "labels (no --soft-labels / relabel), or use protocol 'ours'")
+
+
 def _check_stream(meta: dict, settings, n: int) -> None:
+    if getattr(settings, "protocol", "ours") == "paper":
+        raise ValueError(PAPER_REFUSED)
     wanted = {"aug_seed": settings.aug_seed, "crop_scale": list(settings.crop_scale), "cutmix": settings.cutmix}
     stored = {k: meta[k] for k in wanted}
     if stored != wanted or meta["images"] != n:

@@ -12,6 +12,12 @@ an augmented image is therefore a function of (image id, epoch) alone, which is
 what makes stored soft labels (:mod:`unidd_ray.artifacts.soft_labels`) reusable at any
 batch size or training seed.
 
+That is ``evaluate.protocol: ours``.  ``paper`` trains as the UniDD authors' ``generate_soft_label_online.py``
+does: lr factor ``0.5·(1 + cos(π·e/(2E)))`` stepped per epoch, KL without T², and one CutMix λ, box and
+in-batch partner permutation per batch (:func:`paper_batch_mix`, seeded by (aug_seed, epoch, batch index));
+crops and flips stay per image.  Its mixing depends on the batch, so it takes online labels only.  Its students
+also record the best of the late tests (:func:`paper_checks`), chosen on the test set as the paper reports.
+
 :func:`evaluate_in_process` trains one student per seed and tests it on the real val split;
 the evaluate stage runs it on Ray Train workers, Ray Tune trials in their own process.
 """
@@ -149,6 +155,67 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
+# ----------------------------------------------------------------------------- evaluate.protocol "paper"
+# The UniDD authors' student training (generate_soft_label_online.py; docs/CONFIGURATION.md, evaluate.protocol).
+PAPER = "paper"
+SELECTED_NOTE = "test-selected, as the paper reports"
+
+
+def paper_lr_factor(epoch: int, epochs: int) -> float:
+    """The authors' ``LambdaLR`` factor, stepped once per epoch: ``0.5·(1 + cos(π·epoch / (2·epochs)))``, a quarter
+    cosine from 1 at epoch 0 to 0.5 at ``epochs`` (0 beyond, as their lambda says)."""
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs / 2)) if epoch <= epochs else 0.0
+
+
+def distill_loss(logits: Tensor, target: Tensor, temperature: float, protocol: str = "ours") -> Tensor:
+    """``KL(softmax(target/T) ‖ softmax(logits/T))`` over the batch (``batchmean``): times T² for ``ours``, as it
+    is for ``paper`` (the authors' ``KLDivLoss(batchmean)`` without the T² factor)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
+                  log_target=True)
+    return kl if protocol == PAPER else kl * t * t
+
+
+def paper_checks(epochs: int) -> list[int]:
+    """The epochs (counted from 1: after that many epochs) at which the ``paper`` protocol tests the student: the
+    authors test after 0-based epoch ``e`` when ``e % 10 == 9`` and ``e > 0.8·epochs``, i.e. every 10 epochs in the
+    last 20 % of training; the final epoch is always one (theirs too when it passes that bar)."""
+    checks = [e + 1 for e in range(epochs) if e % 10 == 9 and e > 0.8 * epochs]
+    return checks if checks and checks[-1] == epochs else checks + [epochs]
+
+
+def select_best(accuracies: dict[int, float], epochs: int) -> tuple[float, int]:
+    """(best top-1, its epoch) among the ``paper_checks(epochs)`` epochs of ``accuracies`` (epoch → top-1), the
+    earliest on a tie (the authors keep a best only when a later test beats it)."""
+    best, at = -math.inf, -1
+    for epoch in paper_checks(epochs):
+        if accuracies[epoch] > best:
+            best, at = accuracies[epoch], epoch
+    return best, at
+
+
+def paper_batch_mix(aug: EpochAugment, batch_ids: Tensor, *, epoch: int, batch_index: int, size: int,
+                    settings: EvaluateConfig) -> None:
+    """Give the images of one batch (``batch_ids``: all of its ids, before any sharding) the authors' CutMix, in
+    place in ``aug``: one λ ~ Beta(cutmix, cutmix), one box (their ``rand_bbox``, in pixels of the ``size``-pixel
+    side) and a random permutation of the batch as partners, drawn from a generator seeded by (aug_seed, epoch,
+    batch index).  The permutation runs over the batch's ids in sorted order, so the mixing is the same whatever
+    order the training seed gave them.  Every image of the epoch is in one batch, so each row is set once."""
+    ids = torch.sort(batch_ids.cpu()).values
+    g = torch.Generator().manual_seed(hash_seed(settings.aug_seed, epoch, batch_index))
+    perm = torch.randperm(len(ids), generator=g)
+    aug.partner[ids] = ids[perm]
+    if settings.cutmix <= 0:
+        aug.box[ids] = 0
+        return
+    lam = float(_beta_icdf(torch.rand(1, generator=g, dtype=torch.float64), settings.cutmix)[0])
+    cut = int(size * math.sqrt(1.0 - lam))
+    cy, cx = (int(v) for v in torch.randint(size, (2,), generator=g))
+    y0, y1 = min(max(cy - cut // 2, 0), size), min(max(cy + cut // 2, 0), size)
+    x0, x1 = min(max(cx - cut // 2, 0), size), min(max(cx + cut // 2, 0), size)
+    aug.box[ids] = torch.tensor([y0 / size, x0 / size, (y1 - y0) / size, (x1 - x0) / size], dtype=aug.box.dtype)
+
+
 def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: EvaluateConfig, *, seed: int,
                   soft_labels: SoftLabelSource | None, num_classes: int, device: str | torch.device = "cpu",
                   on_epoch: Callable[[int, nn.Module], None] | None = None, shard: tuple[int, int] = (0, 1),
@@ -174,6 +241,10 @@ def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: 
     if stored is not None and not settings.hard_labels:
         stored.check_stream(settings, n)
     t = settings.temperature
+    paper = settings.protocol == PAPER
+    if paper and getattr(soft_labels, "memo_bytes", 0) and batch < n:
+        raise ValueError("evaluate.protocol 'paper' mixes by batch position: teacher logits cannot be kept across "
+                         "students (TeacherLabels memo_bytes) unless each batch is the whole set")
     step = 0
     for epoch in range(settings.epochs):
         aug = epoch_augment(n, epoch, settings)
@@ -181,11 +252,14 @@ def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: 
             stored.verify_epoch(epoch, aug)
         order = torch.randperm(n, generator=order_gen)
         for start in range(0, n, batch):
+            if paper:  # one box, λ and in-batch partner permutation per batch (all of its ids, every shard alike)
+                paper_batch_mix(aug, order[start:start + batch], epoch=epoch, batch_index=start // batch,
+                                size=images.shape[-1], settings=settings)
             ids = order[start:start + batch][shard[0]::shard[1]]
             mixed, partner, lam = augment_batch(images, ids.to(device), aug)
             mixed = mixed.contiguous(memory_format=layout)
             for group in optimizer.param_groups:
-                group["lr"] = settings.lr * _cosine(step, total)
+                group["lr"] = settings.lr * (paper_lr_factor(epoch, settings.epochs) if paper else _cosine(step, total))
             logits = model(mixed)
             if settings.hard_labels or soft_labels is None:
                 own = F.cross_entropy(logits, labels[ids.to(device)], reduction="none")
@@ -193,8 +267,7 @@ def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: 
                 loss = (lam * own + (1 - lam) * other).mean()
             else:
                 target = soft_labels(epoch, ids, mixed).to(device)
-                loss = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(target / t, 1), reduction="batchmean",
-                                log_target=True) * t * t
+                loss = distill_loss(logits, target, t, settings.protocol)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -249,11 +322,21 @@ def top1_on_split(model: nn.Module, data_dir: str, *, batch_size: int, num_worke
     return correct, total
 
 
-def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateConfig, *, num_classes: int,
-                        in_channels: int, resolution: int, seeds: list[int], device="cpu", num_workers: int = 1,
-                        soft_labels=None, report=None, shard: tuple[int, int] = (0, 1), wrap=None,
-                        val_classes: list[int] | None = None, epoch_done=None, normalize=True) -> list[float]:
-    """Top-1 (%) of one student per seed, tested on val images normalised with ``normalize`` (the teacher's
+def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateConfig, **kwargs) -> list[float]:
+    """The final top-1 (%) of one student per seed: :func:`evaluate_students` (which see) without the rest of
+    each student's record."""
+    return [r["top1"] for r in evaluate_students(images, labels, teacher, data_dir, cfg, **kwargs)]
+
+
+def evaluate_students(images, labels, teacher, data_dir: str, cfg: EvaluateConfig, *, num_classes: int,
+                      in_channels: int, resolution: int, seeds: list[int], device="cpu", num_workers: int = 1,
+                      soft_labels=None, report=None, shard: tuple[int, int] = (0, 1), wrap=None,
+                      val_classes: list[int] | None = None, epoch_done=None, normalize=True) -> list[dict]:
+    """One record per seed: ``seed``, ``protocol`` and ``top1``, the final top-1 (%); with ``cfg.protocol`` "paper"
+    also ``checks`` (top-1 after each epoch of :func:`paper_checks`, the final one included), ``top1_selected``
+    and ``selected_epoch``, the best of them (:func:`select_best`: chosen on the test set, as the paper reports).
+
+    Each student is tested on val images normalised with ``normalize`` (the teacher's
     ``(mean, std)``, which ``images`` are normalised with too; see :func:`~unidd_ray.data.loading.make_loader`).
     ``report(seed, epoch, top1)`` receives intermediate accuracies when ``cfg.eval_every`` > 0 (Ray Tune uses
     it for early stopping); ``epoch_done(seed, epoch)`` is called after every epoch (progress).  ``val_classes`` restricts the validation images to those classes (for sets
@@ -276,18 +359,26 @@ def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateCon
             counts = wrap.sum(counts)
         return float(100 * counts[0] / counts[1])
 
+    paper = cfg.protocol == PAPER
+    windows = set(paper_checks(cfg.epochs)) if paper else set()
     results = []
     for seed in seeds:
         torch.manual_seed(seed)
         student = build_model(cfg.student, num_classes=num_classes, in_channels=in_channels,
                               resolution=resolution, **cfg.student_options)
+        checks: dict[int, float] = {}
 
-        def on_epoch(epoch, model, _seed=seed):
+        def on_epoch(epoch, model, _seed=seed, _checks=checks):
             if epoch_done is not None:
                 epoch_done(_seed, epoch)
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+            if epoch + 1 >= cfg.epochs:
+                return  # the final epoch is tested below
+            every = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0
+            if every or epoch + 1 in windows:
                 acc = top1(model)
-                if report is not None:
+                if epoch + 1 in windows:
+                    _checks[epoch + 1] = acc
+                if every and report is not None:
                     report(_seed, epoch, acc)
 
         trained = train_student(student, images, labels, cfg, seed=seed, soft_labels=source,
@@ -296,5 +387,11 @@ def evaluate_in_process(images, labels, teacher, data_dir: str, cfg: EvaluateCon
         acc = top1(trained)
         if report is not None:
             report(seed, cfg.epochs - 1, acc)
-        results.append(acc)
+        record = {"seed": seed, "protocol": cfg.protocol, "top1": acc}
+        if paper:
+            checks[cfg.epochs] = acc
+            best, at = select_best(checks, cfg.epochs)
+            record.update(checks={str(e): a for e, a in sorted(checks.items())}, top1_selected=best,
+                          selected_epoch=at)
+        results.append(record)
     return results

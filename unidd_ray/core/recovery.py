@@ -139,6 +139,11 @@ class Distiller:
         self.normalize = normalize
         self.max_roll = settings.max_roll if settings.max_roll is not None else default_max_roll(resolution)
         self.filter = method_filter(settings)
+        # amp: bf16 runs the teacher's forward (and so its backward) under autocast; the taps' inputs are cast
+        # back to the dtype of the filter's values (float64 unless precision: float32) before the moments, the
+        # BatchNorm inputs of SRe2L to float32, and the CE is taken from float32 logits
+        self.amp = settings.amp == "bf16"
+        self.tap_dtype = self.filter.compute_dtype if self.filter is not None else torch.float32
         self.layers: list[str] = []
         self.real_cov: dict[str, Tensor] = {}
         self.real_signal: dict[str, Tensor] = {}
@@ -243,7 +248,12 @@ class Distiller:
         captured: dict[str, Tensor] = {}
         stats: dict[str, BatchStatistics] = {}
         with tapped(self.teacher, self.layers + self.bn_layers, lambda name, feats: captured.__setitem__(name, feats)):
-            logits = self.teacher(images)
+            with self.autocast():
+                logits = self.teacher(images)
+        if self.amp:
+            logits = logits.float()
+            captured = {name: feats.to(self.tap_dtype if name in self.layers else torch.float32)
+                        for name, feats in captured.items()}
         ce = F.cross_entropy(logits, labels, reduction="sum") / count if len(labels) else logits.sum() * 0
         loss = ce
         parts = {"ce": float(reducer.sum(ce.detach().reshape(1)))}
@@ -263,6 +273,11 @@ class Distiller:
         # the global total (CE summed over workers + the shared matching term), not this worker's share
         parts["total"] = parts["ce"] + spectral
         return loss, parts, stats
+
+    def autocast(self):
+        """The teacher's forward under ``amp``: bfloat16 autocast on this device's type (CPU or CUDA alike), or a
+        disabled autocast (float32) with ``amp: none``."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def _probs(self, logits: Tensor) -> Tensor | None:
         """The teacher's class probabilities a signal weights by: ``soft`` differentiates through them;
@@ -443,9 +458,10 @@ def run_round(distiller, plan: RecoverPlan, r: int, *, rank: int, emu, reducer, 
                                           resolution=distiller.resolution, normalize=distiller.normalize))
         else:
             side = distiller.resolution
-            init = torch.zeros(0, len(distiller.pixel_min.flatten()), side, side)
+            init = torch.zeros(0, len(distiller.pixel_min.flatten()), side, side, device=distiller.device)
         aug_seed = int(np.random.SeedSequence([plan.seed, slot, j]).generate_state(1)[0])
-        result = distiller.optimize(init.to(device), torch.tensor(piece, dtype=torch.long), slot=slot,
+        labels = torch.tensor(piece, dtype=torch.long, device=distiller.device)
+        result = distiller.optimize(init.to(device), labels, slot=slot,
                                     ipc=plan.ipc, aug_seed=aug_seed, emu=emu, reducer=reducer if shared else None,
                                     global_count=plan.batch_size(r) if shared else None)
     if emu is not None:
@@ -470,7 +486,8 @@ def recover_in_process(distiller, plan: RecoverPlan, *, data_dir: str, emu_enabl
     """
     if plan.workers != 1:
         raise ValueError("recover_in_process runs a one-worker plan; use run_recover for several workers")
-    emu = EMU(distiller.emu_layers(), enabled=emu_enabled, device=device) if distiller.layers else None
+    # the EMU's float64 sums mix with the distiller's statistics: on the distiller's device
+    emu = EMU(distiller.emu_layers(), enabled=emu_enabled, device=distiller.device) if distiller.layers else None
     init_images = InitImages(data_dir, plan, 0, image_bytes=image_bytes(distiller), num_workers=num_workers,
                              resolution=distiller.resolution, normalize=distiller.normalize)
     found: dict[tuple[int, int], torch.Tensor] = {}

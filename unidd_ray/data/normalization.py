@@ -13,6 +13,9 @@ value              constants
 ``cifar100``       (0.5071, 0.4867, 0.4408) / (0.2675, 0.2565, 0.2761)
 ``tiny-imagenet``  (0.4802, 0.4481, 0.3975) / (0.2302, 0.2265, 0.2262)
 ``imagenet``       (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) (torchvision's ImageNet models)
+``model``          the teacher architecture's own: a ``torchvision:`` model's weight enum transforms (ImageNet's),
+                   a ``timm:`` model's pretrained config (``unidd_ray.models.model_normalization``); the
+                   teacher artifact records where they came from (``extra["normalization_source"]``)
 ``{mean, std}``    explicit lists, one number per channel
 =================  =========================================================================================
 
@@ -24,7 +27,10 @@ from __future__ import annotations
 
 import math
 
+from unidd_ray.models import model_normalization
+
 DATASET = "dataset"
+MODEL = "model"
 
 CONSTANTS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # utils.py:59-60 (get_dataset, CIFAR-10), utils.py:680-681 (denormalize), synthesis_small.py:59-60,
@@ -38,7 +44,7 @@ CONSTANTS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # utils.py:126-127 (ImageNet), utils.py:677-678, synthesis_large.py:77-78, baseline.py:74-75
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-NAMES = (DATASET, *CONSTANTS)
+NAMES = (DATASET, *CONSTANTS, MODEL)
 
 
 def check_normalization(value) -> None:
@@ -59,12 +65,23 @@ def check_normalization(value) -> None:
                          f"got {value!r}")
 
 
-def resolve_normalization(value, info) -> tuple[list[float], list[float]]:
+def normalization_source(value, arch: str | None = None) -> str | None:
+    """Where the constants of ``model`` come from for ``arch`` (e.g. ``torchvision ResNet18_Weights.IMAGENET1K_V1
+    transforms``); None for any other value."""
+    return model_normalization(arch)[2] if value == MODEL else None
+
+
+def resolve_normalization(value, info, arch: str | None = None) -> tuple[list[float], list[float]]:
     """The ``(mean, std)`` lists of ``value`` (see :func:`check_normalization`) for the prepared dataset ``info``
-    (``dataset``: its card's); ``ValueError`` when their channel count is not the dataset's."""
+    (``dataset``: its card's; ``model``: the architecture ``arch``'s own); ``ValueError`` when their channel count
+    is not the dataset's."""
     check_normalization(value)
     if value == DATASET:
         mean, std = list(info.mean), list(info.std)
+    elif value == MODEL:
+        if arch is None:
+            raise ValueError("model needs the teacher's architecture (teacher.arch)")
+        mean, std, _ = model_normalization(arch)
     elif isinstance(value, str):
         mean, std = (list(v) for v in CONSTANTS[value])
     else:

@@ -5,6 +5,8 @@
 - ``resnet18`` / ``resnet50``: torchvision's ResNets; for ≤ 32 px (``stem="auto"``)
   the CIFAR stem (3×3 stride-1 conv1, no max-pool), else the ImageNet stem.
 - ``mobilenet_v2``, ``densenet121``: torchvision models for cross-architecture evaluation.
+- ``torchvision:<name>`` / ``timm:<name>``: any classifier of either library (:mod:`unidd_ray.models.zoo`:
+  the CIFAR stem per family at ≤ 32 px, no pretrained download).
 
 Any number of input channels and classes.  ImageNet weights in torchvision's
 format load from a user-supplied file with ``weights_only=True``.
@@ -21,6 +23,7 @@ from torch import nn
 
 import unidd_ray  # noqa: F401  (applies the torchvision import fix)
 from unidd_ray.models.convnet import ConvNet
+from unidd_ray.models.zoo import build_zoo_model, check_zoo_options, is_zoo_name, zoo_normalization
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -47,7 +50,11 @@ def available_models() -> list[str]:
 
 def check_model_options(name: str, options: dict) -> None:
     """Refuse an unknown model or option names it does not take (``ValueError`` listing the valid ones), without
-    building it."""
+    building it.  A zoo name (``torchvision:``/``timm:``) is checked against its library's names, and its options
+    for those refused outright (its constructor's own are checked when it is built)."""
+    if is_zoo_name(name):
+        check_zoo_options(name, options)
+        return
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {available_models()}")
     valid = [p for p in inspect.signature(MODELS[name]).parameters if p not in ("num_classes", "in_channels",
@@ -60,11 +67,48 @@ def check_model_options(name: str, options: dict) -> None:
 def build_model(name: str, *, num_classes: int, in_channels: int = 3, resolution: int = 32, **options) -> nn.Module:
     """Build a registered architecture; unknown names or options raise ``ValueError`` listing the valid ones."""
     check_model_options(name, options)
-    fn = MODELS[name]
     if num_classes < 1 or in_channels < 1 or resolution < 1:
         raise ValueError(f"num_classes, in_channels and resolution must be positive; got "
                          f"{num_classes}, {in_channels}, {resolution}")
+    if is_zoo_name(name):
+        return build_zoo_model(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution,
+                               **options)
+    fn = MODELS[name]
     return fn(num_classes=num_classes, in_channels=in_channels, resolution=resolution, **options)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name that is neither registered nor a zoo model of its library (``ValueError``, one line)."""
+    if is_zoo_name(name):
+        check_zoo_options(name, {})
+    elif name not in MODELS:
+        zoo = [f"{library}:{name}" for library in ("torchvision", "timm") if _zoo_has(library, name)]
+        raise ValueError(f"must be one of {available_models()} or a zoo name, torchvision:<name> or timm:<name>"
+                         + (f" (e.g. {' or '.join(zoo)})" if zoo else ""))
+
+
+def _zoo_has(library: str, name: str) -> bool:
+    try:
+        check_zoo_options(f"{library}:{name}", {})
+    except ValueError:
+        return False
+    return True
+
+
+# the registered models that are torchvision's architectures: their own normalisation is torchvision's
+_TORCHVISION_REGISTERED = ("resnet18", "resnet50", "mobilenet_v2", "densenet121")
+
+
+def model_normalization(name: str) -> tuple[list[float], list[float], str]:
+    """The model's own input normalisation ``(mean, std, source)`` (``teacher.normalization: model``): a zoo
+    model's (:func:`unidd_ray.models.zoo.zoo_normalization`), torchvision's for the registered torchvision
+    architectures; ``ValueError`` for a model without one (``convnet``)."""
+    if name in _TORCHVISION_REGISTERED:
+        return zoo_normalization(f"torchvision:{name}")
+    if not is_zoo_name(name):
+        raise ValueError(f"{name!r} has no normalisation of its own (only torchvision: and timm: models and "
+                         f"{list(_TORCHVISION_REGISTERED)} do); use dataset or give {{mean, std}}")
+    return zoo_normalization(name)
 
 
 @register_model("convnet")

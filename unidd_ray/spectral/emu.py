@@ -66,7 +66,8 @@ class RunningAverage:
         for f in self._FIELDS:
             ref = getattr(self, f)
             size = ref.numel()
-            setattr(self, f, flat[offset: offset + size].reshape(ref.shape).to(_F64).clone())
+            # on this state's device, whatever the flat vector's (a state loaded without map_location)
+            setattr(self, f, flat[offset: offset + size].reshape(ref.shape).to(device=ref.device, dtype=_F64).clone())
             offset += size
         if offset != flat.numel():
             raise ValueError(f"flat EMU state has {flat.numel()} values, expected {offset}")

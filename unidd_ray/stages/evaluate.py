@@ -5,7 +5,9 @@ in one call, so the worker group starts once); ``split: seeds`` deals the (set, 
 workers, ``split: data`` trains each student with DDP over the batch.  Soft labels come online from the
 teacher or, with ``soft_labels=DIR``, from a relabel artifact.  Every finished student's record is kept at once
 (:mod:`unidd_ray.artifacts.evaluation`), so a re-run after a crash, or with more seeds, trains only the seeds
-missing; each set's ``summary.json`` holds ``top1_mean``, ``top1_std`` and the per-seed values.
+missing; each set's ``summary.json`` holds ``top1_mean``, ``top1_std``, the per-seed values and the ``protocol``
+(with ``paper`` also the test-selected figures, ``top1_selected``…).  ``evaluate.batch_size_by_ipc`` is resolved
+for each set's IPC (its manifest's) before anything else.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray.train
@@ -30,7 +32,8 @@ from unidd_ray.artifacts.files import atomic_write_json, check_output, sha256_js
 from unidd_ray.artifacts.locks import output_lock
 from unidd_ray.artifacts.teacher import check_teacher_data, load_teacher, read_teacher_info
 from unidd_ray.config import EvaluateConfig, to_dict
-from unidd_ray.core.evaluation import TeacherLabels, check_batches, check_student, evaluate_in_process
+from unidd_ray.core.evaluation import (PAPER, SELECTED_NOTE, TeacherLabels, check_batches, check_student,
+                                       evaluate_students)
 from unidd_ray.core.recovery import TorchDistReducer
 from unidd_ray.keys import dataset_identity, distilled_identity, seed_key, teacher_identity
 from unidd_ray.models import memory_format
@@ -140,13 +143,14 @@ def _evaluate_loop(config: dict) -> list[dict]:
                 atomic_write_json(_progress_file(run, _j, seed), {"epochs": epoch + 1})
 
         t0 = time.perf_counter()
-        (acc,) = evaluate_in_process(images, labels, teacher, run.data_dir, job.cfg, num_classes=tinfo.num_classes,
-                                     in_channels=tinfo.in_channels, resolution=tinfo.resolution, seeds=[seed],
-                                     device=device, num_workers=run.num_workers, soft_labels=soft, report=report,
-                                     shard=(0, 1) if by_seed else (rank, world),
-                                     wrap=_DistWrap() if world > 1 and not by_seed else None, epoch_done=epoch_done,
-                                     normalize=(tinfo.mean, tinfo.std))
-        record = {"job": j, "seed": seed, "top1": acc, "seconds": time.perf_counter() - t0, "key": job.key}
+        (result,) = evaluate_students(images, labels, teacher, run.data_dir, job.cfg, num_classes=tinfo.num_classes,
+                                      in_channels=tinfo.in_channels, resolution=tinfo.resolution, seeds=[seed],
+                                      device=device, num_workers=run.num_workers, soft_labels=soft, report=report,
+                                      shard=(0, 1) if by_seed else (rank, world),
+                                      wrap=_DistWrap() if world > 1 and not by_seed else None, epoch_done=epoch_done,
+                                      normalize=(tinfo.mean, tinfo.std))
+        # the student's protocol, final top-1 and (paper) its late checks and their test-selected best
+        record = {"job": j, **result, "seconds": time.perf_counter() - t0, "key": job.key}
         if writes:
             evaluation.write_seed_record(job.out_dir, record)
         done.append(record)
@@ -184,10 +188,18 @@ def _check_job(job: EvalJob, info, tinfo) -> tuple[dict, str]:
     return manifest, identity
 
 
+def for_set(job: EvalJob) -> EvalJob:
+    """``job`` with its settings for its set's IPC (``evaluate.batch_size_by_ipc``; the manifest's ``ipc``)."""
+    if job.cfg.batch_size_by_ipc is None:
+        return job
+    return replace(job, cfg=job.cfg.for_ipc(distilled.manifest(job.distilled_dir).get("ipc")))
+
+
 def check_evaluations(jobs: list[EvalJob], teacher_dir, data_dir) -> CheckedJobs:
     """Every check of an evaluation that can fail, before Ray or any worker starts: the prepared data
     (verified), the teacher and its agreement with the data, each job's output path, distilled set, batches
     and stored soft labels, and each student (built once for the teacher's classes and side)."""
+    jobs = [for_set(j) for j in jobs]
     info = verify_dataset(data_dir)
     tinfo = read_teacher_info(teacher_dir)
     check_teacher_data(tinfo, info, teacher_dir, data_dir)
@@ -230,6 +242,7 @@ def run_evaluations(jobs: list[EvalJob], teacher_dir, data_dir, *, storage_path,
     """
     if not jobs:
         return []
+    jobs = [for_set(j) for j in jobs]  # each set's batch size for its IPC (evaluate.batch_size_by_ipc)
     with contextlib.ExitStack() as held:
         for out_dir in dict.fromkeys(Path(j.out_dir).resolve() for j in jobs):
             held.enter_context(output_lock(out_dir, wait=wait))
@@ -312,6 +325,13 @@ def _summarise(job: EvalJob, manifest: dict, stored: dict[int, dict], trained: d
         "seconds": sum(float(mine[s]["seconds"]) for s in seeds),
         "trained_seeds": sorted(trained), "trained_seconds": sum(float(r["seconds"]) for r in trained.values()),
         "wall_seconds": wall, "evaluated_with": evaluated_with, "config": to_dict(cfg),
+        "protocol": cfg.protocol,
     }
+    if cfg.protocol == PAPER:  # the best of each student's late tests, chosen on the test set as the paper does
+        selected = [float(mine[s]["top1_selected"]) for s in seeds]
+        summary.update(top1_selected=selected, top1_selected_mean=statistics.fmean(selected),
+                       top1_selected_std=statistics.stdev(selected) if len(selected) > 1 else 0.0,
+                       selected_epochs=[int(mine[s]["selected_epoch"]) for s in seeds],
+                       top1_selected_note=SELECTED_NOTE)
     evaluation.write_summary(job.out_dir, summary, job.recipe_yaml)
     return summary

@@ -46,6 +46,8 @@ def relabel(distilled_dir, teacher_dir, out_dir, cfg: EvaluateConfig, *, batch_s
     output path, inputs and settings are checked before any epoch is computed.
     """
     check_output(out_dir, soft_labels.KIND)
+    if cfg.protocol == "paper":
+        raise ValueError(soft_labels.PAPER_REFUSED)
     if batch_size < 1:
         raise ValueError(f"relabel's batch_size must be at least 1, got {batch_size}")
     manifest = distilled.verify(distilled_dir)

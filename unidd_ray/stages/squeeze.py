@@ -37,7 +37,7 @@ from unidd_ray.artifacts.teacher import TeacherInfo, save_teacher
 from unidd_ray.config import DataConfig, ModelConfig, SqueezeConfig
 from unidd_ray.core.evaluation import top1_on_split
 from unidd_ray.data.loading import make_loader
-from unidd_ray.data.normalization import resolve_normalization
+from unidd_ray.data.normalization import normalization_source, resolve_normalization
 from unidd_ray.keys import check_resumable, training_identity
 from unidd_ray.models import build_model, load_weights
 from unidd_ray.runtime import console
@@ -81,7 +81,8 @@ class _Trainer:
         self.device = ray.train.torch.get_device()
         info = read_dataset_info(job.data_dir)
         self.resolution = job.data.resolution or info.resolution
-        self.normalization = resolve_normalization(job.model.normalization, info)  # the teacher's (mean, std)
+        # the teacher's (mean, std)
+        self.normalization = resolve_normalization(job.model.normalization, info, job.model.arch)
         self.model = build_model(job.model.arch, num_classes=info.num_classes, in_channels=info.channels,
                                  resolution=self.resolution, **job.model.options)
         if job.model.weights:
@@ -175,7 +176,7 @@ def check_squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: Squ
     check_output(out_dir, "teacher")
     info = verify_dataset(data_dir)
     try:
-        resolve_normalization(model_cfg.normalization, info)
+        resolve_normalization(model_cfg.normalization, info, model_cfg.arch)
     except ValueError as exc:
         raise ValueError(f"teacher.normalization {model_cfg.normalization!r} {exc}; choose a normalisation with "
                          f"{info.channels} channel(s) (e.g. dataset)") from None
@@ -266,12 +267,14 @@ def squeeze(data_dir: str | Path, out_dir: str | Path, *, squeeze_cfg: SqueezeCo
         raise RuntimeError("teacher training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    mean, std = resolve_normalization(model_cfg.normalization, info)  # what the workers trained with
+    mean, std = resolve_normalization(model_cfg.normalization, info, model_cfg.arch)  # what the workers trained with
+    source = normalization_source(model_cfg.normalization, model_cfg.arch)  # (None but for `model`)
     teacher_info = TeacherInfo(
         arch=model_cfg.arch, options=dict(model_cfg.options), num_classes=info.num_classes,
         in_channels=info.channels, resolution=resolution, dataset=info.name, dataset_fingerprint=info.fingerprint,
         mean=mean, std=std, val_top1=float(result.metrics["val_top1"]),
-        extra={"epochs": squeeze_cfg.epochs, "train_loss": float(result.metrics["train_loss"])},
+        extra={"epochs": squeeze_cfg.epochs, "train_loss": float(result.metrics["train_loss"]),
+               **({"normalization_source": source} if source else {})},
     )
     model = teacher_info.build()
     model.load_state_dict(state["model"])
