@@ -56,31 +56,24 @@ def _denormalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 @torch.no_grad()
-def penultimate_features(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """The input of the model's last ``nn.Linear`` (its penultimate features)."""
+def teacher_pass(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, layers: list[str],
+                 num_classes: int, batch: int = 256) -> tuple[torch.Tensor, dict[str, Moments]]:
+    """One pass of the teacher over ``images``: the input of its last ``nn.Linear`` (its penultimate features)
+    and the moments of the tapped ``layers``' inputs."""
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    out = []
-    handle = last.register_forward_pre_hook(lambda _m, args: out.append(args[0].flatten(1).detach()))
+    moments = {name: Moments(c, num_classes) for name, c in layer_channels(model, layers).items()}
+    features, captured = [], {}
+    handle = last.register_forward_pre_hook(lambda _m, args: features.append(args[0].flatten(1).detach()))
     try:
-        for i in range(0, len(images), batch):
-            model(images[i:i + batch])
+        with tapped(model, layers, lambda name, x: captured.__setitem__(name, x)):
+            for i in range(0, len(images), batch):
+                captured.clear()
+                model(images[i:i + batch])
+                for name in layers:
+                    moments[name].update(captured[name], labels[i:i + batch])
     finally:
         handle.remove()
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def synthetic_moments(model, images, labels, layers, num_classes):
-    channels = layer_channels(model, layers)
-    moments = {name: Moments(c, num_classes) for name, c in channels.items()}
-    captured = {}
-    with tapped(model, layers, lambda name, x: captured.__setitem__(name, x)):
-        for i in range(0, len(images), 256):
-            captured.clear()
-            model(images[i:i + 256])
-            for name in layers:
-                moments[name].update(captured[name], labels[i:i + 256])
-    return moments
+    return torch.cat(features), moments
 
 
 def read_results(run_dir: Path) -> dict:
@@ -104,8 +97,8 @@ def _set_entry(key: str, path: str, teacher, tinfo, layers: list[str]) -> dict:
     images, labels, rows = load_distilled(path, mean=tinfo.mean, std=tinfo.std)
     pixels = _denormalise(images, tinfo.mean, tinfo.std)
     radii, psd = radial_power_spectrum(pixels)
-    sim, per_class = intra_class_cosine(penultimate_features(teacher, images), labels)
-    syn = synthetic_moments(teacher, images, labels, layers, tinfo.num_classes)
+    features, syn = teacher_pass(teacher, images, labels, layers, tinfo.num_classes)
+    sim, per_class = intra_class_cosine(features, labels)
     entry = {"method": method, "ipc": int(ipc), "path": str(path), "images": len(images),
              "psd": psd.tolist(), "radii": radii.tolist(), "high_frequency_fraction": high_frequency_fraction(pixels),
              "intra_class_cosine": sim, "intra_class_cosine_per_class": per_class,
