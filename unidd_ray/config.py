@@ -32,7 +32,7 @@ DISTRIBUTIONS = ("exact", "independent")  # recover.distribution: how W workers 
 INITS = ("random", "first")  # recover.init: which real image each (class, slot) starts from
 ROLLS = ("symmetric", "nonnegative")  # recover.roll: the signs of the random shifts
 LR_SCHEDULES = ("cosine", "constant")  # recover.lr_schedule: the pixels' learning rate over the iterations
-AMPS = ("none", "bf16")  # recover.amp: the teacher's forward/backward in float32 or under bfloat16 autocast
+AMPS = ("none", "bf16")  # recover.amp, evaluate.amp: the networks in float32 or under bfloat16 autocast
 PROTOCOLS = ("ours", "paper")  # evaluate.protocol: how the student is trained and its accuracy reported
 
 
@@ -220,6 +220,9 @@ class EvaluateConfig:
     # NHWC student/teacher/batches: same arithmetic, other summation order (like a thread count);
     # faster convolutions on CPUs (benchmarks/evaluate.py)
     channels_last: bool = False
+    # none: the student's and the teacher's forward and backward in float32 | bf16: under bfloat16 autocast (the
+    # loss, from float32 logits, and the val tests stay float32)
+    amp: str = "none"
     # how the student is trained and reported (docs/CONFIGURATION.md): "ours" (per-step cosine lr to 0, KL × T²,
     # CutMix box and partner per image, final accuracy) | "paper" (the UniDD authors' generate_soft_label_online.py:
     # per-epoch quarter cosine to lr/2, KL without T², one CutMix box, λ and in-batch permutation per batch, and the
@@ -488,6 +491,7 @@ def check_evaluate(cfg: "EvaluateConfig") -> None:
     if len(set(cfg.students)) != len(cfg.students):  # (evaluate.student among them is evaluated once: see pipeline)
         _fail("evaluate", "students", "must name each architecture once", list(cfg.students))
     _integer("evaluate", "epochs", cfg.epochs, 1)
+    _choice("evaluate", "amp", cfg.amp, AMPS)
     _integer("evaluate", "batch_size", cfg.batch_size, 1, optional=True)
     _number("evaluate", "lr", cfg.lr, low=0, low_open=True)
     _number("evaluate", "weight_decay", cfg.weight_decay, low=0)

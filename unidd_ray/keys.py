@@ -38,7 +38,7 @@ ADDED_KEYS = {"recover": {"init": "random", "lr_schedule": "cosine", "roll": "sy
                           "classes": None, "amp": "none"},
               "stats": {"artifact": None},
               # students: each evaluation's key has the one student it trains (evaluate.student); the list is []
-              "evaluate": {"protocol": "ours", "batch_size_by_ipc": None, "students": []}}
+              "evaluate": {"protocol": "ours", "batch_size_by_ipc": None, "students": [], "amp": "none"}}
 # Settings renamed under this format enter the key under their former name (the keys of stored stages stay).
 RENAMED_KEYS = {"recover": {"batch_classes": "classes_per_batch"}}
 

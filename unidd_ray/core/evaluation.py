@@ -151,6 +151,12 @@ class TeacherLabels:
         return logits[inverse.to(logits.device)]
 
 
+def autocast(device: torch.device, amp: str) -> torch.autocast:
+    """``evaluate.amp``: bfloat16 autocast on the device's type (CPU or CUDA alike) for ``bf16``; a disabled one
+    (float32) for ``none``."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
 def _cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
@@ -260,14 +266,16 @@ def train_student(student: nn.Module, images: Tensor, labels: Tensor, settings: 
             mixed = mixed.contiguous(memory_format=layout)
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * (paper_lr_factor(epoch, settings.epochs) if paper else _cosine(step, total))
-            logits = model(mixed)
-            if settings.hard_labels or soft_labels is None:
+            with autocast(device, settings.amp):
+                logits = model(mixed)
+                target = None if settings.hard_labels or soft_labels is None else soft_labels(epoch, ids, mixed)
+            logits = logits.float()  # the loss in float32, whatever the forward ran in
+            if target is None:
                 own = F.cross_entropy(logits, labels[ids.to(device)], reduction="none")
                 other = F.cross_entropy(logits, labels[partner], reduction="none")
                 loss = (lam * own + (1 - lam) * other).mean()
             else:
-                target = soft_labels(epoch, ids, mixed).to(device)
-                loss = distill_loss(logits, target, t, settings.protocol)
+                loss = distill_loss(logits, target.to(device).float(), t, settings.protocol)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
