@@ -421,3 +421,15 @@ def test_covariance_spectrum_matches_numpy():
     np.testing.assert_allclose(got, expected, atol=1e-10)
     assert np.all(got >= 0) and np.all(np.diff(got) <= 0)
     assert (got > 1e-8).sum() == 3
+
+
+def test_a_grid_draws_at_most_its_caps_evenly_spaced():
+    from unidd_ray.analysis.report import GRID_CLASSES, spread
+
+    assert spread(list(range(5)), 20) == [0, 1, 2, 3, 4]
+    picked = spread(list(range(1000)), GRID_CLASSES)
+    assert len(picked) == GRID_CLASSES and picked[0] == 0 and picked[-1] == 999
+    assert picked == sorted(set(picked))
+    gaps = np.diff(picked)
+    assert gaps.max() - gaps.min() <= 1  # evenly spaced
+    assert spread(list(range(50)), 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]

@@ -139,18 +139,33 @@ def analyse_run(run_dir: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- figures
+GRID_CLASSES = 20  # the most classes (rows) and IPC slots (columns) a grid draws: evenly spaced beyond that, so
+GRID_SLOTS = 10  # an ImageNet set (1,000 classes × 50 slots) is a readable picture, not 50,000 subplots
+
+
+def spread(items: list, most: int) -> list:
+    """``items`` when there are at most ``most``, else ``most`` of them evenly spaced (the first and last kept)."""
+    if len(items) <= most:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (most - 1))] for i in range(most)] if most > 1 else [items[0]]
+
+
 def _grid(key: str, entry: dict, tinfo, out: Path) -> str:
-    """One set's images: a row per class, labelled with its name; a column per IPC slot."""
+    """One set's images: a row per class, labelled with its name; a column per IPC slot (at most
+    :data:`GRID_CLASSES` rows and :data:`GRID_SLOTS` columns, evenly spaced, the title says how many)."""
     images, labels, rows = load_distilled(entry["path"], mean=tinfo.mean, std=tinfo.std)
     pixels = _denormalise(images, tinfo.mean, tinfo.std)
-    classes = sorted(set(labels.tolist()))
+    present = sorted(set(labels.tolist()))
+    classes = spread(present, GRID_CLASSES)
     names = {r["class"]: r.get("class_name") or str(r["class"]) for r in rows}
     ipc = entry["ipc"]
-    fig, axes = plt.subplots(len(classes), ipc, figsize=(0.7 * ipc + 1.6, 0.7 * len(classes) + 0.6), squeeze=False)
+    shown = spread(list(range(ipc)), GRID_SLOTS)
+    fig, axes = plt.subplots(len(classes), len(shown), figsize=(0.7 * len(shown) + 1.6, 0.7 * len(classes) + 0.6),
+                             squeeze=False)
     slots = {(r["class"], r["slot"]): i for i, r in enumerate(rows)}
     for a, k in enumerate(classes):
-        for b in range(ipc):
-            ax = axes[a][b]
+        for col, b in enumerate(shown):
+            ax = axes[a][col]
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -160,9 +175,11 @@ def _grid(key: str, entry: dict, tinfo, out: Path) -> str:
                 ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
                           vmin=0, vmax=1)
         axes[a][0].set_ylabel(names[k], rotation=0, ha="right", va="center", fontsize=8)
-    for b in range(ipc):
-        axes[0][b].set_title(f"slot {b}", fontsize=7)
-    fig.suptitle(f"{entry['method']}, IPC {ipc}")
+    for col, b in enumerate(shown):
+        axes[0][col].set_title(f"slot {b}", fontsize=7)
+    subset = [f"{len(classes)} of {len(present)} classes"] * (len(classes) < len(present)) + \
+        [f"{len(shown)} of {ipc} slots"] * (len(shown) < ipc)
+    fig.suptitle(f"{entry['method']}, IPC {ipc}" + (f" ({', '.join(subset)}, evenly spaced)" if subset else ""))
     name = f"grid_{key}.png"
     _save_figure(fig, out / name, dpi=80)
     return f"{FIG_DIR}/{name}"
