@@ -187,8 +187,9 @@ class _Devices(TorchDispatchMode):
 
 
 # sre2l reads no signal: it runs once, with the default
-@pytest.mark.parametrize("method,amp,signal", [("cfm", "none", "mean"), ("cfm", "none", "class"), ("cfm", "bf16", "mean"),
-                                              ("cfm", "bf16", "class"), ("sre2l", "none", "mean")])
+@pytest.mark.parametrize("method,amp,signal", [("cfm", "none", "mean"), ("cfm", "none", "class"),
+                                              ("cfm", "bf16", "mean"), ("cfm", "bf16", "class"),
+                                              ("sre2l", "none", "mean")])
 def test_every_tensor_of_a_step_is_on_the_device_passed(method, amp, signal, digits):
     """With ``device=torch.device("cpu")`` passed explicitly, a step (batch_loss with the EMU, backward) makes every
     tensor on that device, and the Distiller calls no tensor factory without ``device=`` (which on CUDA would
