@@ -433,3 +433,16 @@ def test_a_grid_draws_at_most_its_caps_evenly_spaced():
     gaps = np.diff(picked)
     assert gaps.max() - gaps.min() <= 1  # evenly spaced
     assert spread(list(range(50)), 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
+
+
+def test_the_power_spectrum_in_chunks_is_the_whole_set_s():
+    from unidd_ray.analysis.metrics import _mean_power
+
+    x = torch.rand(23, 3, 16, 12, generator=torch.Generator().manual_seed(0))
+    whole = _mean_power(x, chunk=1000)
+    a = x.double().numpy()
+    a = a - a.mean(axis=(-2, -1), keepdims=True)
+    expected = (np.abs(np.fft.fft2(a)) ** 2 / (16 * 12)).mean(axis=(0, 1))
+    np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-12, atol=1e-15)
+    for chunk in (1, 5, 7, 22):
+        np.testing.assert_allclose(_mean_power(x, chunk=chunk).numpy(), expected, rtol=1e-12, atol=1e-15)

@@ -6,15 +6,20 @@ import torch
 from torch import Tensor
 
 
-def _mean_power(images: Tensor) -> Tensor:
+def _mean_power(images: Tensor, chunk: int = 64) -> Tensor:
     """|F|² / (H·W) of each mean-subtracted channel of ``images`` (N, C, H, W), averaged over channels
-    and images: an (H, W) float64 array in FFT order (zero frequency at [0, 0])."""
+    and images: an (H, W) float64 array in FFT order (zero frequency at [0, 0]).  ``chunk`` images are
+    transformed at a time, so the memory it takes is that of a chunk's complex spectra, not the set's
+    (2,000 images at 224 px were 4.8 GB of complex128 at once)."""
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
-    x = images.double()
-    x = x - x.mean(dim=(-2, -1), keepdim=True)
-    h, w = x.shape[-2:]
-    return (torch.fft.fft2(x).abs() ** 2 / (h * w)).mean(dim=(0, 1))
+    n, c, h, w = images.shape
+    total = torch.zeros(h, w, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        x = images[start:start + chunk].double()
+        x = x - x.mean(dim=(-2, -1), keepdim=True)
+        total += (torch.fft.fft2(x).abs() ** 2).sum(dim=(0, 1))
+    return total / (h * w) / (n * c)
 
 
 def radial_power_spectrum(images: Tensor) -> tuple[Tensor, Tensor]:
