@@ -33,18 +33,17 @@ import ray
 import torch
 
 from unidd_ray import __version__
-from unidd_ray.analysis.metrics import top1_cell
+from unidd_ray.analysis.metrics import protocol_cell, top1_cell
 from unidd_ray.analysis.report import write_report
 from unidd_ray.artifacts import distilled, evaluation
 from unidd_ray.artifacts.dataset import (read_dataset_info, read_labels, record_source_stat, recorded_source_stat,
                                          verify_dataset)
-from unidd_ray.artifacts.files import (RUN_RECORD, atomic_write_json, atomic_write_text, check_output, read_manifest,
-                                       sha256_file, stage_storage)
+from unidd_ray.artifacts.files import (RUN_RECORD, atomic_write_json, atomic_write_text, check_output, sha256_file,
+                                       stage_storage)
 from unidd_ray.artifacts.locks import output_lock
-from unidd_ray.artifacts.statistics import KIND as STATS_KIND
-from unidd_ray.artifacts.statistics import STATS_FILE, load_stats
+from unidd_ray.artifacts.statistics import load_stats, stats_sha256
 from unidd_ray.artifacts.teacher import check_teacher_data, load_teacher, read_teacher_info
-from unidd_ray.config import ConfigError, Recipe, RecoverConfig, recipe_to_yaml
+from unidd_ray.config import ConfigError, EvaluateConfig, Recipe, RecoverConfig, recipe_to_yaml
 from unidd_ray.core.evaluation import check_batches
 from unidd_ray.core.plan import make_plan
 from unidd_ray.data.hashing import source_stat
@@ -183,7 +182,7 @@ def stats_stage(recipe: Recipe, run: Path, data_dir: Path, info, teacher_dir: Pa
     if recipe.stats.artifact is not None:
         stats_dir = Path(recipe.stats.artifact).resolve()
         _log(f"stats: using the statistics artifact {stats_dir}")
-        return stats_dir, stats_artifact_key(read_manifest(stats_dir, STATS_KIND, verify=False)["files"][STATS_FILE])
+        return stats_dir, stats_artifact_key(stats_sha256(stats_dir))
     key = stats_key(recipe, info, tinfo)
     stats_dir = run / f"stats-{key}"
     if _intact(stats_dir, lambda d: load_stats(d, teacher_sha256=tinfo.sha256, dataset_fingerprint=info.fingerprint)):
@@ -208,9 +207,8 @@ def check_with_data(recipe: Recipe, data_dir: Path, info):
         check_batches(recipe.evaluate.for_ipc(ipc), images=ipc * info.num_classes)
     shape = {"num_classes": info.num_classes, "in_channels": info.channels,
              "resolution": recipe.data.resolution or info.resolution}
-    models = [("evaluate", recipe.evaluate.student, recipe.evaluate.student_options),
-              *(("evaluate.students", name, {}) for name in recipe.evaluate.students
-                if name != recipe.evaluate.student)]
+    models = [("evaluate.students" if tag else "evaluate", name, options)
+              for name, options, tag in evaluated_students(recipe.evaluate)]
     if recipe.teacher.artifact is None:
         models.insert(0, ("teacher", recipe.teacher.arch, recipe.teacher.options))
     else:
@@ -441,6 +439,14 @@ def student_tag(name: str) -> str:
     return name.replace(":", "-").replace("/", "-")
 
 
+def evaluated_students(cfg: EvaluateConfig) -> list[tuple[str, dict, str]]:
+    """(name, options, tag) of every student a set is evaluated with: ``evaluate.student`` (tag ""), then each
+    ``evaluate.students`` entry with its default options and its :func:`student_tag`; an entry that is
+    ``evaluate.student`` (e.g. `unidd-ray evaluate --student` one of them) is that one evaluation."""
+    return [(cfg.student, cfg.student_options, ""),
+            *((name, {}, student_tag(name)) for name in cfg.students if name != cfg.student)]
+
+
 def _plan_evaluations(recipe: Recipe, inputs: RunInputs, sets: list[_Set]) -> list[_Evaluation]:
     """One evaluation per set and student (``evaluate.student``, then each of ``evaluate.students`` with its
     default options; an entry that is ``evaluate.student`` is that one evaluation), in a directory named by its
@@ -448,9 +454,7 @@ def _plan_evaluations(recipe: Recipe, inputs: RunInputs, sets: list[_Set]) -> li
     its one student and an empty ``students``: the ``evaluate.student`` evaluations keep the keys they had before
     ``students`` existed, and each other student's has its own."""
     planned = []
-    students = [(recipe.evaluate.student, recipe.evaluate.student_options, ""),
-                *((name, {}, student_tag(name)) for name in recipe.evaluate.students
-                  if name != recipe.evaluate.student)]  # (e.g. `unidd-ray evaluate --student` one of them)
+    students = evaluated_students(recipe.evaluate)
     for s in sets:
         eval_cfg = replace(recipe.evaluate.for_ipc(s.ipc),  # the IPC's batch size (evaluate.batch_size_by_ipc)
                            hard_labels=BASELINES.get(s.method, False) or recipe.evaluate.hard_labels)
@@ -582,8 +586,7 @@ def results_markdown(results: dict) -> str:
              "| method | IPC | labels | protocol | top-1 (%) | seeds | wall time (s) | student |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        acc = top1_cell(r)
-        protocol = r.get("protocol", "ours") if r["ipc"] is not None else "–"
+        acc, protocol = top1_cell(r), protocol_cell(r)
         lines.append(f"| {r['method']} | {r['ipc'] if r['ipc'] is not None else '–'} | {r.get('labels', '–')} | "
                      f"{protocol} | {acc} | {r['seeds'] or '–'} | "
                      f"{r['seconds'] if r['seconds'] is not None else '–'} | {r.get('student') or '–'} |")

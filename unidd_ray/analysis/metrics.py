@@ -90,6 +90,12 @@ def top1_text(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
+def protocol_cell(row: dict) -> str:
+    """A results row's protocol (a row written before ``evaluate.protocol`` existed is ``ours``; the teacher's row,
+    which has no IPC, none)."""
+    return row.get("protocol", "ours") if row["ipc"] is not None else "–"
+
+
 def top1_cell(row: dict) -> str:
     """A results row's top-1 cell: the final figure (:func:`top1_text`) and, for a ``paper``-protocol row, its
     test-selected figure beside it (the best of the late tests, chosen on the test set as the paper reports)."""

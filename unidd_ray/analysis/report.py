@@ -27,7 +27,7 @@ import matplotlib
 import torch
 
 from unidd_ray.analysis.metrics import (covariance_spectrum, high_frequency_fraction, intra_class_cosine,
-                                        radial_power_spectrum, top1_cell)
+                                        protocol_cell, radial_power_spectrum, top1_cell)
 from unidd_ray.artifacts.distilled import load_distilled
 from unidd_ray.artifacts.files import atomic_file, atomic_write_json, atomic_write_text
 from unidd_ray.artifacts.statistics import load_stats
@@ -279,13 +279,10 @@ def _fmt(value: float | None) -> str:
 def _html(report: dict, figs: dict[str, str]) -> str:
     esc = html.escape
 
-    def protocol(r: dict) -> str:
-        return r.get("protocol", "ours") if r["ipc"] is not None else "–"
-
     rows = "".join(
         f"<tr><td>{esc(str(r['method']))}</td><td>{r['ipc'] if r['ipc'] is not None else '–'}</td>"
         f"<td>{esc(str(r.get('labels', '–')))}</td><td>{esc(str(r.get('student') or '–'))}</td>"
-        f"<td>{esc(protocol(r))}</td><td>{esc(top1_cell(r))}</td><td>{r.get('seeds') or '–'}</td></tr>"
+        f"<td>{esc(protocol_cell(r))}</td><td>{esc(top1_cell(r))}</td><td>{r.get('seeds') or '–'}</td></tr>"
         for r in report["accuracy"])
     stats = "".join(
         f"<tr><td>{esc(k)}</td><td>{e['high_frequency_fraction']:.4f}</td><td>{_fmt(e['intra_class_cosine'])}</td></tr>"

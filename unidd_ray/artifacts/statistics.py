@@ -124,6 +124,12 @@ def _read_targets(table, directory: Path) -> dict[str, Targets]:
     return out
 
 
+def stats_sha256(directory: str | Path) -> str:
+    """The sha256 its manifest records for a statistics artifact's file (the artifact's identity; not
+    re-hashed: :func:`load_stats` verifies it when it reads the file)."""
+    return read_manifest(directory, KIND, verify=False)["files"][STATS_FILE]
+
+
 def read_stats_metadata(path: str | Path) -> dict:
     directory = _directory(path)
     schema = pq.read_schema(directory / STATS_FILE)

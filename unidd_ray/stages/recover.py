@@ -37,11 +37,10 @@ import yaml
 
 from unidd_ray.artifacts import distilled
 from unidd_ray.artifacts.dataset import read_labels, verify_dataset
-from unidd_ray.artifacts.files import (OutputError, atomic_file, atomic_write_json, check_output, read_manifest,
-                                       replace_directory, sha256_bytes, sha256_file)
+from unidd_ray.artifacts.files import (OutputError, atomic_file, atomic_write_json, check_output, replace_directory,
+                                       sha256_bytes, sha256_file)
 from unidd_ray.artifacts.locks import holds_output_lock
-from unidd_ray.artifacts.statistics import KIND as STATS_KIND
-from unidd_ray.artifacts.statistics import STATS_FILE, load_stats
+from unidd_ray.artifacts.statistics import load_stats, stats_sha256
 from unidd_ray.artifacts.teacher import check_teacher_data, load_teacher, read_teacher_info
 from unidd_ray.config import RecoverConfig, to_dict
 from unidd_ray.core.plan import RecoverPlan, make_plan
@@ -285,7 +284,7 @@ def run_recover(data_dir, teacher_dir, stats_dir, out_dir, cfg: RecoverConfig, *
     storage_path = Path(storage_path).resolve()
     run_dir = storage_path / RUN_NAME
     require_resources("recover", workers=cfg.workers, cpus=cfg.cpus_per_worker, gpus=1 if cfg.use_gpu else 0)
-    stats_sha = read_manifest(stats_dir, STATS_KIND, verify=False)["files"][STATS_FILE] if stats_dir else None
+    stats_sha = stats_sha256(stats_dir) if stats_dir else None
     plan = replace(plan, identity=recovery_identity(cfg, info, read_teacher_info(teacher_dir), stats_sha))
     plan_json = asdict(plan)
     fresh = _staging(staging, run_dir, plan_json, resume=resume)
