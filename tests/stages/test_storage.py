@@ -292,8 +292,8 @@ def test_two_worker_ray_train_run_listens_on_loopback_only(ray_session, tmp_path
     assert set(glob.glob(f"{tempfile.gettempdir()}/{PREFIX}*")) <= before
 
 
-def test_workers_on_several_nodes_keep_rays_tcp_rendezvous(monkeypatch):
-    """A file is shared only by workers of one node: a group spread over nodes takes Ray's own rendezvous."""
+def test_workers_on_several_machines_keep_rays_tcp_rendezvous(monkeypatch):
+    """A file is shared only by workers of one machine: a group spread over machines takes Ray's own rendezvous."""
     from ray.train.torch.config import _TorchBackend
 
     from unidd_ray.runtime import rendezvous
@@ -307,7 +307,7 @@ def test_workers_on_several_nodes_keep_rays_tcp_rendezvous(monkeypatch):
             return len(self.nodes)
 
         def execute(self, fn, *args, **kwargs):
-            assert fn is rendezvous._node_id, "only the node ids are asked before the choice"
+            assert fn is rendezvous._host, "only the machines are asked before the choice"
             return list(self.nodes)
 
         def execute_single(self, rank, fn, *args, **kwargs):
@@ -317,11 +317,58 @@ def test_workers_on_several_nodes_keep_rays_tcp_rendezvous(monkeypatch):
     monkeypatch.setattr(_TorchBackend, "on_start", lambda self, group, config: started.append(group))
     config = torch_config(False)
     assert config.backend == "gloo" and torch_config(True).backend == "nccl"
-    group = Group(["node-a", "node-b"])
+    group = Group([("host-a", "boot-1"), ("host-b", "boot-1")])
     config.backend_cls().on_start(group, config)
     assert started == [group]
+    group = Group([("host-a", "boot-1"), ("host-a", "boot-2")])  # one name, two machines (or a reboot)
+    config.backend_cls().on_start(group, config)
+    assert started[-1] is group
     with pytest.raises(ValueError, match="gloo' or 'nccl"):
         rendezvous.FileRendezvousTorchConfig(backend="mpi")
+
+
+def test_workers_of_one_machine_that_do_not_share_the_folder_keep_rays_tcp_rendezvous(monkeypatch, tmp_path):
+    """One host name and boot id, but a worker that cannot see worker 0's folder (containers of one host, each its
+    own /tmp): Ray's own rendezvous, and the folder is removed."""
+    import tempfile
+
+    from ray.train.torch.config import _TorchBackend
+
+    from unidd_ray.runtime import rendezvous
+    from unidd_ray.runtime.train import torch_config
+
+    class Group:
+        def __len__(self):
+            return 2
+
+        def execute(self, fn, *args, **kwargs):
+            if fn is rendezvous._host:
+                return [("host-a", "boot-1")] * 2
+            assert fn is rendezvous._sees, fn
+            return [fn(*args), False]  # worker 1 has a /tmp of its own
+
+        def execute_single(self, rank, fn, *args, **kwargs):
+            assert rank == 0
+            return fn(*args, **kwargs)
+
+        def execute_single_async(self, rank, fn, *args, **kwargs):
+            raise AssertionError("a file rendezvous was set up for workers that do not share its folder")
+
+    started = []
+    monkeypatch.setattr(_TorchBackend, "on_start", lambda self, group, config: started.append(group))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config, group = torch_config(False), Group()
+    config.backend_cls().on_start(group, config)
+    assert started == [group]
+    assert list(tmp_path.glob(f"{rendezvous.PREFIX}*")) == []
+
+
+def test_host_is_this_machine():
+    from unidd_ray.runtime import rendezvous
+
+    name, boot = rendezvous._host()
+    assert name == socket.gethostname()
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip() and len(boot) == 36
 
 
 def test_file_rendezvous_has_a_folder_per_start_removed_at_shutdown(monkeypatch, tmp_path):
@@ -341,8 +388,10 @@ def test_file_rendezvous_has_a_folder_per_start_removed_at_shutdown(monkeypatch,
             return 2
 
         def execute(self, fn, *args, **kwargs):
-            if fn is rendezvous._node_id:
-                return ["node-a", "node-a"]
+            if fn is rendezvous._host:
+                return [("host-a", "boot-1")] * 2  # two Ray nodes of one machine, say
+            if fn is rendezvous._sees:
+                return [fn(*args)] * 2
             calls.append(fn.__name__)  # _bind_to_loopback, _set_torch_distributed_env_vars: not run here
             return [None, None]
 

@@ -1,13 +1,15 @@
-"""Ray Train's torch process group formed through a file and loopback sockets when its workers share a node.
+"""Ray Train's torch process group formed through a file and loopback sockets when its workers share a machine.
 
 Ray's torch backend has worker 0 host a ``TCPStore`` for the rendezvous, and torch binds that store to
 every interface of the machine (``::``), whatever address the node has; gloo then binds its own sockets
 to the address the host name resolves to.  A one-machine run (the embedded instance, a single-node
 cluster, ``ray job submit`` to a workstation) would listen on the network for its whole length.  A
-worker group whose workers are all on one node meets through torch's ``FileStore`` in a fresh private
+worker group whose workers are all on one machine meets through torch's ``FileStore`` in a fresh private
 folder made by worker 0 instead, and its gloo and NCCL sockets are bound to the loopback interface
-(``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, unless already set); a group spread over several
-nodes keeps Ray's TCP rendezvous and the interfaces the libraries choose.
+(``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, unless already set).  "One machine" is one host name and
+boot id, whichever Ray nodes of it the workers are on (several raylets may share a machine:
+``ray.cluster_utils.Cluster``, one node per GPU), and every worker must see worker 0's folder; a group spread
+over several machines keeps Ray's TCP rendezvous and the interfaces the libraries choose.
 
 This module subclasses Ray Train's torch backend and calls its process-group helpers (private names, taken
 from :mod:`unidd_ray.runtime.private`); ``tests/runtime/test_rendezvous.py`` checks the listeners of a
@@ -22,6 +24,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.train.torch import TorchConfig
@@ -34,12 +37,23 @@ REMOVE_TIMEOUT_S = 30  # Ray may give up on a hung process-group shutdown; the f
 ABANDONED_AFTER_S = 3600  # an empty rendezvous folder this old belongs to no live group (see _sweep_abandoned)
 
 
-def _node_id() -> str:
-    return ray.get_runtime_context().get_node_id()
+def _host() -> tuple[str, str]:
+    """The machine this worker runs on: its host name and the kernel's boot id.  Several Ray nodes may share
+    one machine (``ray.cluster_utils.Cluster``, a node per GPU); a worker group on one machine can meet
+    through a file whichever of its nodes each worker is on."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return socket.gethostname(), boot
+
+
+def _sees(folder: str) -> bool:
+    return os.path.isdir(folder)
 
 
 def _bind_to_loopback() -> str | None:
-    """Have gloo and NCCL bind this worker's sockets to the loopback interface (its peers are on this node);
+    """Have gloo and NCCL bind this worker's sockets to the loopback interface (its peers are on this machine);
     returns the interface gloo will use."""
     names = {name for _, name in socket.if_nameindex()}
     loopback = next((name for name in ("lo", "lo0") if name in names), None)
@@ -96,7 +110,7 @@ def _remove_folder(folder: str) -> None:
 
 
 class FileRendezvousBackend(TorchBackend):
-    """Ray's torch backend, with the rendezvous store in a file when the workers share a node: one fresh
+    """Ray's torch backend, with the rendezvous store in a file when the workers share a machine: one fresh
     folder per worker-group start (a restarted group must not read the last group's keys), removed at
     shutdown; one a stopped run left behind is removed by a later start on that node."""
 
@@ -104,9 +118,12 @@ class FileRendezvousBackend(TorchBackend):
         self._folders: list[str] = []
 
     def on_start(self, worker_group, backend_config: TorchConfig):
-        if len(set(worker_group.execute(_node_id))) > 1:
+        if len(set(worker_group.execute(_host))) > 1:
             return super().on_start(worker_group, backend_config)  # several machines: Ray's TCP store
         folder = worker_group.execute_single(0, _make_folder)
+        if not all(worker_group.execute(_sees, folder)):  # one machine, but not one temporary folder (containers)
+            worker_group.execute_single(0, _remove_folder, folder)
+            return super().on_start(worker_group, backend_config)
         self._folders.append(folder)
         worker_group.execute(_bind_to_loopback)
         if not isinstance(worker_group, V1WorkerGroup):  # Ray Train v2 sets these before the group forms
@@ -131,7 +148,7 @@ class FileRendezvousBackend(TorchBackend):
 
 @dataclass
 class FileRendezvousTorchConfig(TorchConfig):
-    """``TorchConfig`` whose worker groups on one node rendezvous through a file; ``backend``: gloo or nccl."""
+    """``TorchConfig`` whose worker groups on one machine rendezvous through a file; ``backend``: gloo or nccl."""
 
     def __post_init__(self):
         if self.backend not in ("gloo", "nccl"):
