@@ -216,3 +216,37 @@ def test_cluster_readme():
     for needle in ("aws.yaml", "gcp.yaml", "raycluster.yaml", "rayjob.yaml", "submit.sh", "RAY_AUTH_TOKEN",
                    "storage_path", "/mnt/shared"):
         assert needle in text
+
+
+def _cluster(monkeypatch, nodes: list[dict], embedded: bool):
+    from unidd_ray.runtime import cluster
+
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: total)
+    monkeypatch.setattr(cluster.ray, "nodes", lambda: [{"Alive": True, "Resources": n} for n in nodes]
+                        + [{"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}])  # a dead node counts for nothing
+    monkeypatch.setattr(cluster, "_EMBEDDED", embedded)
+    return cluster
+
+
+def test_a_worker_larger_than_every_node_is_named(monkeypatch, caplog):
+    """Three 1-CPU nodes hold 3 workers of 1 CPU, but not one worker of 2 CPU, though the cluster has 3: Ray would
+    wait for a node that large forever.  Refused on an embedded instance, a warning on a cluster (it may grow)."""
+    cluster = _cluster(monkeypatch, [{"CPU": 1.0}] * 3, embedded=True)
+    cluster.require_resources("squeeze", workers=3, cpus=1)
+    cluster.require_resources("squeeze", workers=4, cpus=0.5)
+    with pytest.raises(ValueError, match=r"squeeze asks for 2 CPU per worker, but the largest node of the Ray "
+                                         r"cluster has 1 CPU and 0 GPU \(a worker runs on one node\); lower "
+                                         r"squeeze.workers or squeeze.cpus_per_worker \(this local Ray instance"):
+        cluster.require_resources("squeeze", workers=1, cpus=2)
+    with pytest.raises(ValueError, match=r"4 worker\(s\) x 1 CPU = 4 CPU, but the Ray cluster has 3 CPU"):
+        cluster.require_resources("recover", workers=4, cpus=1)
+    cluster = _cluster(monkeypatch, [{"CPU": 4.0, "GPU": 1.0}] * 2, embedded=True)
+    with pytest.raises(ValueError, match="asks for 1 CPU \\+ 2 GPU per worker, but the largest node"):
+        cluster.require_resources("recover", workers=1, cpus=1, gpus=2)
+    cluster = _cluster(monkeypatch, [{"CPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], embedded=False)
+    cluster.require_resources("recover", workers=1, cpus=8, gpus=1)
+    with caplog.at_level("WARNING"):
+        cluster.require_resources("recover", workers=1, cpus=9)
+    assert "largest node of the Ray cluster has 8 CPU and 1 GPU" in caplog.text and "scale up" in caplog.text

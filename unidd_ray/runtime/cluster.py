@@ -164,19 +164,32 @@ def setup_worker() -> None:
         logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
+def _largest_node() -> dict[str, float]:
+    """The most CPUs and the most GPUs any one live node of the cluster has."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in ("CPU", "GPU")}
+
+
 def require_resources(what: str, *, workers: int, cpus: float, gpus: float = 0.0, fix: str | None = None) -> None:
     """Refuse (embedded Ray) or warn about (a cluster, which may scale up) a worker group larger than
-    the cluster: Ray Train would otherwise wait for the resources forever without saying so."""
+    the cluster, or one worker larger than its largest node: Ray Train would otherwise wait for the
+    resources forever without saying so."""
     if not ray.is_initialized():  # Ray Train will start a local instance sized to the machine
         return
     have = ray.cluster_resources()
     need_cpu, need_gpu = workers * cpus, workers * gpus
-    if need_cpu <= have.get("CPU", 0) + 1e-9 and need_gpu <= have.get("GPU", 0) + 1e-9:
-        return
-    msg = (f"{what} asks for {workers} worker(s) x {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
-           + f" = {need_cpu:g} CPU" + (f", {need_gpu:g} GPU" if gpus else "")
-           + f", but the Ray cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; "
-           + (fix or f"lower {what}.workers or {what}.cpus_per_worker"))
+    fix = fix or f"lower {what}.workers or {what}.cpus_per_worker"
+    if need_cpu > have.get("CPU", 0) + 1e-9 or need_gpu > have.get("GPU", 0) + 1e-9:
+        msg = (f"{what} asks for {workers} worker(s) x {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+               + f" = {need_cpu:g} CPU" + (f", {need_gpu:g} GPU" if gpus else "")
+               + f", but the Ray cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; " + fix)
+    else:
+        node = _largest_node()
+        if cpus <= node["CPU"] + 1e-9 and gpus <= node["GPU"] + 1e-9:
+            return
+        msg = (f"{what} asks for {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + " per worker, but the "
+               f"largest node of the Ray cluster has {node['CPU']:g} CPU and {node['GPU']:g} GPU (a worker runs on "
+               f"one node); {fix}")
     if _EMBEDDED:
         raise ValueError(msg + " (this local Ray instance cannot grow)")
     log.warning(msg + "; waiting for the cluster to scale up")
