@@ -193,13 +193,15 @@ def cmd_recover(args) -> int:
 
 
 def evaluate_recipe(args) -> Recipe:
-    """The recipe of ``evaluate``: the flags on top of the recipe and its ``--set``.  The recipe's
-    ``student_options`` are its own student's, so a ``--student`` other than the recipe's starts from that
+    """The recipe of ``evaluate``: the flags on top of the recipe and its ``--set``; ``--student`` evaluates that
+    student alone (the recipe's ``evaluate.students`` dropped).  The recipe's ``student_options`` are its own
+    student's, so a ``--student`` other than the recipe's starts from that
     model's defaults, with only the options that ``--set evaluate.student_options...`` gives."""
     extra = [f"evaluate.{k}={v}" for k, v in (("student", args.student), ("seeds", args.seeds)) if v is not None]
     if args.hard_labels:
         extra.append("evaluate.hard_labels=true")
     if args.student is not None:
+        extra.append("evaluate.students=[]")  # --student: that one student, not the recipe's list
         # the recipe's student, without the --set student options meant for --student
         own = load_recipe(args.recipe, config=args.config,
                           overrides=[s for s in args.set or [] if not s.startswith("evaluate.student_options")])
@@ -208,22 +210,33 @@ def evaluate_recipe(args) -> Recipe:
     return _recipe(args, extra)
 
 
+def evaluation_jobs(args, recipe: Recipe, out: Path) -> list:
+    """One evaluation of the set per student: ``evaluate.student`` into ``out``, each other ``evaluate.students``
+    entry (with its default options) into ``<out>-<student>``, as the pipeline does."""
+    from unidd_ray.pipeline import evaluated_students  # lazy: see the note at the top
+    from unidd_ray.stages.evaluate import EvalJob  # lazy: see the note at the top
+
+    return [EvalJob(args.distilled, out.with_name(f"{out.name}-{tag}") if tag else out,
+                    dataclasses.replace(recipe.evaluate, student=student, student_options=options, students=[]),
+                    soft_labels=args.soft_labels, recipe_yaml=recipe_to_yaml(recipe))
+            for student, options, tag in evaluated_students(recipe.evaluate)]
+
+
 def cmd_evaluate(args) -> int:
-    from unidd_ray.stages.evaluate import EvalJob, check_evaluations, run_evaluate  # lazy: see the note at the top
+    from unidd_ray.stages.evaluate import check_evaluations, run_evaluations  # lazy: see the note at the top
 
     recipe = evaluate_recipe(args)
     out = Path(args.out or Path(args.distilled) / "eval")
-    # the settings, the data, the teacher, the distilled set and the student, before Ray starts
-    check_evaluations([EvalJob(args.distilled, out, recipe.evaluate, soft_labels=args.soft_labels)], args.teacher,
-                      args.data)
+    jobs = evaluation_jobs(args, recipe, out)
+    # the settings, the data, the teacher, the distilled set and every student, before Ray starts
+    check_evaluations(jobs, args.teacher, args.data)
     start_ray(args, recipe, _storage(args, recipe, out))
-    summary = run_evaluate(args.distilled, args.teacher, args.data, out, recipe.evaluate,
-                           storage_path=_storage(args, recipe, out), soft_labels=args.soft_labels,
-                           num_workers=recipe.data.num_workers, recipe_yaml=recipe_to_yaml(recipe), wait=args.wait)
-    console.show(_table([{"method": summary["method"], "ipc": summary["ipc"], "student": summary["student"],
-                   "labels": summary["labels"], "top1_mean": summary["top1_mean"], "top1_std": summary["top1_std"],
-                   "seeds": len(summary["seeds"])}],
-                 ["method", "ipc", "student", "labels", "top1_mean", "top1_std", "seeds"]))
+    summaries = run_evaluations(jobs, args.teacher, args.data, storage_path=_storage(args, recipe, out),
+                                num_workers=recipe.data.num_workers, wait=args.wait)
+    columns = ["method", "ipc", "student", "labels", "top1_mean", "top1_std", "seeds"]
+    console.show(_table([{**{k: s[k] for k in columns[:-1]}, "seeds": len(s["seeds"])} for s in summaries], columns))
+    for job in jobs:
+        console.say(f"{job.cfg.student} -> {job.out_dir}")
     return 0
 
 

@@ -837,6 +837,30 @@ def test_evaluate_cli_refuses_mismatched_soft_labels(ray_session, small_set, dig
     assert not (tmp_path / "eval" / "summary.json").exists()
 
 
+def test_evaluate_cli_evaluates_every_student_of_the_recipe(ray_session, small_set, digits_teacher, digits_data,
+                                                           tmp_path, capsys):
+    """`unidd-ray evaluate` with ``evaluate.students``: the recipe's student into --out, each listed one into
+    ``<out>-<student>``, as the pipeline evaluates a set; ``--student`` evaluates that one alone."""
+    from unidd_ray.cli import main
+
+    common = ["evaluate", "--recipe", "digits", "--set", "evaluate.epochs=2", "--set", "evaluate.seeds=1",
+              "--distilled", str(small_set), "--teacher", str(digits_teacher), "--data", str(digits_data)]
+    rc = main([*common, "--set", "evaluate.students=[resnet18]", "--out", str(tmp_path / "eval")])
+    assert rc == 0, capsys.readouterr().err
+    own = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    other = json.loads((tmp_path / "eval-resnet18" / "summary.json").read_text())
+    assert (own["student"], other["student"]) == ("convnet", "resnet18")
+    assert len(own["top1"]) == len(other["top1"]) == 1
+    table = capsys.readouterr().out
+    assert "resnet18" in table and "convnet" in table
+    rc = main([*common, "--set", "evaluate.students=[resnet18]", "--student", "resnet18", "--out",
+               str(tmp_path / "alone")])
+    assert rc == 0
+    assert json.loads((tmp_path / "alone" / "summary.json").read_text())["student"] == "resnet18"
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))  # (not the Train storage)
+    assert names == ["alone", "eval", "eval-resnet18"]
+
+
 def test_soft_labels_for_another_teacher_or_set_are_refused(relabelled, small_set, real_set, tmp_path):
     import pyarrow.parquet as pq
 
