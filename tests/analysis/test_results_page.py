@@ -65,3 +65,53 @@ def test_a_directory_without_results_is_named(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{")
     with pytest.raises(ValueError, match="is corrupt"):
         results_page([tmp_path])
+
+
+# ----------------------------------------------------------------------------- the two protocols side by side
+def _row(method, ipc, protocol, top1, selected=None, student="convnet"):
+    import statistics
+
+    row = {"method": method, "ipc": ipc, "labels": "soft", "student": student, "protocol": protocol,
+           "top1": top1, "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1),
+           "seeds": len(top1), "seconds": 10.0}
+    if selected is not None:
+        row.update(top1_selected=selected, top1_selected_mean=statistics.fmean(selected),
+                   top1_selected_std=statistics.stdev(selected), top1_selected_note="test-selected")
+    return row
+
+
+def _protocol_runs(tmp_path):
+    teacher = RESULTS["rows"][0]
+    stages = {"cfm-ipc10": "/runs/x/cfm-ipc10-aaaa", "dm-ipc10": "/runs/x/dm-ipc10-bbbb",
+              "random-ipc1": "/runs/x/random-ipc1-cccc"}
+    ours = {**RESULTS, "stages": stages, "rows": [
+        teacher, _row("random", 1, "ours", [40.0, 42.0, 41.0]), _row("cfm", 10, "ours", [80.0, 81.0, 82.5]),
+        _row("dm", 10, "ours", [79.0, 78.0, 80.0])]}
+    # the paper run: dm was recovered again under other settings (another directory: not the same set)
+    paper = {**RESULTS, "stages": {**stages, "dm-ipc10": "/runs/y/dm-ipc10-dddd"}, "rows": [
+        teacher, _row("cfm", 10, "paper", [79.0, 80.5, 83.0], [80.0, 81.5, 83.5]),
+        _row("dm", 10, "paper", [70.0, 70.0, 70.0], [71.0, 71.0, 71.0]),
+        _row("random", 1, "paper", [38.0, 43.0, 40.0], [41.0, 43.5, 41.0])]}
+    return _run(tmp_path, "ours", ours), _run(tmp_path, "paper", paper)
+
+
+def test_the_protocols_of_the_same_sets_are_compared_per_seed(tmp_path):
+    import numpy as np
+
+    page = results_page(list(_protocol_runs(tmp_path)))
+    assert page.index("## Evaluation protocols compared") < page.index("## fashion-mnist")
+    table = [line for line in page.splitlines() if line.startswith("| fashion-mnist |")]
+    assert [line.split(" | ")[1:3] for line in table] == [["random", "1"], ["cfm", "10"]]  # dm: not the same set
+    final = np.array([79.0, 80.5, 83.0]) - np.array([80.0, 81.0, 82.5])
+    selected = np.array([80.0, 81.5, 83.5]) - np.array([80.0, 81.0, 82.5])
+    cells = table[1].strip("| ").split(" | ")
+    assert cells[5:] == ["3", "81.17 ± 1.26", "80.83 ± 2.02", "81.67 ± 1.76",
+                         f"{final.mean():+.2f} ± {final.std(ddof=1):.2f}",
+                         f"{selected.mean():+.2f} ± {selected.std(ddof=1):.2f}"]
+    assert cells[-2:] == ["-0.33 ± 0.76", "+0.50 ± 0.50"]
+
+
+def test_no_comparison_without_both_protocols(tmp_path):
+    ours, _ = _protocol_runs(tmp_path)
+    assert "protocols compared" not in results_page([ours])
+    assert "protocols compared" not in results_page([_run(tmp_path, "old", RESULTS)])  # no stages recorded

@@ -1,12 +1,15 @@
 """The results page: one section per pipeline run, generated from the runs' ``results.json``.
 
 ``unidd-ray results RUN [RUN ...] --out docs/RESULTS.md`` writes it, so a table and the command, machine and
-versions that produced it come from the same file and cannot drift apart.  The page starts with a marker line;
+versions that produced it come from the same file and cannot drift apart.  Where the runs evaluate the same
+distilled sets with the same students under both evaluation protocols (``evaluate.protocol``: ``ours`` and
+``paper``), the page opens with a table of the two side by side and their difference per row.  The page starts with a marker line;
 the command overwrites a page that carries it and refuses any other file.
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from unidd_ray.analysis.metrics import protocol_cell, top1_cell, top1_text
@@ -71,15 +74,75 @@ def _selected_note(results: dict) -> list[str]:
             "20 % of training (test-selected, as the paper reports)."]
 
 
+def _set_name(results: dict, row: dict) -> str | None:
+    """The distilled set a row evaluated: its directory's name (method, IPC and content key), or None for a run
+    that did not record it."""
+    stage = results.get("stages", {}).get(f"{row['method']}-ipc{row['ipc']}")
+    return Path(stage).name if stage else None
+
+
+def protocol_pairs(runs: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(dataset, ``ours`` row, ``paper`` row) for every distilled set and student evaluated under both protocols in
+    ``runs`` (results.json of each): the same set is the same directory name, whose content key covers its
+    images; in the order of the ``ours`` rows."""
+    found: dict[str, dict[tuple, dict]] = {"ours": {}, "paper": {}}
+    for results in runs:
+        for row in results["rows"]:
+            name = _set_name(results, row) if row["ipc"] is not None else None
+            if name is None:
+                continue
+            key = (results["dataset"], name, row.get("student"), row.get("labels"))
+            found.setdefault(protocol_cell(row), {})[key] = row
+    return [(key[0], row, found["paper"][key]) for key, row in found["ours"].items() if key in found["paper"]]
+
+
+def difference_text(ours: dict, paper: dict, field: str) -> str:
+    """``paper[field]`` − ``ours["top1"]`` in percentage points: the mean ± sample standard deviation of the
+    per-seed differences (seed i against seed i) when both have the same seeds, else the difference of means."""
+    a, b = ours.get("top1") or [], paper.get(field) or []
+    if a and len(a) == len(b):
+        d = [y - x for x, y in zip(a, b)]
+        return f"{statistics.fmean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else "")
+    mean = paper.get(f"{field}_mean")
+    return f"{mean - ours['top1_mean']:+.2f}" if mean is not None and ours.get("top1_mean") is not None else "–"
+
+
+def comparison_section(runs: list[dict]) -> list[str]:
+    """The two protocols side by side, one row per set and student evaluated under both (none: no section)."""
+    pairs = protocol_pairs(runs)
+    if not pairs:
+        return []
+    lines = ["## Evaluation protocols compared", "",
+             "The same distilled sets (one directory, so the same images) and students evaluated under `ours` and "
+             "`paper` (`evaluate.protocol`), everything else as in the runs' commands below. `paper` reports the "
+             "final top-1 and the best of its tests every 10 epochs in the last 20 % of training (test-selected, "
+             "as the paper reports). Differences are `paper` − `ours` in percentage points: the mean ± sample "
+             "standard deviation of the per-seed differences (seed i against seed i).", "",
+             "| dataset | method | IPC | labels | student | seeds | ours | paper (final) | paper (test-selected) | "
+             "final − ours | test-selected − ours |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for dataset, ours, paper in pairs:
+        seeds = ours.get("seeds")
+        if paper.get("seeds") != seeds:
+            seeds = f"{seeds} / {paper.get('seeds')}"
+        lines.append(f"| {dataset} | {ours['method']} | {ours['ipc']} | {ours.get('labels', '–')} | "
+                     f"{ours.get('student') or '–'} | {seeds} | {top1_text(ours['top1_mean'], ours.get('top1_std'))} | "
+                     f"{top1_text(paper['top1_mean'], paper.get('top1_std'))} | "
+                     f"{top1_text(paper.get('top1_selected_mean'), paper.get('top1_selected_std'))} | "
+                     f"{difference_text(ours, paper, 'top1')} | {difference_text(ours, paper, 'top1_selected')} |")
+    return [*lines, ""]
+
+
 def results_page(runs: list[str | Path], out: str | Path | None = None) -> str:
     """The page for ``runs`` (pipeline run directories, or folders holding a copy of a run's ``results.json``),
     in the order given; ``out``: where it will be written (named in the command the page shows)."""
     command = " ".join(["unidd-ray results", *(str(r) for r in runs), *(["--out", str(out)] if out else [])])
     lines = [MARKER, "", "# Results", "",
              f"One section per run, generated from each run's `results.json` by `{command}`.", ""]
-    for run in runs:
-        run = Path(run)
-        lines += run_section(run, read_results(run))
+    loaded = [(Path(run), read_results(Path(run))) for run in runs]
+    lines += comparison_section([results for _, results in loaded])
+    for run, results in loaded:
+        lines += run_section(run, results)
     return "\n".join(lines).rstrip() + "\n"
 
 
