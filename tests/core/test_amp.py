@@ -8,6 +8,9 @@ The real moments are computed here in-process from 512 training images (no Ray),
 from __future__ import annotations
 
 import copy
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,18 +159,35 @@ _FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, to
 
 
 class _Factories(TorchFunctionMode):
-    """Records the tensor factories called without ``device=`` (they would land on the CPU under CUDA)."""
+    """Records the tensor factories called without ``device=`` (they would land on the CPU under CUDA).
+    ``ours_only``: only the calls made by this package's code (``file:line`` of the call), not torch's own (its
+    optimisers keep their step counts on the CPU by design)."""
 
-    def __init__(self):
+    def __init__(self, ours_only: bool = False):
         super().__init__()
         self.missing = []
+        self.ours_only = ours_only
+
+    def _caller(self) -> str | None:
+        frame = sys._getframe(2)
+        while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+            frame = frame.f_back
+        if frame is None or f"{os.sep}unidd_ray{os.sep}" not in frame.f_code.co_filename:
+            return None
+        return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+
+    def _missing(self, name: str) -> None:
+        if not self.ours_only:
+            self.missing.append(name)
+        elif (where := self._caller()) is not None:
+            self.missing.append(f"{name} at {where}")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _FACTORIES and "device" not in kwargs and not func.__name__.endswith("_like"):
-            self.missing.append(func.__name__)
+            self._missing(func.__name__)
         if func is torch.as_tensor and "device" not in kwargs and not isinstance(args[0], torch.Tensor):
-            self.missing.append("as_tensor")
+            self._missing("as_tensor")
         return func(*args, **kwargs)
 
 
@@ -273,3 +293,25 @@ def test_evaluate_amp_is_validated_up_front():
 
     with pytest.raises(InvalidSetting, match="evaluate.amp must be one of"):
         EvaluateConfig(amp="fp16")
+
+
+@pytest.mark.parametrize("protocol", ["ours", "paper"])
+def test_every_tensor_of_a_student_run_is_on_the_device_passed(digits, protocol):
+    """``train_student`` with ``device=torch.device("cpu")`` passed explicitly (both protocols: per-image and
+    per-batch CutMix, the teacher's labels online): every tensor its steps make is on that device, and this
+    package's code calls no tensor factory without ``device=``."""
+    from unidd_ray.config import EvaluateConfig
+    from unidd_ray.core.evaluation import TeacherLabels, train_student
+
+    device = torch.device("cpu")
+    cfg = EvaluateConfig(student="convnet", student_options={"width": 32, "depth": 2, "norm": "batch"}, epochs=2,
+                         batch_size=5, temperature=4.0, protocol=protocol)
+    student = _fresh_student(digits)
+    factories, devices = _Factories(ours_only=True), _Devices()
+    with factories, devices:
+        trained = train_student(student, digits["init"], digits["labels"], cfg, seed=0,
+                                soft_labels=TeacherLabels(digits["teacher"]), num_classes=digits["num_classes"],
+                                device=device)
+    assert factories.missing == [], factories.missing
+    assert devices.devices == {device}
+    assert all(p.device == device for p in trained.parameters())
