@@ -446,3 +446,129 @@ def test_the_power_spectrum_in_chunks_is_the_whole_set_s():
     np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-12, atol=1e-15)
     for chunk in (1, 5, 7, 22):
         np.testing.assert_allclose(_mean_power(x, chunk=chunk).numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- streaming over a set
+def test_iter_distilled_chunks_are_load_distilled(run_dir, digits_teacher):
+    from unidd_ray.artifacts.distilled import iter_distilled, load_distilled
+    from unidd_ray.artifacts.teacher import load_teacher
+
+    _, tinfo = load_teacher(digits_teacher)
+    for key in (f"random-ipc{IPC}", f"cfm-ipc{IPC}"):
+        path = json.loads((run_dir / "results.json").read_text())["stages"][key]
+        images, labels, rows = load_distilled(path, mean=tinfo.mean, std=tinfo.std)
+        for chunk in (1, 3, 7, 10 * IPC, 1000):
+            parts = list(iter_distilled(path, mean=tinfo.mean, std=tinfo.std, chunk=chunk))
+            assert [len(x) for x, _, _ in parts[:-1]] == [chunk] * (len(parts) - 1)
+            assert all(len(x) == len(y) == len(r) for x, y, r in parts)
+            assert torch.equal(torch.cat([x for x, _, _ in parts]), images)
+            assert torch.equal(torch.cat([y for _, y, _ in parts]), labels)
+            assert [r for _, _, part in parts for r in part] == rows
+        with pytest.raises(ValueError, match="chunk"):
+            iter_distilled(path, mean=tinfo.mean, std=tinfo.std, chunk=0)
+
+
+def test_the_teacher_pass_does_not_depend_on_how_the_set_is_cut(run_dir, digits_teacher):
+    """The teacher sees the same batches whatever the chunks: features and moments are identical."""
+    from unidd_ray.analysis.report import teacher_pass
+    from unidd_ray.artifacts.distilled import load_distilled
+    from unidd_ray.artifacts.teacher import load_teacher
+    from unidd_ray.models import resolve_layers
+
+    teacher, tinfo = load_teacher(digits_teacher)
+    layers = resolve_layers(teacher, None)
+    path = json.loads((run_dir / "results.json").read_text())["stages"][f"cfm-ipc{IPC}"]
+    images, labels, _ = load_distilled(path, mean=tinfo.mean, std=tinfo.std)
+    whole_features, whole = teacher_pass(teacher, [(images, labels)], layers, tinfo.num_classes, batch=4)
+    assert whole_features.shape[0] == len(images)
+    for chunk in (1, 3, 4, 7, 1000):
+        parts = [(images[i:i + chunk], labels[i:i + chunk]) for i in range(0, len(images), chunk)]
+        features, moments = teacher_pass(teacher, iter(parts), layers, tinfo.num_classes, batch=4)
+        assert torch.equal(features, whole_features), chunk
+        for name in layers:
+            for field in ("n", "sum", "sumsq", "class_n", "class_sum", "image_n", "pooled_sum"):
+                assert torch.equal(getattr(moments[name], field), getattr(whole[name], field)), (chunk, name, field)
+
+
+def test_a_set_s_numbers_do_not_depend_on_the_chunk_size(run_dir, report, digits_teacher):
+    from unidd_ray.analysis.report import _set_entry
+    from unidd_ray.artifacts.teacher import load_teacher
+
+    teacher, tinfo = load_teacher(digits_teacher)
+    for key, entry in report["methods"].items():
+        one = _set_entry(key, entry["path"], teacher, tinfo, report["layers"], chunk=1000)  # the set in one chunk
+        assert one["images"] == 10 * IPC
+        for chunk in (1, 3, 7):
+            got = _set_entry(key, entry["path"], teacher, tinfo, report["layers"], chunk=chunk)
+            assert set(got) == set(one)
+            # (the zero frequency holds only rounding noise: each channel's mean is subtracted)
+            np.testing.assert_allclose(got["psd"], one["psd"], rtol=1e-10, atol=1e-14 * max(one["psd"]))
+            assert got["radii"] == one["radii"]
+            assert got["high_frequency_fraction"] == pytest.approx(one["high_frequency_fraction"], rel=1e-10)
+            # the teacher saw the same batches: its features and moments are identical
+            assert got["intra_class_cosine"] == one["intra_class_cosine"]
+            assert got["intra_class_cosine_per_class"] == one["intra_class_cosine_per_class"]
+            assert got["eigenvalues"] == one["eigenvalues"]
+            assert {k: v for k, v in got.items() if k not in ("psd", "high_frequency_fraction")} == \
+                {k: v for k, v in one.items() if k not in ("psd", "high_frequency_fraction")}
+        # the report's default chunk gives the same numbers
+        np.testing.assert_allclose(entry["psd"], one["psd"], rtol=1e-10, atol=1e-14 * max(one["psd"]))
+        assert entry["eigenvalues"] == one["eigenvalues"]
+
+
+def test_a_grid_reads_only_the_images_it_draws(run_dir, report, monkeypatch, tmp_path):
+    """A set larger than the grid: only the drawn (class, slot) images are opened, after every checksum is
+    verified."""
+    import shutil
+
+    import PIL.Image
+
+    from unidd_ray.analysis import report as report_module
+    from unidd_ray.artifacts.distilled import image_path
+    from unidd_ray.artifacts.files import ArtifactError
+
+    monkeypatch.setattr(report_module, "GRID_CLASSES", 4)
+    monkeypatch.setattr(report_module, "GRID_SLOTS", 2)
+    opened = []
+    real_open = PIL.Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened.append(Path(fp) if isinstance(fp, (str, Path)) else fp)
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    key = f"cfm-ipc{IPC}"
+    entry = report["methods"][key]
+    rel = report_module._grid(key, entry, tmp_path)
+    assert (tmp_path / Path(rel).name).is_file()
+    drawn = {Path(entry["path"]) / image_path(k, b) for k in (0, 3, 6, 9) for b in (0, IPC - 1)}
+    assert sorted(map(str, opened)) == sorted(map(str, drawn))  # 8 of the set's 30 images, each once
+    # the checksums of the images not drawn are still verified
+    copy = shutil.copytree(entry["path"], tmp_path / "tampered")
+    (copy / image_path(1, 1)).write_bytes((copy / image_path(1, 0)).read_bytes())
+    with pytest.raises(ArtifactError, match="sha256"):
+        report_module._grid(key, {**entry, "path": str(copy)}, tmp_path)
+
+
+def test_power_sums_over_parts_give_the_whole_set_s_spectrum():
+    from unidd_ray.analysis import high_frequency_fraction, radial_power_spectrum
+    from unidd_ray.analysis.metrics import high_frequency_share, power_sum, radial_average
+
+    x = torch.rand(23, 3, 16, 12, generator=torch.Generator().manual_seed(1)) ** 3
+    whole, count = power_sum(x)
+    assert whole.shape == (16, 12) and whole.dtype == torch.float64 and count == 23 * 3
+    parts = [power_sum(x[i:i + 5]) for i in range(0, 23, 5)]
+    assert sum(c for _, c in parts) == count
+    np.testing.assert_allclose(sum(p for p, _ in parts).numpy(), whole.numpy(), rtol=1e-12, atol=1e-20)
+    mean = sum(p for p, _ in parts) / count
+    radii, psd = radial_average(mean)
+    expected_radii, expected_psd = radial_power_spectrum(x)
+    assert torch.equal(radii, expected_radii)
+    np.testing.assert_allclose(psd.numpy(), expected_psd.numpy(), rtol=1e-12, atol=1e-20)
+    np.testing.assert_allclose(psd.numpy(), _numpy_psd(x.double().numpy()), rtol=1e-10, atol=1e-20)
+    for cutoff in (0.0, 0.3, 0.5, 1.0):
+        assert high_frequency_share(mean, cutoff) == pytest.approx(high_frequency_fraction(x, cutoff), rel=1e-12)
+    with pytest.raises(ValueError, match="power"):
+        radial_average(torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="cutoff"):
+        high_frequency_share(mean, -1.0)

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 
-from unidd_ray.analysis.metrics import (covariance_spectrum, high_frequency_fraction, intra_class_cosine,
-                                        protocol_cell, radial_power_spectrum, top1_cell)
-from unidd_ray.artifacts.distilled import load_distilled
+from unidd_ray.analysis.metrics import (covariance_spectrum, high_frequency_share, intra_class_cosine, power_sum,
+                                        protocol_cell, radial_average, top1_cell)
+from unidd_ray.artifacts.distilled import iter_distilled, read_arrays, read_rows, verify
 from unidd_ray.artifacts.files import atomic_file, atomic_write_json, atomic_write_text
 from unidd_ray.artifacts.statistics import load_stats
 from unidd_ray.artifacts.teacher import load_teacher
@@ -55,22 +57,45 @@ def _denormalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x * s + m).clamp(0, 1)
 
 
+def _batches(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``chunks`` of (images, labels) regrouped into consecutive batches of ``batch`` images (the last one
+    shorter): the batches, and so every number computed from them, do not depend on how the chunks were cut.
+    Each batch is a tensor of its own in the standard (N, C, H, W) memory layout, whatever the chunks' strides:
+    the CPU convolution kernels, and the last bits of their results, depend on the layout."""
+    images, labels, held = [], [], 0
+    for x, y in chunks:
+        images.append(x)
+        labels.append(y)
+        held += len(x)
+        if held >= batch:
+            x, y = torch.cat(images), torch.cat(labels)
+            cut = held - held % batch
+            for i in range(0, cut, batch):
+                yield x[i:i + batch].clone(memory_format=torch.contiguous_format), y[i:i + batch]
+            images, labels, held = [x[cut:]], [y[cut:]], held - cut
+    if held:
+        yield torch.cat(images).clone(memory_format=torch.contiguous_format), torch.cat(labels)
+
+
 @torch.no_grad()
-def teacher_pass(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, layers: list[str],
+def teacher_pass(model: torch.nn.Module, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], layers: list[str],
                  num_classes: int, batch: int = 256) -> tuple[torch.Tensor, dict[str, Moments]]:
-    """One pass of the teacher over ``images``: the input of its last ``nn.Linear`` (its penultimate features)
-    and the moments of the tapped ``layers``' inputs."""
+    """One pass of the teacher over the (images, labels) ``chunks`` of a set, in batches of ``batch`` images
+    whatever the chunks' sizes: the input of its last ``nn.Linear`` (its penultimate features, in the chunks'
+    order) and the moments of the tapped ``layers``' inputs.  Beside the chunk being read, it holds at most one
+    batch of images."""
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     moments = {name: Moments(c, num_classes) for name, c in layer_channels(model, layers).items()}
     features, captured = [], {}
     handle = last.register_forward_pre_hook(lambda _m, args: features.append(args[0].flatten(1).detach()))
     try:
         with tapped(model, layers, lambda name, x: captured.__setitem__(name, x)):
-            for i in range(0, len(images), batch):
+            for images, labels in _batches(chunks, batch):
                 captured.clear()
-                model(images[i:i + batch])
+                model(images)
                 for name in layers:
-                    moments[name].update(captured[name], labels[i:i + batch])
+                    moments[name].update(captured[name], labels)
     finally:
         handle.remove()
     return torch.cat(features), moments
@@ -91,16 +116,31 @@ def read_results(run_dir: Path) -> dict:
     return results
 
 
-def _set_entry(key: str, path: str, teacher, tinfo, layers: list[str]) -> dict:
-    """The numbers of one set: its images' spectrum and diversity, and its covariance spectra per layer."""
+def _set_entry(key: str, path: str, teacher, tinfo, layers: list[str], *, chunk: int = 256) -> dict:
+    """The numbers of one set: its images' spectrum and diversity, and its covariance spectra per layer.
+
+    One pass over the set, ``chunk`` images read at a time, accumulates the power map, the teacher's moments
+    and its penultimate features: the memory it takes beyond a chunk is the features (N × D) and the labels."""
     method, ipc = key.rsplit("-ipc", 1)
-    images, labels, rows = load_distilled(path, mean=tinfo.mean, std=tinfo.std)
-    pixels = _denormalise(images, tinfo.mean, tinfo.std)
-    radii, psd = radial_power_spectrum(pixels)
-    features, syn = teacher_pass(teacher, images, labels, layers, tinfo.num_classes)
+    stream = iter_distilled(path, mean=tinfo.mean, std=tinfo.std, chunk=chunk)
+    power, channels, labels = None, 0, []
+
+    def chunks():
+        nonlocal power, channels
+        for images, y, _ in stream:
+            part, count = power_sum(_denormalise(images, tinfo.mean, tinfo.std))
+            power = part if power is None else power + part
+            channels += count
+            labels.append(y)
+            yield images, y
+
+    features, syn = teacher_pass(teacher, chunks(), layers, tinfo.num_classes)
+    labels = torch.cat(labels)
+    power = power / channels
+    radii, psd = radial_average(power)
     sim, per_class = intra_class_cosine(features, labels)
-    entry = {"method": method, "ipc": int(ipc), "path": str(path), "images": len(images),
-             "psd": psd.tolist(), "radii": radii.tolist(), "high_frequency_fraction": high_frequency_fraction(pixels),
+    entry = {"method": method, "ipc": int(ipc), "path": str(path), "images": len(labels),
+             "psd": psd.tolist(), "radii": radii.tolist(), "high_frequency_fraction": high_frequency_share(power),
              "intra_class_cosine": sim, "intra_class_cosine_per_class": per_class,
              "eigenvalues": {name: covariance_spectrum(m.covariance()).tolist() for name, m in syn.items()}}
     summary_file = Path(path) / "summary.json"
@@ -150,19 +190,24 @@ def spread(items: list, most: int) -> list:
     return [items[round(i * (len(items) - 1) / (most - 1))] for i in range(most)] if most > 1 else [items[0]]
 
 
-def _grid(key: str, entry: dict, tinfo, out: Path) -> str:
+def _grid(key: str, entry: dict, out: Path) -> str:
     """One set's images: a row per class, labelled with its name; a column per IPC slot (at most
-    :data:`GRID_CLASSES` rows and :data:`GRID_SLOTS` columns, evenly spaced, the title says how many)."""
-    images, labels, rows = load_distilled(entry["path"], mean=tinfo.mean, std=tinfo.std)
-    pixels = _denormalise(images, tinfo.mean, tinfo.std)
-    present = sorted(set(labels.tolist()))
+    :data:`GRID_CLASSES` rows and :data:`GRID_SLOTS` columns, evenly spaced, the title says how many).
+
+    The set's checksums are verified first; then only the images drawn are read."""
+    directory = Path(entry["path"])
+    verify(directory)
+    rows = read_rows(directory)
+    present = sorted({r["class"] for r in rows})
     classes = spread(present, GRID_CLASSES)
     names = {r["class"]: r.get("class_name") or str(r["class"]) for r in rows}
     ipc = entry["ipc"]
     shown = spread(list(range(ipc)), GRID_SLOTS)
+    cells = {(k, b) for k in classes for b in shown}
+    drawn = [r for r in rows if (r["class"], r["slot"]) in cells]
+    pixels = {(r["class"], r["slot"]): a for r, a in zip(drawn, read_arrays(directory, drawn))}
     fig, axes = plt.subplots(len(classes), len(shown), figsize=(0.7 * len(shown) + 1.6, 0.7 * len(classes) + 0.6),
                              squeeze=False)
-    slots = {(r["class"], r["slot"]): i for i, r in enumerate(rows)}
     for a, k in enumerate(classes):
         for col, b in enumerate(shown):
             ax = axes[a][col]
@@ -170,8 +215,8 @@ def _grid(key: str, entry: dict, tinfo, out: Path) -> str:
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            if (k, b) in slots:
-                img = pixels[slots[(k, b)]].permute(1, 2, 0).numpy()
+            if (k, b) in pixels:
+                img = pixels[(k, b)].astype(np.float32) / 255
                 ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
                           vmin=0, vmax=1)
         axes[a][0].set_ylabel(names[k], rotation=0, ha="right", va="center", fontsize=8)
@@ -263,9 +308,9 @@ def _losses(report: dict, out: Path) -> str:
     return f"{FIG_DIR}/losses.png"
 
 
-def _figures(report: dict, out: Path, tinfo) -> dict[str, str]:
+def _figures(report: dict, out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
-    figs = {f"grid:{key}": _grid(key, entry, tinfo, out) for key, entry in report["methods"].items()}
+    figs = {f"grid:{key}": _grid(key, entry, out) for key, entry in report["methods"].items()}
     figs.update(psd=_psd(report, out), similarity=_similarity(report, out), spectra=_spectra(report, out),
                 losses=_losses(report, out))
     return figs
@@ -309,8 +354,7 @@ img{{max-width:100%;display:block;margin:0.5em 0}} .grids img{{display:inline-bl
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     report = analyse_run(run_dir)
-    _, tinfo = load_teacher(read_results(run_dir)["stages"]["teacher"])
-    figs = _figures(report, run_dir / FIG_DIR, tinfo)
+    figs = _figures(report, run_dir / FIG_DIR)
     report["figures"] = figs
     atomic_write_json(run_dir / "report.json", report)
     path = run_dir / "report.html"

@@ -7,12 +7,14 @@ Layout of a set directory::
 A row of ``manifest.parquet`` names the image's ``class``, ``class_name``, ``slot``, ``path``, ``sha256``,
 ``source_index`` (the real train image it started from), ``method`` and ``seed``, and for a recovered set its
 ``beta``, batch, worker and final loss parts; rows are sorted by class, then slot, and an image's row is its id
-in an evaluation.  ``manifest.json`` holds the sha256 of every file; :func:`load_distilled` verifies them.
+in an evaluation.  ``manifest.json`` holds the sha256 of every file; :func:`load_distilled` and
+:func:`iter_distilled` verify them.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,23 +96,36 @@ def identity_inputs(directory: str | Path, recorded: dict | None = None) -> tupl
     return read_rows(directory, ["path", "class"]), files
 
 
-def load_distilled(directory: str | Path, *, mean, std) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Images (normalised float32 NCHW), labels and rows of a set, every checksum verified first."""
+def iter_distilled(directory: str | Path, *, mean, std,
+                   chunk: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
+    """The images (normalised float32 NCHW), labels and rows of a set, ``chunk`` consecutive rows of
+    ``manifest.parquet`` at a time, every checksum verified first (when called, before the first chunk is read):
+    the memory it takes is that of one chunk, not the set's."""
     directory = Path(directory)
+    if int(chunk) != chunk or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     verify(directory)
     rows = read_rows(directory)
     if not rows:
         raise ValueError(f"{directory} holds no images")
-    arrays = []
-    for r in rows:
-        with Image.open(io.BytesIO((directory / r["path"]).read_bytes())) as img:
-            a = np.asarray(img, dtype=np.uint8)
-        arrays.append(a[:, :, None] if a.ndim == 2 else a)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    return _chunks(directory, rows, mean, std, int(chunk))
+
+
+def _chunks(directory: Path, rows: list[dict], mean, std,
+            chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    labels = torch.tensor([r["class"] for r in rows], dtype=torch.long)
-    return (x - m) / s, labels, rows
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        x = torch.from_numpy(np.stack(read_arrays(directory, part))).permute(0, 3, 1, 2).float() / 255
+        yield (x - m) / s, torch.tensor([r["class"] for r in part], dtype=torch.long), part
+
+
+def load_distilled(directory: str | Path, *, mean, std) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Images (normalised float32 NCHW), labels and rows of a set, every checksum verified first: the whole set
+    at once (:func:`iter_distilled` reads it a chunk at a time)."""
+    images, labels, rows = zip(*iter_distilled(directory, mean=mean, std=std))
+    return torch.cat(images), torch.cat(labels), [r for part in rows for r in part]
 
 
 def read_arrays(directory: str | Path, rows: list[dict]) -> list[np.ndarray]:
@@ -118,6 +133,6 @@ def read_arrays(directory: str | Path, rows: list[dict]) -> list[np.ndarray]:
     arrays = []
     for r in rows:
         with Image.open(Path(directory) / r["path"]) as im:
-            a = np.asarray(im)
+            a = np.asarray(im, dtype=np.uint8)
         arrays.append(a[:, :, None] if a.ndim == 2 else a)
     return arrays
