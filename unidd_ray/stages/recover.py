@@ -20,10 +20,13 @@ uninterrupted run.  ``plan.json`` records the plan and the identity of everythin
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -37,8 +40,8 @@ import yaml
 
 from unidd_ray.artifacts import distilled
 from unidd_ray.artifacts.dataset import read_labels, verify_dataset
-from unidd_ray.artifacts.files import (OutputError, atomic_file, atomic_write_json, check_output, replace_directory,
-                                       sha256_bytes, sha256_file)
+from unidd_ray.artifacts.files import (OutputError, atomic_file, atomic_write_bytes, atomic_write_json, check_output,
+                                       replace_directory, sha256_bytes, sha256_file)
 from unidd_ray.artifacts.locks import holds_output_lock
 from unidd_ray.artifacts.statistics import load_stats, stats_sha256
 from unidd_ray.artifacts.teacher import check_teacher_data, load_teacher, read_teacher_info
@@ -65,14 +68,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FaultPlan:
     """A fault to inject into a recovery (tests): the last worker fails once, after ``after_batches`` batches of
-    the run are done; a marker in the staging directory keeps the restarted run from failing again."""
+    the run are done; a marker in the staging directory keeps the restarted run from failing again.  ``kill``:
+    the worker's process is killed (SIGKILL, as a lost machine or the kernel's OOM killer would end it) instead
+    of raising an error."""
 
     after_batches: int
     marker: str = ".fault-injected"
+    kill: bool = False
 
     def maybe_fail(self, staging: Path, *, finished: int, rank: int, world: int, round_index: int) -> None:
         if rank == world - 1 and finished >= self.after_batches and not (staging / self.marker).exists():
-            atomic_write_json(staging / self.marker, {"round": round_index, "finished_batches": finished})
+            atomic_write_json(staging / self.marker, {"round": round_index, "finished_batches": finished,
+                                                      "rank": rank, "pid": os.getpid(), "killed": self.kill})
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure after {finished} finished batches")
 
 
@@ -177,8 +186,11 @@ class _Worker:
 
     def finish(self) -> None:
         if self.rank == 0 and self.emu is not None:
-            with atomic_file(self.staging / "emu_state.pt") as tmp:
-                torch.save(self.emu.state_dict(), tmp)
+            # saved through memory: torch.save names its archive after the file it writes to, and the atomic
+            # write's temporary name is random, so equal states would give different bytes
+            buffer = io.BytesIO()
+            torch.save(self.emu.state_dict(), buffer)
+            atomic_write_bytes(self.staging / "emu_state.pt", buffer.getvalue())
 
 
 def _recover_loop(config: dict) -> None:
