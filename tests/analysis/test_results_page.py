@@ -109,6 +109,9 @@ def test_the_protocols_of_the_same_sets_are_compared_per_seed(tmp_path):
                          f"{final.mean():+.2f} ± {final.std(ddof=1):.2f}",
                          f"{selected.mean():+.2f} ± {selected.std(ddof=1):.2f}"]
     assert cells[-2:] == ["-0.33 ± 0.76", "+0.50 ± 0.50"]
+    # over the two rows: random (final -0.67, selected +0.83) and cfm (-0.33, +0.50)
+    assert "- final − ours over the 2 rows: -0.50 on average, from -0.67 to -0.33 percentage points." in page
+    assert "- test-selected − ours over the 2 rows: +0.67 on average, from +0.50 to +0.83 percentage points." in page
 
 
 def test_no_comparison_without_both_protocols(tmp_path):

@@ -130,7 +130,23 @@ def comparison_section(runs: list[dict]) -> list[str]:
                      f"{top1_text(paper['top1_mean'], paper.get('top1_std'))} | "
                      f"{top1_text(paper.get('top1_selected_mean'), paper.get('top1_selected_std'))} | "
                      f"{difference_text(ours, paper, 'top1')} | {difference_text(ours, paper, 'top1_selected')} |")
-    return [*lines, ""]
+    return [*lines, "", *_overall(pairs), ""]
+
+
+def _mean_difference(ours: dict, paper: dict, field: str) -> float | None:
+    mean = paper.get(f"{field}_mean")
+    return mean - ours["top1_mean"] if mean is not None and ours.get("top1_mean") is not None else None
+
+
+def _overall(pairs: list[tuple[str, dict, dict]]) -> list[str]:
+    """One line per figure of ``paper``: its difference from ``ours`` over all the rows (mean, range)."""
+    lines = []
+    for field, label in (("top1", "final"), ("top1_selected", "test-selected")):
+        d = [x for _, ours, paper in pairs if (x := _mean_difference(ours, paper, field)) is not None]
+        if d:
+            lines.append(f"- {label} − ours over the {len(d)} rows: {statistics.fmean(d):+.2f} on average, from "
+                         f"{min(d):+.2f} to {max(d):+.2f} percentage points.")
+    return lines
 
 
 def results_page(runs: list[str | Path], out: str | Path | None = None) -> str:
