@@ -3,8 +3,8 @@
 ``unidd-ray results RUN [RUN ...] --out docs/RESULTS.md`` writes it, so a table and the command, machine and
 versions that produced it come from the same file and cannot drift apart.  Where the runs evaluate the same
 distilled sets with the same students under both evaluation protocols (``evaluate.protocol``: ``ours`` and
-``paper``), the page opens with a table of the two side by side and their difference per row.  The page starts with a marker line;
-the command overwrites a page that carries it and refuses any other file.
+``paper``), the page opens with a table of the two side by side and their difference per row.  The page starts
+with a marker line; the command overwrites a page that carries it and refuses any other file.
 """
 
 from __future__ import annotations
