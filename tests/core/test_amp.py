@@ -8,17 +8,13 @@ The real moments are computed here in-process from 512 training images (no Ray),
 from __future__ import annotations
 
 import copy
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import unidd_ray.core.recovery as recovery
+from support.devices import Devices, Factories
 from unidd_ray.artifacts.dataset import read_dataset_info, read_labels
 from unidd_ray.artifacts.teacher import load_teacher
 from unidd_ray.config import InvalidSetting, RecoverConfig
@@ -154,58 +150,6 @@ def test_bf16_gives_the_filter_float64_moments(digits, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- device explicitness
-_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.eye, torch.tensor,
-              torch.linspace, torch.rand, torch.randn, torch.randint, torch.zeros_like, torch.ones_like}
-
-
-class _Factories(TorchFunctionMode):
-    """Records the tensor factories called without ``device=`` (they would land on the CPU under CUDA).
-    ``ours_only``: only the calls made by this package's code (``file:line`` of the call), not torch's own (its
-    optimisers keep their step counts on the CPU by design)."""
-
-    def __init__(self, ours_only: bool = False):
-        super().__init__()
-        self.missing = []
-        self.ours_only = ours_only
-
-    def _caller(self) -> str | None:
-        frame = sys._getframe(2)
-        while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
-            frame = frame.f_back
-        if frame is None or f"{os.sep}unidd_ray{os.sep}" not in frame.f_code.co_filename:
-            return None
-        return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
-
-    def _missing(self, name: str) -> None:
-        if not self.ours_only:
-            self.missing.append(name)
-        elif (where := self._caller()) is not None:
-            self.missing.append(f"{name} at {where}")
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _FACTORIES and "device" not in kwargs and not func.__name__.endswith("_like"):
-            self._missing(func.__name__)
-        if func is torch.as_tensor and "device" not in kwargs and not isinstance(args[0], torch.Tensor):
-            self._missing("as_tensor")
-        return func(*args, **kwargs)
-
-
-class _Devices(TorchDispatchMode):
-    """Records the device of every tensor every aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.devices = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.devices.add(t.device)
-        return out
-
-
 # sre2l reads no signal: it runs once, with the default
 @pytest.mark.parametrize("method,amp,signal", [("cfm", "none", "mean"), ("cfm", "none", "class"),
                                               ("cfm", "bf16", "mean"), ("cfm", "bf16", "class"),
@@ -220,7 +164,7 @@ def test_every_tensor_of_a_step_is_on_the_device_passed(method, amp, signal, dig
     emu = EMU(distiller.emu_layers(), device=distiller.device) if distiller.layers else None
     images = digits["init"].to(device).clone().requires_grad_(True)
     labels = digits["labels"].to(device)
-    factories, devices = _Factories(), _Devices()
+    factories, devices = Factories(), Devices()
     with factories, devices:
         loss, parts, stats = distiller.batch_loss(images, labels, filt=distiller.slot_filter(0, 1), alpha=0.1,
                                                   emu=emu)
@@ -307,7 +251,7 @@ def test_every_tensor_of_a_student_run_is_on_the_device_passed(digits, protocol)
     cfg = EvaluateConfig(student="convnet", student_options={"width": 32, "depth": 2, "norm": "batch"}, epochs=2,
                          batch_size=5, temperature=4.0, protocol=protocol)
     student = _fresh_student(digits)
-    factories, devices = _Factories(ours_only=True), _Devices()
+    factories, devices = Factories(ours_only=True), Devices()
     with factories, devices:
         trained = train_student(student, digits["init"], digits["labels"], cfg, seed=0,
                                 soft_labels=TeacherLabels(digits["teacher"]), num_classes=digits["num_classes"],

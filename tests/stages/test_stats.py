@@ -79,6 +79,25 @@ def test_worker_in_process_matches_block_fold(digits_data, digits_teacher, singl
     _assert_identical(total, single_actor.moments)
 
 
+def test_worker_makes_every_tensor_on_the_device_passed(digits_data, digits_teacher, single_actor):
+    """The worker's device logic with ``device="cpu"`` passed explicitly (as an actor with
+    ``stats.gpus_per_actor`` gets ``"cuda"``): the teacher, the moments and every tensor of a unit are on that
+    device, and this package's code calls no tensor factory without ``device=``."""
+    from support.devices import Devices, Factories
+    from unidd_ray.stages.stats import StatsWorker
+
+    device = torch.device("cpu")
+    worker = StatsWorker(str(digits_teacher), str(digits_data), None, BATCH, BLOCK, threads=1, device="cpu")
+    assert worker.device == device and all(p.device == device for p in worker.model.parameters())
+    factories, devices = Factories(ours_only=True), Devices()
+    with factories, devices:
+        out = worker.compute([(0, *single_actor.plan.blocks[0])])
+    assert factories.missing == [], factories.missing
+    assert devices.devices == {device}
+    assert {t.device for layers in out.values() for state in layers.values() for t in state.values()
+            if isinstance(t, torch.Tensor)} == {device}
+
+
 # ----------------------------------------------------------------------------- invariance
 def test_single_actor_covers_every_image(single_actor, digits_data):
     from unidd_ray.artifacts.dataset import read_labels
