@@ -96,6 +96,12 @@ def protocol_pairs(runs: list[dict]) -> list[tuple[str, dict, dict]]:
     return [(key[0], row, found["paper"][key]) for key, row in found["ours"].items() if key in found["paper"]]
 
 
+def _mean_difference(ours: dict, paper: dict, field: str) -> float | None:
+    """``paper``'s mean of ``field`` − ``ours``' mean top-1 (None when either is missing)."""
+    mean = paper.get(f"{field}_mean")
+    return mean - ours["top1_mean"] if mean is not None and ours.get("top1_mean") is not None else None
+
+
 def difference_text(ours: dict, paper: dict, field: str) -> str:
     """``paper[field]`` − ``ours["top1"]`` in percentage points: the mean ± sample standard deviation of the
     per-seed differences (seed i against seed i) when both have the same seeds, else the difference of means."""
@@ -103,8 +109,8 @@ def difference_text(ours: dict, paper: dict, field: str) -> str:
     if a and len(a) == len(b):
         d = [y - x for x, y in zip(a, b)]
         return f"{statistics.fmean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else "")
-    mean = paper.get(f"{field}_mean")
-    return f"{mean - ours['top1_mean']:+.2f}" if mean is not None and ours.get("top1_mean") is not None else "–"
+    mean = _mean_difference(ours, paper, field)
+    return f"{mean:+.2f}" if mean is not None else "–"
 
 
 def comparison_section(runs: list[dict]) -> list[str]:
@@ -131,11 +137,6 @@ def comparison_section(runs: list[dict]) -> list[str]:
                      f"{top1_text(paper.get('top1_selected_mean'), paper.get('top1_selected_std'))} | "
                      f"{difference_text(ours, paper, 'top1')} | {difference_text(ours, paper, 'top1_selected')} |")
     return [*lines, "", *_overall(pairs), ""]
-
-
-def _mean_difference(ours: dict, paper: dict, field: str) -> float | None:
-    mean = paper.get(f"{field}_mean")
-    return mean - ours["top1_mean"] if mean is not None and ours.get("top1_mean") is not None else None
 
 
 def _overall(pairs: list[tuple[str, dict, dict]]) -> list[str]:
